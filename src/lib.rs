@@ -1,0 +1,17 @@
+//! dbward: a local Postgres endpoint that logs in to Vault/OpenBao with the workload's identity,
+//! fetches short-lived database credentials and opens the upstream connection itself.
+//!
+//! The binary (`main.rs`) only parses the command line; everything else lives here so that tests
+//! can drive it. State is passed down explicitly in an [`app::App`]; there are no global statics.
+
+pub mod app;
+pub mod config;
+pub mod credentials;
+pub mod listener;
+pub mod metrics;
+pub mod pg;
+pub mod session;
+pub mod shutdown;
+pub mod upstream;
+pub mod vault;
+pub mod admin;

@@ -1,0 +1,208 @@
+//! Listening sockets (TCP and Unix) and the accept loop of each: the per-database connection
+//! cap, a tracing span per session, and stopping on shutdown.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tracing::Instrument;
+
+use crate::app::{App, Database};
+use crate::config::ListenAddr;
+use crate::pg::error::{sqlstate, PgError};
+use crate::session;
+
+pub enum Listener {
+    Tcp(TcpListener),
+    /// The path is removed when the listener is dropped.
+    Unix(UnixListener, UnlinkOnDrop),
+}
+
+pub struct UnlinkOnDrop(PathBuf);
+
+impl Drop for UnlinkOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Listener {
+    pub fn local_addr(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            Listener::Unix(_, p) => p.0.display().to_string(),
+        }
+    }
+}
+
+/// Binds one listen address. A Unix socket file left by a crashed run is replaced; one that a
+/// live process still serves is not.
+pub async fn bind(addr: &ListenAddr, socket_mode: u32) -> io::Result<Listener> {
+    match addr {
+        ListenAddr::Tcp(a) => {
+            let socket = match a {
+                std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            socket.set_reuseaddr(true)?;
+            socket.bind(*a)?;
+            Ok(Listener::Tcp(socket.listen(1024)?))
+        }
+        ListenAddr::Unix(path) => {
+            remove_stale_socket(path)?;
+            let l = UnixListener::bind(path)?;
+            let guard = UnlinkOnDrop(path.clone());
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(socket_mode))?;
+            Ok(Listener::Unix(l, guard))
+        }
+    }
+}
+
+fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket; refusing to replace it", path.display()),
+        ));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{} is in use by a running process (another dbward?)", path.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            tracing::info!(path = %path.display(), "replacing stale socket file from an earlier run");
+            std::fs::remove_file(path)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Accepts clients until shutdown; each gets its own task, tracked for graceful shutdown.
+pub async fn accept_loop(app: Arc<App>, db: Arc<Database>, listener: Listener) {
+    loop {
+        let accepted = tokio::select! {
+            _ = app.shutdown.stopping() => break,
+            r = accept(&listener) => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and similar: back off instead of spinning.
+                tracing::warn!(database = %db.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        app.metrics.client_connections_total.with_label_values(&[&db.name]).inc();
+        let span = tracing::info_span!(
+            "session",
+            database = %db.name,
+            peer = %peer,
+            backend_pid = tracing::field::Empty,
+            credential = tracing::field::Empty,
+        );
+        let Ok(permit) = db.slots.clone().try_acquire_owned() else {
+            app.metrics.client_connections_rejected_total.with_label_values(&[&db.name, "too_many_connections"]).inc();
+            let limit = db.cfg.max_client_connections;
+            let name = db.name.clone();
+            tokio::spawn(
+                async move {
+                    tracing::warn!(limit, "refusing client: max_client_connections reached");
+                    let e = PgError::fatal(
+                        sqlstate::TOO_MANY_CONNECTIONS,
+                        format!("dbward: database entry {name:?} has reached max_client_connections ({limit})"),
+                    )
+                    .with_hint("close idle connections or raise max_client_connections");
+                    let mut s = stream;
+                    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                        let _ = s.write_all(&e.to_bytes()).await;
+                        let _ = s.shutdown().await;
+                    })
+                    .await;
+                }
+                .instrument(span),
+            );
+            continue;
+        };
+        let app2 = app.clone();
+        let db2 = db.clone();
+        app.shutdown.sessions().spawn(
+            async move {
+                session::serve(&app2, &db2, stream).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// A client connection from either kind of listener.
+pub enum ClientStream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(l: &Listener) -> io::Result<(ClientStream, String)> {
+    match l {
+        Listener::Tcp(l) => {
+            let (s, peer) = l.accept().await?;
+            let _ = s.set_nodelay(true);
+            Ok((ClientStream::Tcp(s), peer.to_string()))
+        }
+        Listener::Unix(l, path) => {
+            let (s, _) = l.accept().await?;
+            Ok((ClientStream::Unix(s), format!("unix:{}", path.0.display())))
+        }
+    }
+}
+
+macro_rules! delegate_io {
+    ($ty:ident { $($variant:ident),+ }) => {
+        impl tokio::io::AsyncRead for $ty {
+            fn poll_read(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<io::Result<()>> {
+                match self.get_mut() { $($ty::$variant(s) => std::pin::Pin::new(s).poll_read(cx, buf)),+ }
+            }
+        }
+        impl tokio::io::AsyncWrite for $ty {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<io::Result<usize>> {
+                match self.get_mut() { $($ty::$variant(s) => std::pin::Pin::new(s).poll_write(cx, buf)),+ }
+            }
+            fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+                match self.get_mut() { $($ty::$variant(s) => std::pin::Pin::new(s).poll_flush(cx)),+ }
+            }
+            fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+                match self.get_mut() { $($ty::$variant(s) => std::pin::Pin::new(s).poll_shutdown(cx)),+ }
+            }
+            fn poll_write_vectored(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                bufs: &[io::IoSlice<'_>],
+            ) -> std::task::Poll<io::Result<usize>> {
+                match self.get_mut() { $($ty::$variant(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs)),+ }
+            }
+            fn is_write_vectored(&self) -> bool {
+                match self { $($ty::$variant(s) => s.is_write_vectored()),+ }
+            }
+        }
+    };
+}
+
+delegate_io!(ClientStream { Tcp, Unix });

@@ -1,0 +1,161 @@
+//! Prometheus metrics. One [`Metrics`] owns its own registry and is passed down (no global
+//! registry: tests run many instances in one process). Labels are database entry names,
+//! operations and status codes: never users, lease ids or secrets.
+
+use prometheus::{
+    exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub client_connections_total: IntCounterVec,
+    pub client_connections_active: IntGaugeVec,
+    pub client_connections_rejected_total: IntCounterVec,
+    pub upstream_connect_seconds: HistogramVec,
+    pub upstream_connect_failures_total: IntCounterVec,
+    pub bytes_total: IntCounterVec,
+    pub credential_cache_total: IntCounterVec,
+    pub credential_fetch_total: IntCounterVec,
+    pub credential_expiry_timestamp_seconds: GaugeVec,
+    pub credential_rejected_total: IntCounterVec,
+    pub vault_requests_total: IntCounterVec,
+    pub vault_request_seconds: HistogramVec,
+    pub vault_denied_total: IntCounterVec,
+    pub vault_token_expiry_timestamp_seconds: IntGauge,
+    pub vault_logins_total: IntCounterVec,
+    pub cancel_requests_total: IntCounterVec,
+    pub build_info: IntGaugeVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+            r.register(Box::new(c.clone())).expect("metric names are unique");
+            c
+        }
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            reg(&registry, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+        };
+        let m = Metrics {
+            client_connections_total: counter(
+                "dbward_client_connections_total",
+                "Client connections accepted.",
+                &["database"],
+            ),
+            client_connections_active: reg(
+                &registry,
+                IntGaugeVec::new(Opts::new("dbward_client_connections_active", "Client connections open now."), &["database"])
+                    .unwrap(),
+            ),
+            client_connections_rejected_total: counter(
+                "dbward_client_connections_rejected_total",
+                "Client connections refused before relaying, by reason.",
+                &["database", "reason"],
+            ),
+            upstream_connect_seconds: reg(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "dbward_upstream_connect_seconds",
+                        "Time to open and authenticate an upstream connection.",
+                    )
+                    .buckets(exponential_buckets(0.001, 2.0, 14).unwrap()),
+                    &["database"],
+                )
+                .unwrap(),
+            ),
+            upstream_connect_failures_total: counter(
+                "dbward_upstream_connect_failures_total",
+                "Upstream connections that failed, by SQLSTATE class.",
+                &["database", "sqlstate_class"],
+            ),
+            bytes_total: counter(
+                "dbward_relayed_bytes_total",
+                "Bytes relayed; direction is to_upstream or to_client.",
+                &["database", "direction"],
+            ),
+            credential_cache_total: counter(
+                "dbward_credential_cache_total",
+                "Credential lookups by result: hit or miss.",
+                &["database", "result"],
+            ),
+            credential_fetch_total: counter(
+                "dbward_credential_fetch_total",
+                "Credential reads from Vault by result: ok or error.",
+                &["database", "result"],
+            ),
+            credential_expiry_timestamp_seconds: reg(
+                &registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "dbward_credential_expiry_timestamp_seconds",
+                        "Unix time at which the current credential stops being valid (absent for KV secrets).",
+                    ),
+                    &["database"],
+                )
+                .unwrap(),
+            ),
+            credential_rejected_total: counter(
+                "dbward_credential_rejected_total",
+                "Credentials the upstream refused (28P01) although Vault issued them.",
+                &["database"],
+            ),
+            vault_requests_total: counter(
+                "dbward_vault_requests_total",
+                "Vault requests by operation and status (HTTP code, timeout or unreachable).",
+                &["operation", "status"],
+            ),
+            vault_request_seconds: reg(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new("dbward_vault_request_seconds", "Vault request latency.")
+                        .buckets(exponential_buckets(0.001, 2.0, 15).unwrap()),
+                    &["operation"],
+                )
+                .unwrap(),
+            ),
+            vault_denied_total: counter(
+                "dbward_vault_denied_total",
+                "Credential reads Vault refused with 403.",
+                &["database"],
+            ),
+            vault_token_expiry_timestamp_seconds: reg(
+                &registry,
+                IntGauge::new(
+                    "dbward_vault_token_expiry_timestamp_seconds",
+                    "Unix time at which the current Vault token expires (0: none or no expiry).",
+                )
+                .unwrap(),
+            ),
+            vault_logins_total: counter("dbward_vault_logins_total", "Vault logins by result.", &["result"]),
+            cancel_requests_total: counter(
+                "dbward_cancel_requests_total",
+                "Cancel requests by result: routed, unknown_key or failed.",
+                &["result"],
+            ),
+            build_info: reg(
+                &registry,
+                IntGaugeVec::new(Opts::new("dbward_build_info", "Always 1; the version label says which build."), &["version"])
+                    .unwrap(),
+            ),
+            registry,
+        };
+        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m
+    }
+
+    /// The text exposition format for `/metrics`.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
+        String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+}

@@ -1,0 +1,136 @@
+//! Cancel keys. dbward hands each client a BackendKeyData of its own (random, unrelated to the
+//! upstream's) and remembers which upstream backend it stands for, so a CancelRequest is routed
+//! to the right server and a client can never cancel a backend it was not given.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::{BufMut, BytesMut};
+use rand::RngCore;
+
+/// A backend's cancel key: process id and secret (4 bytes in protocol 3.0, up to 256 in 3.2).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    pub pid: i32,
+    pub secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for BackendKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The secret lets anyone cancel the backend's queries.
+        f.debug_struct("BackendKey").field("pid", &self.pid).field("secret", &"[REDACTED]").finish()
+    }
+}
+
+impl BackendKey {
+    /// BackendKeyData ('K').
+    pub fn encode(&self, buf: &mut BytesMut) {
+        buf.put_u8(b'K');
+        buf.put_i32((8 + self.secret.len()) as i32);
+        buf.put_i32(self.pid);
+        buf.put_slice(&self.secret);
+    }
+
+    /// A CancelRequest packet for this key.
+    pub fn cancel_request(&self) -> BytesMut {
+        let mut b = BytesMut::new();
+        b.put_i32((12 + self.secret.len()) as i32);
+        b.put_u32(super::startup::CANCEL_REQUEST_CODE);
+        b.put_i32(self.pid);
+        b.put_slice(&self.secret);
+        b
+    }
+}
+
+/// Where a client-facing key leads: the database entry and the upstream backend's own key.
+#[derive(Debug, Clone)]
+pub struct CancelTarget<T> {
+    pub database: String,
+    pub upstream: T,
+    pub key: BackendKey,
+}
+
+/// Client-facing key → upstream backend. `T` carries how to reach the upstream (its settings).
+pub struct CancelMap<T> {
+    inner: Mutex<HashMap<BackendKey, CancelTarget<T>>>,
+}
+
+impl<T: Clone> Default for CancelMap<T> {
+    fn default() -> Self {
+        CancelMap { inner: Mutex::new(HashMap::new()) }
+    }
+}
+
+impl<T: Clone> CancelMap<T> {
+    /// Registers an upstream backend and returns the random key to give the client; the mapping
+    /// lives as long as the returned guard.
+    pub fn register(self: &Arc<Self>, target: CancelTarget<T>) -> (BackendKey, CancelGuard<T>) {
+        let mut rng = rand::thread_rng();
+        let mut map = self.inner.lock().unwrap();
+        let key = loop {
+            let mut secret = vec![0u8; 4];
+            rng.fill_bytes(&mut secret);
+            // Positive pids only: some drivers print or compare them as process ids.
+            let key = BackendKey { pid: (rng.next_u32() >> 1) as i32 | 1, secret };
+            if !map.contains_key(&key) {
+                break key;
+            }
+        };
+        map.insert(key.clone(), target);
+        (key.clone(), CancelGuard { map: Arc::clone(self), key })
+    }
+
+    pub fn lookup(&self, key: &BackendKey) -> Option<CancelTarget<T>> {
+        self.inner.lock().unwrap().get(key).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Removes the mapping when the session ends.
+pub struct CancelGuard<T: Clone> {
+    map: Arc<CancelMap<T>>,
+    key: BackendKey,
+}
+
+impl<T: Clone> Drop for CancelGuard<T> {
+    fn drop(&mut self) {
+        self.map.inner.lock().unwrap().remove(&self.key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_random_and_mapping_ends_with_the_session() {
+        let map: Arc<CancelMap<u16>> = Arc::default();
+        let upstream_key = BackendKey { pid: 4242, secret: vec![9, 9, 9, 9] };
+        let target = CancelTarget { database: "payments".into(), upstream: 5432u16, key: upstream_key.clone() };
+        let (k1, g1) = map.register(target.clone());
+        let (k2, g2) = map.register(target);
+        assert_ne!(k1, k2);
+        assert_ne!(k1, upstream_key, "the upstream key must not be handed to clients");
+        assert_eq!(map.lookup(&k1).unwrap().key, upstream_key);
+        drop(g1);
+        assert!(map.lookup(&k1).is_none());
+        assert!(map.lookup(&k2).is_some());
+        drop(g2);
+        assert!(map.is_empty());
+    }
+
+    #[test]
+    fn cancel_request_layout() {
+        let k = BackendKey { pid: 7, secret: vec![1, 2, 3, 4] };
+        let b = k.cancel_request();
+        assert_eq!(&b[..], &[0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e, 0, 0, 0, 7, 1, 2, 3, 4]);
+        assert!(!format!("{k:?}").contains("[1, 2, 3, 4]"));
+    }
+}

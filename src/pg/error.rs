@@ -1,0 +1,125 @@
+//! Errors dbward sends to clients as Postgres ErrorResponse messages. Each one carries a SQLSTATE
+//! a driver can act on and a message that says what failed and what to check.
+
+use bytes::{BufMut, BytesMut};
+use std::fmt;
+
+/// SQLSTATE codes dbward uses for its own failures.
+pub mod sqlstate {
+    /// Vault or the upstream could not be reached / did not answer.
+    pub const CONNECTION_FAILURE: &str = "08001";
+    /// The upstream rejected the connection for a reason other than the password.
+    pub const CONNECTION_REJECTED: &str = "08004";
+    /// Malformed or unexpected protocol input.
+    pub const PROTOCOL_VIOLATION: &str = "08P01";
+    /// Vault refused the credential read (policy): the client is not authorized.
+    pub const INVALID_AUTHORIZATION: &str = "28000";
+    /// The upstream refused the password.
+    pub const INVALID_PASSWORD: &str = "28P01";
+    /// Too many client connections for this database entry.
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    /// dbward is shutting down.
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
+    /// Feature the client asked for that dbward does not offer.
+    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    /// Internal error in dbward.
+    pub const INTERNAL_ERROR: &str = "XX000";
+}
+
+/// An error to report to a client. Never put a secret in any field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgError {
+    pub severity: &'static str,
+    pub code: &'static str,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl PgError {
+    pub fn fatal(code: &'static str, message: impl Into<String>) -> Self {
+        PgError { severity: "FATAL", code, message: message.into(), detail: None, hint: None }
+    }
+
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// Encodes the ErrorResponse ('E') message.
+    pub fn encode(&self, buf: &mut BytesMut) {
+        buf.put_u8(b'E');
+        let len_at = buf.len();
+        buf.put_i32(0);
+        let mut field = |tag: u8, value: &str| {
+            buf.put_u8(tag);
+            // A NUL inside a field would end it early and desynchronize the client.
+            buf.put_slice(value.replace('\0', " ").as_bytes());
+            buf.put_u8(0);
+        };
+        field(b'S', self.severity);
+        field(b'V', self.severity);
+        field(b'C', self.code);
+        field(b'M', &self.message);
+        if let Some(d) = &self.detail {
+            field(b'D', d);
+        }
+        if let Some(h) = &self.hint {
+            field(b'H', h);
+        }
+        buf.put_u8(0);
+        let len = (buf.len() - len_at) as i32;
+        buf[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    pub fn to_bytes(&self) -> BytesMut {
+        let mut b = BytesMut::new();
+        self.encode(&mut b);
+        b
+    }
+}
+
+impl fmt::Display for PgError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.severity, self.code, self.message)?;
+        if let Some(d) = &self.detail {
+            write!(f, " ({d})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PgError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fallible_iterator::FallibleIterator;
+    use postgres_protocol::message::backend::Message;
+
+    #[test]
+    fn encoded_error_parses_as_postgres_error_response() {
+        let e = PgError::fatal(sqlstate::INVALID_AUTHORIZATION, "Vault denied read of secret/data/x (403 permission denied)")
+            .with_hint("check the policy");
+        let mut buf = e.to_bytes();
+        match Message::parse(&mut buf).unwrap().unwrap() {
+            Message::ErrorResponse(body) => {
+                let fields: Vec<(u8, String)> = body
+                    .fields()
+                    .map(|f| Ok((f.type_(), String::from_utf8_lossy(f.value_bytes()).into_owned())))
+                    .collect()
+                    .unwrap();
+                assert!(fields.contains(&(b'C', "28000".into())));
+                assert!(fields.contains(&(b'S', "FATAL".into())));
+                assert!(fields.contains(&(b'H', "check the policy".into())));
+            }
+            _ => panic!("not an ErrorResponse"),
+        }
+        assert!(buf.is_empty());
+    }
+}

@@ -1,0 +1,390 @@
+//! Logging in to Vault and holding the token: the auth methods (jwt, kubernetes, approle,
+//! token), the JWT sanity checks done before sending it, and the single current token that
+//! every credential read uses. Logins are serialized, so a burst of connections causes one login.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::client::{VaultClient, VaultError};
+use crate::config::{AuthConfig, AuthMethod};
+
+/// A Vault token and what Vault said about it. Debug never shows the token.
+pub struct VaultToken {
+    pub token: SecretString,
+    pub policies: Vec<String>,
+    /// None: the token does not expire (root, or a periodic token without TTL).
+    pub ttl: Option<Duration>,
+    pub renewable: bool,
+    pub obtained_at: Instant,
+    /// Login number since start: 1, 2, ... (for logs).
+    pub generation: u64,
+}
+
+impl std::fmt::Debug for VaultToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VaultToken")
+            .field("token", &"[REDACTED]")
+            .field("policies", &self.policies)
+            .field("ttl", &self.ttl)
+            .field("renewable", &self.renewable)
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+impl VaultToken {
+    pub fn expires_at(&self) -> Option<Instant> {
+        self.ttl.map(|t| self.obtained_at + t)
+    }
+
+    /// Time left before the token expires (None: never).
+    pub fn remaining(&self, now: Instant) -> Option<Duration> {
+        self.expires_at().map(|e| e.saturating_duration_since(now))
+    }
+
+    /// A token is used while more than a third of its life is left; after that a new login
+    /// happens first, so leases are never obtained by a token about to die (leases die with it).
+    pub fn usable(&self, now: Instant) -> bool {
+        match (self.ttl, self.remaining(now)) {
+            (Some(ttl), Some(left)) => left > ttl / 3 && left > Duration::from_secs(1),
+            _ => true,
+        }
+    }
+
+    pub fn policies_text(&self) -> String {
+        if self.policies.is_empty() {
+            "none".into()
+        } else {
+            self.policies.join(", ")
+        }
+    }
+}
+
+/// The claims dbward looks at; Vault verifies the signature, dbward only reads.
+#[derive(Debug, Default, Deserialize)]
+pub struct JwtClaims {
+    pub sub: Option<String>,
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub aud: Vec<String>,
+    pub iss: Option<String>,
+    pub exp: Option<u64>,
+    pub nbf: Option<u64>,
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => vec![],
+        Some(OneOrMany::One(s)) => vec![s],
+        Some(OneOrMany::Many(v)) => v,
+    })
+}
+
+impl JwtClaims {
+    /// `sub=..., aud=...` for log lines and errors, so they can be matched against the role's bound claims.
+    pub fn describe(&self) -> String {
+        format!(
+            "sub={}, aud={}, iss={}",
+            self.sub.as_deref().unwrap_or("(none)"),
+            if self.aud.is_empty() { "(none)".to_string() } else { self.aud.join(",") },
+            self.iss.as_deref().unwrap_or("(none)")
+        )
+    }
+}
+
+fn rfc3339(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
+}
+
+/// Reads the JWT's claims without verifying it (Vault verifies). Errors name the file, never the token.
+pub fn read_claims(jwt: &str, file: &Path) -> Result<JwtClaims, VaultError> {
+    let mut validation = jsonwebtoken::Validation::default();
+    validation.insecure_disable_signature_validation();
+    validation.validate_exp = false;
+    validation.validate_aud = false;
+    validation.required_spec_claims.clear();
+    let header = jsonwebtoken::decode_header(jwt).map_err(|e| VaultError::Local {
+        detail: format!("vault.auth.token_file {}: not a JWT ({e})", file.display()),
+    })?;
+    validation.algorithms = vec![header.alg];
+    let data = jsonwebtoken::decode::<JwtClaims>(jwt, &jsonwebtoken::DecodingKey::from_secret(&[]), &validation)
+        .map_err(|e| VaultError::Local {
+            detail: format!("vault.auth.token_file {}: cannot read the JWT's claims ({e})", file.display()),
+        })?;
+    Ok(data.claims)
+}
+
+/// Refuses to send a JWT Vault would refuse for its times, saying so in terms an operator can act on.
+pub fn check_jwt_times(claims: &JwtClaims, file: &Path, now: SystemTime) -> Result<(), VaultError> {
+    let now = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    if let Some(exp) = claims.exp {
+        if exp <= now {
+            return Err(VaultError::Local {
+                detail: format!(
+                    "vault.auth.token_file {}: the JWT expired at {} ({}); whatever writes this file (the projected service-account token, the identity agent) has stopped rotating it",
+                    file.display(),
+                    rfc3339(exp),
+                    claims.describe()
+                ),
+            });
+        }
+    }
+    if let Some(nbf) = claims.nbf {
+        // A minute of leeway, as Vault allows for clock skew by default.
+        if nbf > now + 60 {
+            return Err(VaultError::Local {
+                detail: format!(
+                    "vault.auth.token_file {}: the JWT is not valid before {} ({}); check this host's clock",
+                    file.display(),
+                    rfc3339(nbf),
+                    claims.describe()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn read_secret_file(key: &str, path: &Path) -> Result<SecretString, VaultError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| VaultError::Local { detail: format!("vault.auth.{key} {}: cannot read: {e}", path.display()) })?;
+    let text = zeroize::Zeroizing::new(text);
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(VaultError::Local { detail: format!("vault.auth.{key} {}: the file is empty", path.display()) });
+    }
+    Ok(SecretString::from(trimmed.to_string()))
+}
+
+/// Logs in and holds the current token.
+pub struct Auth {
+    client: Arc<VaultClient>,
+    cfg: AuthConfig,
+    /// Serializes logins: concurrent callers wait for the one login in flight.
+    login_lock: tokio::sync::Mutex<()>,
+    current: Mutex<Option<Arc<VaultToken>>>,
+    generation: Mutex<u64>,
+    /// When the last login forced by a 403 happened: such logins are rate-limited so a broken
+    /// policy never turns into a login loop.
+    last_forced: Mutex<Option<Instant>>,
+}
+
+/// Forced re-logins (after a 403) happen at most this often.
+const FORCED_LOGIN_INTERVAL: Duration = Duration::from_secs(10);
+
+impl Auth {
+    pub fn new(client: Arc<VaultClient>, cfg: AuthConfig) -> Arc<Self> {
+        Arc::new(Auth {
+            client,
+            cfg,
+            login_lock: tokio::sync::Mutex::new(()),
+            current: Mutex::new(None),
+            generation: Mutex::new(0),
+            last_forced: Mutex::new(None),
+        })
+    }
+
+    pub fn config(&self) -> &AuthConfig {
+        &self.cfg
+    }
+
+    /// The token as it is now, without logging in.
+    pub fn current(&self) -> Option<Arc<VaultToken>> {
+        self.current.lock().unwrap().clone()
+    }
+
+    /// A usable token: the current one, or a new login.
+    pub async fn token(&self) -> Result<Arc<VaultToken>, VaultError> {
+        if let Some(t) = self.current().filter(|t| t.usable(Instant::now())) {
+            return Ok(t);
+        }
+        let _guard = self.login_lock.lock().await;
+        // Another caller may have logged in while this one waited.
+        if let Some(t) = self.current().filter(|t| t.usable(Instant::now())) {
+            return Ok(t);
+        }
+        self.login_now().await
+    }
+
+    /// After Vault denied a request made with `used`: log in again once (a revoked token or
+    /// changed role needs a new login; policies themselves apply per request). Returns None when
+    /// a forced login happened recently: the caller reports the denial instead of looping.
+    pub async fn relogin_after_denial(&self, used: &Arc<VaultToken>) -> Option<Result<Arc<VaultToken>, VaultError>> {
+        let _guard = self.login_lock.lock().await;
+        if let Some(cur) = self.current() {
+            if !Arc::ptr_eq(&cur, used) {
+                return Some(Ok(cur));
+            }
+        }
+        {
+            let mut last = self.last_forced.lock().unwrap();
+            if last.is_some_and(|t| t.elapsed() < FORCED_LOGIN_INTERVAL) {
+                return None;
+            }
+            *last = Some(Instant::now());
+        }
+        Some(self.login_now().await)
+    }
+
+    /// Forgets the current token (e.g. Vault said it is invalid).
+    pub fn forget(&self, used: &Arc<VaultToken>) {
+        let mut cur = self.current.lock().unwrap();
+        if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, used)) {
+            *cur = None;
+        }
+    }
+
+    async fn login_now(&self) -> Result<Arc<VaultToken>, VaultError> {
+        let started = Instant::now();
+        let mut token = self.login().await?;
+        token.obtained_at = started;
+        token.generation = {
+            let mut g = self.generation.lock().unwrap();
+            *g += 1;
+            *g
+        };
+        tracing::info!(
+            method = %self.cfg.method,
+            policies = %token.policies_text(),
+            ttl = ?token.ttl,
+            renewable = token.renewable,
+            generation = token.generation,
+            "logged in to Vault"
+        );
+        let token = Arc::new(token);
+        *self.current.lock().unwrap() = Some(token.clone());
+        Ok(token)
+    }
+
+    async fn login(&self) -> Result<VaultToken, VaultError> {
+        let mount = self.cfg.mount().trim_matches('/').to_string();
+        let path = format!("auth/{mount}/login");
+        match self.cfg.method {
+            AuthMethod::Jwt | AuthMethod::Kubernetes => {
+                let file = self.cfg.token_file.as_deref().expect("validated");
+                let jwt = read_secret_file("token_file", file)?;
+                let claims = read_claims(jwt.expose_secret(), file)?;
+                check_jwt_times(&claims, file, SystemTime::now())?;
+                let role = self.cfg.role.as_deref().unwrap_or_default();
+                let body = json!({ "role": role, "jwt": jwt.expose_secret() });
+                let resp = self.client.write("login", &path, None, &body).await.map_err(|e| {
+                    tracing::warn!(role, claims = %claims.describe(), error = %e, "Vault login failed");
+                    match e {
+                        VaultError::Status { op, path, status, mut errors } => {
+                            errors.push(format!(
+                                "the JWT has {}; compare with the bound claims of Vault role {role:?}",
+                                claims.describe()
+                            ));
+                            VaultError::Status { op, path, status, errors }
+                        }
+                        other => other,
+                    }
+                })?;
+                token_from_auth(&resp.body, &path)
+            }
+            AuthMethod::Approle => {
+                let role_id = read_secret_file("role_id_file", self.cfg.role_id_file.as_deref().expect("validated"))?;
+                let secret_id =
+                    read_secret_file("secret_id_file", self.cfg.secret_id_file.as_deref().expect("validated"))?;
+                let body = json!({ "role_id": role_id.expose_secret(), "secret_id": secret_id.expose_secret() });
+                let resp = self.client.write("login", &path, None, &body).await?;
+                token_from_auth(&resp.body, &path)
+            }
+            AuthMethod::Token => {
+                let token = read_secret_file("token_file", self.cfg.token_file.as_deref().expect("validated"))?;
+                let resp = self.client.read(&token, "auth/token/lookup-self").await?;
+                let data = &resp.body["data"];
+                let ttl = data["ttl"].as_u64().filter(|t| *t > 0).map(Duration::from_secs);
+                Ok(VaultToken {
+                    token,
+                    policies: string_list(&data["policies"]),
+                    ttl,
+                    renewable: data["renewable"].as_bool().unwrap_or(false),
+                    obtained_at: Instant::now(),
+                    generation: 0,
+                })
+            }
+        }
+    }
+}
+
+fn string_list(v: &serde_json::Value) -> Vec<String> {
+    v.as_array().map(|a| a.iter().filter_map(|p| p.as_str().map(str::to_string)).collect()).unwrap_or_default()
+}
+
+fn token_from_auth(body: &serde_json::Value, path: &str) -> Result<VaultToken, VaultError> {
+    let auth = &body["auth"];
+    let token = auth["client_token"].as_str().filter(|t| !t.is_empty()).ok_or_else(|| VaultError::Malformed {
+        op: "login",
+        path: path.to_string(),
+        detail: "no auth.client_token in the answer".into(),
+    })?;
+    let ttl = auth["lease_duration"].as_u64().filter(|t| *t > 0).map(Duration::from_secs);
+    Ok(VaultToken {
+        token: SecretString::from(token.to_string()),
+        policies: string_list(&auth["policies"]),
+        ttl,
+        renewable: auth["renewable"].as_bool().unwrap_or(false),
+        obtained_at: Instant::now(),
+        generation: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jwt(claims: serde_json::Value) -> String {
+        let key = jsonwebtoken::EncodingKey::from_secret(b"test-only");
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
+    }
+
+    #[test]
+    fn expired_jwt_is_refused_with_time_and_claims() {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let t = jwt(json!({"sub": "system:serviceaccount:payments", "aud": "vault", "exp": now - 10}));
+        let file = Path::new("/var/run/secrets/dbward/token");
+        let claims = read_claims(&t, file).unwrap();
+        assert_eq!(claims.aud, vec!["vault"]);
+        let e = check_jwt_times(&claims, file, SystemTime::now()).unwrap_err().to_string();
+        assert!(e.starts_with("vault.auth.token_file /var/run/secrets/dbward/token: the JWT expired at "), "{e}");
+        assert!(e.contains("sub=system:serviceaccount:payments, aud=vault"), "{e}");
+        assert!(!e.contains(&t), "the token itself must not be in the message");
+    }
+
+    #[test]
+    fn valid_jwt_passes_and_garbage_is_named() {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let t = jwt(json!({"sub": "a", "aud": ["vault", "x"], "exp": now + 600}));
+        let file = Path::new("/tmp/t");
+        let c = read_claims(&t, file).unwrap();
+        check_jwt_times(&c, file, SystemTime::now()).unwrap();
+        let e = read_claims("not-a-jwt", file).unwrap_err().to_string();
+        assert!(e.contains("/tmp/t: not a JWT"), "{e}");
+    }
+
+    #[test]
+    fn token_is_replaced_with_a_third_of_its_life_left() {
+        let t = VaultToken {
+            token: SecretString::from("s.x".to_string()),
+            policies: vec!["default".into()],
+            ttl: Some(Duration::from_secs(30)),
+            renewable: true,
+            obtained_at: Instant::now(),
+            generation: 1,
+        };
+        assert!(t.usable(t.obtained_at + Duration::from_secs(19)));
+        assert!(!t.usable(t.obtained_at + Duration::from_secs(21)));
+        assert!(!format!("{t:?}").contains("s.x"));
+    }
+}

@@ -1,0 +1,438 @@
+//! The HTTP client for the Vault API (`/v1/...`): TLS with the configured CA or the system
+//! roots, `X-Vault-Namespace`, a timeout on every request, and errors that keep Vault's status
+//! and message.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::config::VaultConfig;
+use crate::metrics::Metrics;
+
+/// Vault answers are small; anything larger is not a Vault answer.
+const MAX_RESPONSE_BYTES: usize = 1 << 20;
+
+/// A Vault API failure. Display texts name the operation and the path; none carries a secret.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum VaultError {
+    /// Vault answered with an error status.
+    #[error("{}", status_message(.op, .path, *.status, .errors))]
+    Status { op: &'static str, path: String, status: u16, errors: Vec<String> },
+    /// No TCP/TLS connection to Vault.
+    #[error("Vault at {address} is unreachable ({op} {path}): {detail}")]
+    Unreachable { op: &'static str, path: String, address: String, detail: String },
+    /// Vault accepted the connection but did not answer in time (hung, or frozen).
+    #[error("Vault at {address} did not answer {op} of {path} within {after:?}")]
+    Timeout { op: &'static str, path: String, address: String, after: Duration },
+    /// Vault answered 2xx with a body dbward cannot use.
+    #[error("Vault answered {op} of {path} with an unusable response: {detail}")]
+    Malformed { op: &'static str, path: String, detail: String },
+    /// A problem on this host before any request (token file unreadable, JWT expired...).
+    #[error("{detail}")]
+    Local { detail: String },
+}
+
+fn status_message(op: &str, path: &str, status: u16, errors: &[String]) -> String {
+    let text = if errors.is_empty() {
+        StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("error").to_lowercase()
+    } else {
+        errors.join("; ")
+    };
+    match status {
+        403 => format!("Vault denied {op} of {path} (403 {text})"),
+        _ => format!("Vault {op} of {path} failed ({status} {text})"),
+    }
+}
+
+impl VaultError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            VaultError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    pub fn is_denied(&self) -> bool {
+        self.status() == Some(403)
+    }
+
+    /// Vault could not be asked at all (down, hanging, sealed, overloaded): a cached credential
+    /// may still be used and the client's error is 08001.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            VaultError::Unreachable { .. } | VaultError::Timeout { .. } => true,
+            VaultError::Status { status, .. } => matches!(status, 429 | 500..=599),
+            _ => false,
+        }
+    }
+
+    /// A short label for metrics: the status code or the failure class.
+    pub fn label(&self) -> String {
+        match self {
+            VaultError::Status { status, .. } => status.to_string(),
+            VaultError::Unreachable { .. } => "unreachable".into(),
+            VaultError::Timeout { .. } => "timeout".into(),
+            VaultError::Malformed { .. } => "malformed".into(),
+            VaultError::Local { .. } => "local".into(),
+        }
+    }
+}
+
+/// Vault's error body: `{"errors": ["1 error occurred:\n\t* permission denied\n\n"]}`.
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    errors: Vec<String>,
+}
+
+/// Vault wraps multierrors as "1 error occurred:\n\t* permission denied\n\n"; keep the messages.
+fn clean_errors(errors: Vec<String>) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in errors {
+        let lines: Vec<&str> = e
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .filter(|l| !(l.ends_with("occurred:") && l.contains("error")))
+            .map(|l| l.trim_start_matches("* ").trim())
+            .collect();
+        if lines.is_empty() {
+            continue;
+        }
+        out.push(lines.join("; "));
+    }
+    out
+}
+
+/// A successful response: the JSON body and the server's `Date` header (for clock-skew checks).
+#[derive(Debug)]
+pub struct VaultResponse {
+    pub status: u16,
+    pub body: serde_json::Value,
+    pub date: Option<String>,
+}
+
+impl VaultResponse {
+    pub fn str_field(&self, ptr: &str) -> Option<&str> {
+        self.body.pointer(ptr).and_then(|v| v.as_str())
+    }
+
+    pub fn u64_field(&self, ptr: &str) -> Option<u64> {
+        self.body.pointer(ptr).and_then(|v| v.as_u64())
+    }
+}
+
+pub struct VaultClient {
+    address: String,
+    namespace: Option<String>,
+    timeout: Duration,
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for VaultClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VaultClient").field("address", &self.address).finish_non_exhaustive()
+    }
+}
+
+/// Loads PEM certificates into a root store; the error names the file.
+pub fn load_roots(ca_file: Option<&std::path::Path>) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let mut n = 0;
+            for cert in rustls_pemfile::certs(&mut &pem[..]) {
+                let cert = cert.map_err(|e| format!("{}: not a PEM certificate: {e}", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;
+                n += 1;
+            }
+            if n == 0 {
+                return Err(format!("{} holds no PEM certificate", path.display()));
+            }
+        }
+        None => {
+            // Unreadable system certificates are skipped: one bad file must not stop start-up.
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    Ok(roots)
+}
+
+impl VaultClient {
+    /// Builds the client; errors name the config key.
+    pub fn new(cfg: &VaultConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, String> {
+        let roots = load_roots(cfg.ca_file.as_deref()).map_err(|e| format!("vault.ca_file: {e}"))?;
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("vault: TLS setup failed: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let http = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(https);
+        Ok(Arc::new(VaultClient {
+            address: cfg.address.trim_end_matches('/').to_string(),
+            namespace: cfg.namespace.clone(),
+            timeout: cfg.request_timeout.0,
+            http,
+            metrics,
+        }))
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// `GET /v1/<path>`.
+    pub async fn read(&self, token: &SecretString, path: &str) -> Result<VaultResponse, VaultError> {
+        self.call("read", Method::GET, path, Some(token), None).await
+    }
+
+    /// A request with a JSON body. `op` names the operation in errors ("login", "renew", ...).
+    pub async fn write(
+        &self,
+        op: &'static str,
+        path: &str,
+        token: Option<&SecretString>,
+        body: &serde_json::Value,
+    ) -> Result<VaultResponse, VaultError> {
+        // Login bodies carry the JWT or secret_id: the serialized copy is wiped after sending.
+        let bytes = zeroize::Zeroizing::new(serde_json::to_vec(body).expect("JSON values serialize"));
+        self.call(op, Method::PUT, path, token, Some(Bytes::copy_from_slice(&bytes))).await
+    }
+
+    /// A request with no body other than GET (e.g. `sys/health`), without a token.
+    pub async fn get_unauthenticated(&self, op: &'static str, path: &str) -> Result<VaultResponse, VaultError> {
+        self.call(op, Method::GET, path, None, None).await
+    }
+
+    async fn call(
+        &self,
+        op: &'static str,
+        method: Method,
+        path: &str,
+        token: Option<&SecretString>,
+        body: Option<Bytes>,
+    ) -> Result<VaultResponse, VaultError> {
+        let started = std::time::Instant::now();
+        let result = self.call_inner(op, method, path, token, body).await;
+        let status = match &result {
+            Ok(r) => r.status.to_string(),
+            Err(e) => e.label(),
+        };
+        self.metrics.vault_requests_total.with_label_values(&[op, &status]).inc();
+        self.metrics.vault_request_seconds.with_label_values(&[op]).observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn call_inner(
+        &self,
+        op: &'static str,
+        method: Method,
+        path: &str,
+        token: Option<&SecretString>,
+        body: Option<Bytes>,
+    ) -> Result<VaultResponse, VaultError> {
+        let path = path.trim_start_matches('/');
+        let url = format!("{}/v1/{}", self.address, path);
+        let mut req = Request::builder().method(method).uri(&url).header(header::ACCEPT, "application/json");
+        if let Some(ns) = &self.namespace {
+            req = req.header("X-Vault-Namespace", ns);
+        }
+        if let Some(t) = token {
+            let mut v = http::HeaderValue::from_str(t.expose_secret()).map_err(|_| VaultError::Local {
+                detail: "the Vault token contains characters not allowed in an HTTP header".into(),
+            })?;
+            v.set_sensitive(true);
+            req = req.header("X-Vault-Token", v);
+        }
+        if body.is_some() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(body.unwrap_or_default()))
+            .map_err(|e| VaultError::Local { detail: format!("bad Vault request URL {url}: {e}") })?;
+
+        let unreachable = |detail: String| VaultError::Unreachable {
+            op,
+            path: path.to_string(),
+            address: self.address.clone(),
+            detail,
+        };
+        let exchange = async {
+            let resp = self.http.request(req).await.map_err(|e| unreachable(describe_hyper_error(&e)))?;
+            let status = resp.status().as_u16();
+            let date = resp.headers().get(header::DATE).and_then(|d| d.to_str().ok()).map(str::to_string);
+            let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| unreachable(format!("reading the response failed: {e}")))?
+                .to_bytes();
+            Ok::<_, VaultError>((status, date, body))
+        };
+        let (status, date, body) = tokio::time::timeout(self.timeout, exchange).await.map_err(|_| VaultError::Timeout {
+            op,
+            path: path.to_string(),
+            address: self.address.clone(),
+            after: self.timeout,
+        })??;
+
+        if !(200..300).contains(&status) {
+            let errors = serde_json::from_slice::<ErrorBody>(&body).map(|b| clean_errors(b.errors)).unwrap_or_default();
+            return Err(VaultError::Status { op, path: path.to_string(), status, errors });
+        }
+        let body = if body.is_empty() || status == 204 {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&body).map_err(|e| VaultError::Malformed {
+                op,
+                path: path.to_string(),
+                detail: format!("not JSON ({e})"),
+            })?
+        };
+        Ok(VaultResponse { status, body, date })
+    }
+}
+
+/// hyper's errors say "client error (Connect)"; the cause chain says what actually happened.
+fn describe_hyper_error(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![];
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let s = err.to_string();
+        if !parts.iter().any(|p: &String| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = err.source();
+    }
+    // The outermost "client error (Connect)" adds nothing when there is a cause.
+    if parts.len() > 1 {
+        parts.remove(0);
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{AuthConfig, AuthMethod, HumanDuration};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn cfg(address: String, timeout: Duration) -> VaultConfig {
+        VaultConfig {
+            address,
+            namespace: Some("team-a".into()),
+            ca_file: None,
+            request_timeout: HumanDuration(timeout),
+            auth: AuthConfig {
+                method: AuthMethod::Token,
+                mount: None,
+                role: None,
+                token_file: Some("/dev/null".into()),
+                role_id_file: None,
+                secret_id_file: None,
+            },
+        }
+    }
+
+    /// A one-shot HTTP server answering `response` to whatever it gets; returns what it received.
+    async fn fake_vault(status: &'static str, body: &'static str) -> (String, tokio::task::JoinHandle<String>) {
+        let response = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", l.local_addr().unwrap());
+        let h = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 8192];
+            let n = s.read(&mut buf).await.unwrap();
+            s.write_all(response.as_bytes()).await.unwrap();
+            s.shutdown().await.ok();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        (addr, h)
+    }
+
+    #[test]
+    fn multierror_text_is_cleaned() {
+        assert_eq!(clean_errors(vec!["1 error occurred:\n\t* permission denied\n\n".into()]), vec!["permission denied"]);
+        let e = VaultError::Status {
+            op: "read",
+            path: "secret/data/apps/payments/db-v2".into(),
+            status: 403,
+            errors: vec!["permission denied".into()],
+        };
+        assert_eq!(e.to_string(), "Vault denied read of secret/data/apps/payments/db-v2 (403 permission denied)");
+    }
+
+    #[tokio::test]
+    async fn denied_read_keeps_status_path_and_message_and_sends_namespace() {
+        let (addr, got) =
+            fake_vault("403 Forbidden", r#"{"errors":["1 error occurred:\n\t* permission denied\n\n"]}"#).await;
+        let c = VaultClient::new(&cfg(addr, Duration::from_secs(5)), Arc::default()).unwrap();
+        let err = c.read(&SecretString::from("s.secret-token"), "database/creds/payments").await.unwrap_err();
+        assert!(err.is_denied());
+        assert_eq!(err.to_string(), "Vault denied read of database/creds/payments (403 permission denied)");
+        let req = got.await.unwrap().to_lowercase();
+        assert!(req.starts_with("get /v1/database/creds/payments "), "{req}");
+        assert!(req.contains("x-vault-namespace: team-a"), "{req}");
+        assert!(!format!("{err:?}").contains("s.secret-token"));
+    }
+
+    #[tokio::test]
+    async fn malformed_body_is_reported_not_panicked() {
+        let (addr, _got) =
+            fake_vault("200 OK", "{not json").await;
+        let c = VaultClient::new(&cfg(addr, Duration::from_secs(5)), Arc::default()).unwrap();
+        let err = c.read(&SecretString::from("t"), "secret/data/x").await.unwrap_err();
+        assert!(matches!(err, VaultError::Malformed { .. }), "{err:?}");
+        assert!(err.to_string().contains("secret/data/x"));
+    }
+
+    #[tokio::test]
+    async fn hanging_vault_times_out_with_the_path() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", l.local_addr().unwrap());
+        let _hold = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(s);
+        });
+        let c = VaultClient::new(&cfg(addr, Duration::from_millis(200)), Arc::default()).unwrap();
+        let err = c.read(&SecretString::from("t"), "database/creds/x").await.unwrap_err();
+        assert!(matches!(err, VaultError::Timeout { .. }), "{err:?}");
+        assert!(err.is_unavailable());
+    }
+
+    #[tokio::test]
+    async fn refused_connection_is_unreachable() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let c = VaultClient::new(&cfg(format!("http://127.0.0.1:{port}"), Duration::from_secs(5)), Arc::default()).unwrap();
+        let err = c.read(&SecretString::from("t"), "database/creds/x").await.unwrap_err();
+        assert!(matches!(err, VaultError::Unreachable { .. }), "{err:?}");
+        assert!(err.to_string().contains("refused"), "{err}");
+    }
+}

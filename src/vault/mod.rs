@@ -1,0 +1,11 @@
+//! Vault/OpenBao over HTTP: the client (hyper + rustls), its errors, and the secret kinds.
+//! Every failure keeps what Vault said (status and message) and which path it was about, because
+//! "permission denied" without the path is the 3 AM page this project exists to prevent.
+
+pub mod auth;
+pub mod client;
+pub mod secrets;
+
+pub use auth::{Auth, VaultToken};
+pub use client::{VaultClient, VaultError, VaultResponse};
+pub use secrets::{Credential, Lease};
