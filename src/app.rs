@@ -119,22 +119,17 @@ pub async fn run(app: Arc<App>, stop: impl std::future::Future<Output = ()>) -> 
     if let Some(admin) = admin {
         tokio::spawn(crate::admin::serve(app.clone(), admin));
     }
-    // Warm start: fetch every credential now, so the first client does not wait on Vault.
-    // Failure is not fatal: Vault may come back; /readyz reports it meanwhile.
-    for db in app.databases_in_order() {
-        let app = app.clone();
-        tokio::spawn(async move {
-            if let Err(e) = app.credentials.get(&db.name).await {
-                tracing::warn!(database = %db.name, error = %e, "warm start: no credential yet");
-            }
-        });
-    }
-
+    tokio::spawn(app.credentials.clone().maintain(app.shutdown.clone()));
+    // The lifecycle also warms the cache: every credential is fetched at start, so the first
+    // client does not wait on Vault. Failure is not fatal: /readyz reports it meanwhile.
     stop.await;
     tracing::info!("shutdown requested");
     app.shutdown.run(app.config.proxy.shutdown_grace.0).await;
     for t in tasks {
         let _ = t.await;
+    }
+    if app.config.vault.revoke_on_shutdown {
+        app.credentials.revoke_all().await;
     }
     tracing::info!("stopped");
     Ok(())

@@ -157,7 +157,14 @@ pub struct VaultConfig {
     /// Upper bound on any one Vault request.
     #[serde(default = "default_vault_timeout")]
     pub request_timeout: HumanDuration,
+    /// On a clean shutdown, revoke the leases dbward holds (their Postgres roles are dropped).
+    #[serde(default = "default_true")]
+    pub revoke_on_shutdown: bool,
     pub auth: AuthConfig,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_vault_timeout() -> HumanDuration {
@@ -301,6 +308,20 @@ pub struct CredentialsConfig {
     /// A credential is treated as expired this long before its lease ends.
     #[serde(default = "default_expiry_margin")]
     pub expiry_margin: HumanDuration,
+    /// A dynamic credential is replaced in the background once this fraction of its lease has
+    /// passed (a little jitter is added so many dbward instances do not all ask at once).
+    #[serde(default = "default_refresh_fraction")]
+    pub refresh_fraction: f64,
+    /// Renew a replaced lease while client connections still use it, up to its max TTL.
+    #[serde(default = "default_true")]
+    pub renew_in_use: bool,
+    /// Revoke a replaced lease once no client connection uses it.
+    #[serde(default = "default_true")]
+    pub revoke_unused: bool,
+}
+
+fn default_refresh_fraction() -> f64 {
+    2.0 / 3.0
 }
 
 fn default_username_key() -> String {
@@ -585,6 +606,9 @@ impl Config {
                     return Err(err(key("role"), "is not used with kind = \"kv\"; remove it"));
                 }
             }
+        }
+        if !(c.refresh_fraction > 0.05 && c.refresh_fraction < 0.95) {
+            return Err(err(key("refresh_fraction"), format!("{} is out of range: use a fraction between 0.05 and 0.95 (default 0.667)", c.refresh_fraction)));
         }
         if c.refresh_interval.0 < Duration::from_secs(1) {
             return Err(err(key("refresh_interval"), "must be at least 1s"));

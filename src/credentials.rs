@@ -1,15 +1,27 @@
-//! The credential cache: one entry per database, kept for as long as Vault says it is valid
-//! (minus a margin), shared by all connections, fetched once however many connections ask at
-//! the same moment. Vault errors are remembered briefly, so a broken policy costs Vault one
-//! request per few seconds rather than one per connection, and a fixed policy is seen at once.
+//! Credentials and their lifecycle. The cache (moka) holds each database entry's current
+//! credential for as long as Vault says it is valid (minus a margin), shared by all connections
+//! and fetched once however many connections ask at the same moment. Vault errors are remembered
+//! briefly, so a broken policy costs Vault one request per few seconds rather than one per
+//! connection, and a fixed policy is seen at once.
+//!
+//! In the background ([`CredentialStore::maintain`]): a credential is replaced before it is due
+//! (at `refresh_fraction` of its lease, when the Vault token that owns its lease is replaced, when
+//! a static role rotates, every `refresh_interval` for KV); replaced leases that connections still
+//! use are renewed up to their max TTL; unused ones are revoked. While Vault is down the cached
+//! credential keeps serving until it actually expires; retries back off from 1 s to 5 min.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use moka::future::Cache;
 use moka::Expiry;
 
+use rand::Rng;
+use serde_json::json;
+
+use crate::backoff::Backoff;
 use crate::config::{CredentialKind, CredentialsConfig};
 use crate::metrics::Metrics;
 use crate::pg::error::{sqlstate, PgError};
@@ -68,43 +80,108 @@ impl CredentialError {
     }
 }
 
-/// Per-entry expiry: a credential leaves the cache `expiry_margin` before Vault's validity
-/// ends; a KV secret (no lease) after its re-read interval.
-struct LeaseExpiry {
-    policy: HashMap<String, (CredentialKind, Duration, Duration)>,
+/// A credential dbward holds, with what the lifecycle needs to know about it.
+pub struct Held {
+    pub cred: Credential,
+    /// The Vault login that obtained it: its lease dies with that token.
+    pub token_generation: u64,
+    /// Client sessions using it now.
+    in_use: AtomicUsize,
+    /// Fraction of the lease after which it is replaced (jittered per credential).
+    refresh_after: Option<Duration>,
+    lease: Mutex<LeaseClock>,
 }
 
-impl LeaseExpiry {
-    fn lifetime(&self, key: &str, cred: &Credential) -> Duration {
-        let Some((kind, margin, refresh)) = self.policy.get(key) else {
-            return Duration::ZERO;
-        };
-        match (kind, cred.valid_for) {
-            (CredentialKind::Kv, _) => *refresh,
-            (_, Some(valid)) => valid.saturating_sub(*margin),
-            // A dynamic or static credential without a TTL: treat like KV rather than forever.
-            (_, None) => *refresh,
-        }
+/// When a lease was last extended and for how long.
+#[derive(Debug, Clone, Copy)]
+struct LeaseClock {
+    renewed_at: Instant,
+    duration: Duration,
+    /// Vault granted less than asked: the max TTL is reached, renewing further is pointless.
+    at_max: bool,
+    /// Revoked, or Vault said the lease is gone.
+    gone: bool,
+}
+
+impl std::ops::Deref for Held {
+    type Target = Credential;
+    fn deref(&self) -> &Credential {
+        &self.cred
     }
 }
 
-impl Expiry<String, Arc<Credential>> for LeaseExpiry {
-    fn expire_after_create(&self, key: &String, value: &Arc<Credential>, _created_at: Instant) -> Option<Duration> {
-        Some(self.lifetime(key, value))
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held").field("cred", &self.cred).field("in_use", &self.in_use()).finish()
+    }
+}
+
+impl Held {
+    pub fn in_use(&self) -> usize {
+        self.in_use.load(Ordering::SeqCst)
+    }
+
+    /// When Vault will consider the lease over (renewals included).
+    fn lease_end(&self) -> Option<Instant> {
+        self.cred.lease.as_ref().map(|_| {
+            let c = self.lease.lock().unwrap();
+            c.renewed_at + c.duration
+        })
+    }
+}
+
+/// A session's use of a credential; the count drops when the session ends.
+pub struct InUse(Arc<Held>);
+
+impl std::ops::Deref for InUse {
+    type Target = Credential;
+    fn deref(&self) -> &Credential {
+        &self.0.cred
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.0.in_use.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Per-entry expiry: a credential leaves the cache `expiry_margin` before Vault's validity
+/// ends. KV secrets have no lease and stay until replaced; a static role's password is kept
+/// until its rotation, after which a refused login (28P01) fetches the new one.
+struct LeaseExpiry {
+    policy: HashMap<String, (CredentialKind, Duration)>,
+}
+
+impl Expiry<String, Arc<Held>> for LeaseExpiry {
+    fn expire_after_create(&self, key: &String, value: &Arc<Held>, created_at: Instant) -> Option<Duration> {
+        let (kind, margin) = self.policy.get(key)?;
+        let lived = created_at.saturating_duration_since(value.cred.fetched_at);
+        match (kind, value.cred.valid_for) {
+            (CredentialKind::Kv, _) | (_, None) => None,
+            (CredentialKind::Static, Some(valid)) => Some(valid.saturating_sub(lived)),
+            (CredentialKind::Database, Some(valid)) => Some(valid.saturating_sub(*margin).saturating_sub(lived)),
+        }
     }
 }
 
 struct Entry {
     cfg: CredentialsConfig,
     generation: Mutex<u64>,
+    /// Background refresh attempts of this entry back off on failure.
+    backoff: Mutex<Backoff>,
+    /// The 28P01 explanation is logged once per entry at warn level.
+    warned_rejected: AtomicBool,
 }
 
-/// The cache of credentials for every database entry.
+/// The cache of credentials for every database entry, and the leases behind them.
 pub struct CredentialStore {
     vault: Arc<VaultClient>,
     auth: Arc<Auth>,
     entries: HashMap<String, Entry>,
-    cache: Cache<String, Arc<Credential>>,
+    cache: Cache<String, Arc<Held>>,
+    /// Every credential with a lease dbward has not given up yet, current ones included.
+    held: Mutex<Vec<(String, Arc<Held>)>>,
     recent_errors: Mutex<HashMap<String, (Instant, CredentialError)>>,
     error_ttl: Duration,
     metrics: Arc<Metrics>,
@@ -120,18 +197,26 @@ impl CredentialStore {
     ) -> Arc<Self> {
         let entries: HashMap<String, Entry> = databases
             .into_iter()
-            .map(|(name, cfg)| (name, Entry { cfg, generation: Mutex::new(0) }))
+            .map(|(name, cfg)| {
+                (
+                    name,
+                    Entry {
+                        cfg,
+                        generation: Mutex::new(0),
+                        backoff: Mutex::new(Backoff::default()),
+                        warned_rejected: AtomicBool::new(false),
+                    },
+                )
+            })
             .collect();
-        let policy = entries
-            .iter()
-            .map(|(name, e)| (name.clone(), (e.cfg.kind, e.cfg.expiry_margin.0, e.cfg.refresh_interval.0)))
-            .collect();
+        let policy = entries.iter().map(|(name, e)| (name.clone(), (e.cfg.kind, e.cfg.expiry_margin.0))).collect();
         let cache = Cache::builder().expire_after(LeaseExpiry { policy }).build();
         Arc::new(CredentialStore {
             vault,
             auth,
             entries,
             cache,
+            held: Mutex::new(Vec::new()),
             recent_errors: Mutex::new(HashMap::new()),
             error_ttl,
             metrics,
@@ -142,8 +227,16 @@ impl CredentialStore {
         &self.auth
     }
 
+    /// The current credential (cached, or fetched now), counted as in use until the returned
+    /// guard is dropped.
+    pub async fn checkout(&self, database: &str) -> Result<InUse, CredentialError> {
+        let held = self.get(database).await?;
+        held.in_use.fetch_add(1, Ordering::SeqCst);
+        Ok(InUse(held))
+    }
+
     /// The cached credential, or one fetched now (one fetch however many callers wait).
-    pub async fn get(&self, database: &str) -> Result<Arc<Credential>, CredentialError> {
+    pub async fn get(&self, database: &str) -> Result<Arc<Held>, CredentialError> {
         if let Some(c) = self.cache.get(database).await {
             self.metrics.credential_cache_total.with_label_values(&[database, "hit"]).inc();
             return Ok(c);
@@ -154,10 +247,7 @@ impl CredentialStore {
                 return Err(e.clone());
             }
         }
-        let result = self
-            .cache
-            .try_get_with(database.to_string(), async { self.fetch(database).await.map(Arc::new) })
-            .await;
+        let result = self.cache.try_get_with(database.to_string(), self.fetch(database)).await;
         match result {
             Ok(c) => {
                 self.recent_errors.lock().unwrap().remove(database);
@@ -171,10 +261,31 @@ impl CredentialStore {
         }
     }
 
-    /// Drops a credential the upstream refused, unless a newer one already replaced it.
-    pub async fn invalidate(&self, database: &str, generation: u64) {
+    /// The cached credential without asking Vault.
+    pub async fn peek(&self, database: &str) -> Option<Arc<Held>> {
+        self.cache.get(database).await
+    }
+
+    /// Drops a credential the upstream refused (28P01), unless a newer one already replaced it.
+    pub async fn rejected(&self, database: &str, generation: u64) {
+        self.metrics.credential_rejected_total.with_label_values(&[database]).inc();
+        if let Some(e) = self.entries.get(database) {
+            if !e.warned_rejected.swap(true, Ordering::SeqCst) {
+                let role = match e.cfg.kind {
+                    CredentialKind::Kv => format!("the KV secret at {}", e.cfg.vault_path()),
+                    _ => format!("Vault role {:?} ({})", e.cfg.role.as_deref().unwrap_or(""), e.cfg.vault_path()),
+                };
+                tracing::warn!(
+                    database,
+                    "the upstream refused a credential Vault issued (28P01). It was revoked or expired behind \
+                     dbward's back, or a renewed lease did not extend the Postgres role: check that {role} has \
+                     renew_statements that set VALID UNTIL (or none). dbward fetches a new credential; this is \
+                     logged once, counted in dbward_credential_rejected_total"
+                );
+            }
+        }
         if let Some(c) = self.cache.get(database).await {
-            if c.generation == generation {
+            if c.cred.generation == generation {
                 self.cache.invalidate(database).await;
             }
         }
@@ -188,7 +299,7 @@ impl CredentialStore {
         }
     }
 
-    async fn fetch(&self, database: &str) -> Result<Credential, CredentialError> {
+    async fn fetch(&self, database: &str) -> Result<Arc<Held>, CredentialError> {
         let entry = self.entries.get(database).expect("database entries are fixed at start");
         let cfg = &entry.cfg;
         let path = cfg.vault_path();
@@ -211,18 +322,19 @@ impl CredentialStore {
                             self.note_token(&new);
                             vault::secrets::fetch(&self.vault, &new.token, cfg)
                                 .await
+                                .map(|c| (c, new.generation))
                                 .map_err(|e| wrap(e, Some(new.policies_text())))
                         }
                         Some(Err(login_err)) => Err(wrap(login_err, None)),
                         None => Err(wrap(e, Some(token.policies_text()))),
                     }
                 }
-                other => other.map_err(|e| wrap(e, Some(token.policies_text()))),
+                other => other.map(|c| (c, token.generation)).map_err(|e| wrap(e, Some(token.policies_text()))),
             }
         }
         .await;
         match result {
-            Ok(mut cred) => {
+            Ok((mut cred, token_generation)) => {
                 cred.generation = {
                     let mut g = entry.generation.lock().unwrap();
                     *g += 1;
@@ -240,7 +352,35 @@ impl CredentialStore {
                     generation = cred.generation,
                     "fetched credential from Vault"
                 );
-                Ok(cred)
+                let refresh_after = match cfg.kind {
+                    CredentialKind::Kv => Some(cfg.refresh_interval.0),
+                    // The password changes at rotation; fetch the new one just after.
+                    CredentialKind::Static => cred.valid_for.map(|v| v + Duration::from_secs(1)),
+                    // Before the cache drops it (expiry_margin before the end), so no client
+                    // ever waits for Vault once the first credential is in.
+                    CredentialKind::Database => cred.valid_for.map(|v| {
+                        let jitter = rand::thread_rng().gen_range(0.95..=1.0);
+                        let latest = v.saturating_sub(cfg.expiry_margin.0 + Duration::from_millis(500));
+                        v.mul_f64(cfg.refresh_fraction * jitter).min(latest)
+                    }),
+                };
+                let lease = LeaseClock {
+                    renewed_at: cred.fetched_at,
+                    duration: cred.lease.as_ref().map(|l| l.duration).unwrap_or_default(),
+                    at_max: false,
+                    gone: false,
+                };
+                let held = Arc::new(Held {
+                    cred,
+                    token_generation,
+                    in_use: AtomicUsize::new(0),
+                    refresh_after,
+                    lease: Mutex::new(lease),
+                });
+                if held.cred.lease.is_some() {
+                    self.held.lock().unwrap().push((database.to_string(), held.clone()));
+                }
+                Ok(held)
             }
             Err(e) => {
                 self.metrics.credential_fetch_total.with_label_values(&[database, "error"]).inc();
@@ -259,6 +399,202 @@ impl CredentialStore {
             .map(|left| (unix_now() + left.as_secs_f64()) as i64)
             .unwrap_or(0);
         self.metrics.vault_token_expiry_timestamp_seconds.set(at);
+    }
+
+    /// Whether `database`'s current credential should be replaced now.
+    fn due(&self, database: &str, cur: &Held) -> Option<&'static str> {
+        let entry = self.entries.get(database)?;
+        if entry.cfg.kind == CredentialKind::Database && cur.token_generation < self.auth.generation() {
+            return Some("the Vault token that owns its lease was replaced");
+        }
+        match cur.refresh_after {
+            Some(after) if cur.cred.fetched_at.elapsed() >= after => Some(match entry.cfg.kind {
+                CredentialKind::Kv => "refresh_interval passed",
+                CredentialKind::Static => "the static role's password rotated",
+                CredentialKind::Database => "refresh_fraction of the lease passed",
+            }),
+            _ => None,
+        }
+    }
+
+    /// Runs the background lifecycle until `stop`: refreshes due credentials, renews replaced
+    /// leases still in use, revokes unused ones, keeps the Vault token alive.
+    pub async fn maintain(self: Arc<Self>, stop: crate::shutdown::Shutdown) {
+        tokio::spawn(self.auth.clone().keep_alive({
+            let stop = stop.clone();
+            async move { stop.stopping().await }
+        }));
+        let mut names: Vec<String> = self.entries.keys().cloned().collect();
+        names.sort();
+        for name in names {
+            let me = self.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                        _ = stop.stopping() => return,
+                    }
+                    me.refresh_step(&name).await;
+                }
+            });
+        }
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = stop.stopping() => return,
+            }
+            self.lease_step().await;
+        }
+    }
+
+    async fn refresh_step(&self, database: &str) {
+        let entry = &self.entries[database];
+        let cached = self.cache.get(database).await;
+        let reason = match &cached {
+            Some(cur) => match self.due(database, cur) {
+                Some(r) => r,
+                None => return,
+            },
+            None => "no valid credential is cached",
+        };
+        if !entry.backoff.lock().unwrap().ready() {
+            return;
+        }
+        tracing::debug!(database, reason, "refreshing credential");
+        let result = match cached {
+            // Through the cache's single flight, shared with clients that ask meanwhile.
+            None => self.get(database).await.map(|_| ()),
+            Some(_) => match self.fetch(database).await {
+                Ok(new) => {
+                    self.cache.insert(database.to_string(), new).await;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+        };
+        match result {
+            Ok(()) => {
+                entry.backoff.lock().unwrap().succeeded();
+                self.recent_errors.lock().unwrap().remove(database);
+            }
+            Err(e) => {
+                let wait = entry.backoff.lock().unwrap().failed();
+                let left = self
+                    .cache
+                    .get(database)
+                    .await
+                    .and_then(|c| c.cred.expires_at())
+                    .map(|e| e.saturating_duration_since(Instant::now()));
+                tracing::warn!(
+                    database,
+                    error = %e.error,
+                    retry_in = ?wait,
+                    cached_valid_for = ?left,
+                    "background refresh failed; the cached credential serves while it is valid"
+                );
+            }
+        }
+    }
+
+    /// Renews replaced leases that sessions still use; revokes those nobody uses.
+    async fn lease_step(&self) {
+        let held: Vec<(String, Arc<Held>)> = self.held.lock().unwrap().clone();
+        let now = Instant::now();
+        for (database, h) in held {
+            let Some(lease) = &h.cred.lease else { continue };
+            let entry = &self.entries[&database];
+            let current = self.cache.get(&database).await.is_some_and(|c| Arc::ptr_eq(&c, &h));
+            let clock = *h.lease.lock().unwrap();
+            let expired = h.lease_end().is_some_and(|end| end <= now);
+            if clock.gone || expired {
+                self.forget(&h);
+                continue;
+            }
+            if current {
+                continue;
+            }
+            if h.in_use() == 0 {
+                if entry.cfg.revoke_unused {
+                    self.revoke(&database, &h, "replaced and no longer used").await;
+                } else {
+                    self.forget(&h);
+                }
+                continue;
+            }
+            let renew_due = clock.renewed_at + clock.duration * 2 / 3 <= now;
+            if entry.cfg.renew_in_use && lease.renewable && !clock.at_max && renew_due {
+                self.renew(&database, &h).await;
+            }
+        }
+    }
+
+    fn forget(&self, h: &Arc<Held>) {
+        self.held.lock().unwrap().retain(|(_, x)| !Arc::ptr_eq(x, h));
+    }
+
+    async fn renew(&self, database: &str, h: &Arc<Held>) {
+        let lease = h.cred.lease.as_ref().expect("only leases are renewed");
+        let Some(token) = self.auth.current() else { return };
+        let body = json!({ "lease_id": lease.id, "increment": lease.duration.as_secs() });
+        match self.vault.write("renew", "sys/leases/renew", Some(&token.token), &body).await {
+            Ok(resp) => {
+                let granted = Duration::from_secs(resp.u64_field("/lease_duration").unwrap_or(0));
+                let mut c = h.lease.lock().unwrap();
+                c.renewed_at = Instant::now();
+                c.duration = granted;
+                c.at_max = granted + Duration::from_secs(1) < lease.duration;
+                self.metrics.lease_renewals_total.with_label_values(&[database, "ok"]).inc();
+                tracing::info!(database, lease = %lease.id, in_use = h.in_use(), granted = ?granted, at_max = c.at_max, "renewed lease still in use");
+            }
+            Err(e) => {
+                self.metrics.lease_renewals_total.with_label_values(&[database, "error"]).inc();
+                // 400 "lease not found"/"lease expired": nothing left to renew.
+                if matches!(e.status(), Some(400) | Some(404)) {
+                    h.lease.lock().unwrap().gone = true;
+                }
+                tracing::warn!(database, lease = %lease.id, in_use = h.in_use(), error = %e, "lease renewal failed");
+            }
+        }
+    }
+
+    async fn revoke(&self, database: &str, h: &Arc<Held>, why: &str) {
+        let lease = h.cred.lease.as_ref().expect("only leases are revoked");
+        let Some(token) = self.auth.current() else { return };
+        let body = json!({ "lease_id": lease.id });
+        match self.vault.write("revoke", "sys/leases/revoke", Some(&token.token), &body).await {
+            Ok(_) => {
+                self.metrics.lease_revocations_total.with_label_values(&[database, "ok"]).inc();
+                tracing::info!(database, lease = %lease.id, username = %h.cred.username, why, "revoked lease");
+                h.lease.lock().unwrap().gone = true;
+                self.forget(h);
+            }
+            Err(e) => {
+                self.metrics.lease_revocations_total.with_label_values(&[database, "error"]).inc();
+                if matches!(e.status(), Some(400) | Some(404)) {
+                    self.forget(h);
+                }
+                tracing::warn!(database, lease = %lease.id, error = %e, "lease revocation failed");
+            }
+        }
+    }
+
+    /// On clean shutdown: revoke every lease dbward still holds.
+    pub async fn revoke_all(&self) {
+        let held: Vec<(String, Arc<Held>)> = self.held.lock().unwrap().clone();
+        for (database, h) in held {
+            self.revoke(&database, &h, "dbward is shutting down").await;
+        }
+    }
+
+    /// Leases held now, for tests and diagnostics: (database, lease id, sessions using it).
+    pub fn leases(&self) -> Vec<(String, String, usize)> {
+        self.held
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(d, h)| h.cred.lease.as_ref().map(|l| (d.clone(), l.id.clone(), h.in_use())))
+            .collect()
     }
 }
 

@@ -5,6 +5,7 @@
 //! can drive it. State is passed down explicitly in an [`app::App`]; there are no global statics.
 
 pub mod app;
+pub mod backoff;
 pub mod config;
 pub mod credentials;
 pub mod listener;

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub vault_token_expiry_timestamp_seconds: IntGauge,
     pub vault_logins_total: IntCounterVec,
     pub cancel_requests_total: IntCounterVec,
+    pub lease_renewals_total: IntCounterVec,
+    pub lease_revocations_total: IntCounterVec,
     pub build_info: IntGaugeVec,
 }
 
@@ -140,6 +142,16 @@ impl Metrics {
                 "dbward_cancel_requests_total",
                 "Cancel requests by result: routed, unknown_key or failed.",
                 &["result"],
+            ),
+            lease_renewals_total: counter(
+                "dbward_lease_renewals_total",
+                "Renewals of leases still used by client connections, by result.",
+                &["database", "result"],
+            ),
+            lease_revocations_total: counter(
+                "dbward_lease_revocations_total",
+                "Lease revocations (unused after replacement, or at shutdown), by result.",
+                &["database", "result"],
             ),
             build_info: reg(
                 &registry,

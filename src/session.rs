@@ -9,6 +9,7 @@ use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::app::{App, Database};
+use crate::credentials::InUse;
 use crate::pg::cancel::CancelTarget;
 use crate::pg::error::{sqlstate, PgError};
 use crate::pg::startup::{self, ReadError, StartupMessage, StartupPacket};
@@ -71,12 +72,13 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(app: &Arc<App>, db: &Arc<D
     }
 
     let started = Instant::now();
-    let Some((upstream, generation)) = open_upstream(app, db, &msg, &mut client).await else {
+    // The credential stays checked out for the whole session: its lease is renewed while used.
+    let Some((upstream, credential)) = open_upstream(app, db, &msg, &mut client).await else {
         return;
     };
     let connect_time = started.elapsed();
     let span = tracing::Span::current();
-    span.record("credential", generation);
+    span.record("credential", credential.generation);
     if let Some(pid) = upstream.backend_pid {
         span.record("backend_pid", pid);
     }
@@ -110,6 +112,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(app: &Arc<App>, db: &Arc<D
     tracing::debug!(?connect_time, tls = upstream.tls, "session established");
 
     relay(app, db, client, upstream.stream).await;
+    drop(credential);
 }
 
 /// Gets a credential and connects upstream with it; a credential the server refuses (28P01) is
@@ -119,10 +122,10 @@ async fn open_upstream<S: AsyncWrite + Unpin>(
     db: &Arc<Database>,
     msg: &StartupMessage,
     client: &mut S,
-) -> Option<(Connected, u64)> {
+) -> Option<(Connected, InUse)> {
     let mut retried = false;
     loop {
-        let cred = match app.credentials.get(&db.name).await {
+        let cred = match app.credentials.checkout(&db.name).await {
             Ok(c) => c,
             Err(e) => {
                 app.metrics.client_connections_rejected_total.with_label_values(&[&db.name, "credential"]).inc();
@@ -139,20 +142,18 @@ async fn open_upstream<S: AsyncWrite + Unpin>(
         match result {
             Ok(c) => {
                 app.metrics.upstream_connect_seconds.with_label_values(&[&db.name]).observe(started.elapsed().as_secs_f64());
-                return Some((c, cred.generation));
+                return Some((c, cred));
             }
             Err(e) if e.is_password_rejected() && !retried => {
                 retried = true;
-                app.metrics.credential_rejected_total.with_label_values(&[&db.name]).inc();
-                tracing::warn!(
+                tracing::info!(
                     path = %cred.path,
                     username = %cred.username,
                     lease = cred.lease.as_ref().map(|l| l.id.as_str()).unwrap_or("-"),
                     generation = cred.generation,
-                    "upstream refused the Vault-issued credential (28P01): it was revoked, expired, or \
-                     renewed without extending VALID UNTIL (check the Vault role's renew_statements); fetching a new one"
+                    "upstream refused the Vault-issued credential (28P01); fetching a new one"
                 );
-                app.credentials.invalidate(&db.name, cred.generation).await;
+                app.credentials.rejected(&db.name, cred.generation).await;
             }
             Err(e) => {
                 let class: String = e.sqlstate().chars().take(2).collect();

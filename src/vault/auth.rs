@@ -19,6 +19,8 @@ pub struct VaultToken {
     pub policies: Vec<String>,
     /// None: the token does not expire (root, or a periodic token without TTL).
     pub ttl: Option<Duration>,
+    /// The TTL the login granted; renewals ask for this much again.
+    pub initial_ttl: Option<Duration>,
     pub renewable: bool,
     pub obtained_at: Instant,
     /// Login number since start: 1, 2, ... (for logs).
@@ -31,6 +33,7 @@ impl std::fmt::Debug for VaultToken {
             .field("token", &"[REDACTED]")
             .field("policies", &self.policies)
             .field("ttl", &self.ttl)
+            .field("initial_ttl", &self.initial_ttl)
             .field("renewable", &self.renewable)
             .field("generation", &self.generation)
             .finish()
@@ -244,6 +247,88 @@ impl Auth {
         }
     }
 
+    /// The generation of the current login (0 before the first).
+    pub fn generation(&self) -> u64 {
+        self.current().map(|t| t.generation).unwrap_or(0)
+    }
+
+    /// Keeps the token alive until `stop`: renews it (`renew-self`) once 2/3 of its TTL has
+    /// passed, and logs in anew when it cannot be renewed or when Vault grants less than asked
+    /// (the max TTL is near). A new login happens while the old token still has time left, so
+    /// credentials can move to leases of the new token before the old token's leases die with it.
+    pub async fn keep_alive(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        let mut backoff = crate::backoff::Backoff::default();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = &mut stop => return,
+            }
+            let Some(tok) = self.current() else { continue };
+            let Some(ttl) = tok.ttl else { continue };
+            if tok.obtained_at.elapsed() < ttl * 2 / 3 || !backoff.ready() {
+                continue;
+            }
+            let ok = if tok.renewable { self.renew(&tok).await } else { Err(None) };
+            let result = match ok {
+                Ok(()) => Ok(()),
+                Err(why) => {
+                    if let Some(why) = why {
+                        tracing::info!(generation = tok.generation, reason = %why, "logging in to Vault anew");
+                    }
+                    let _guard = self.login_lock.lock().await;
+                    match self.current() {
+                        Some(cur) if !Arc::ptr_eq(&cur, &tok) => Ok(()),
+                        _ => self.login_now().await.map(|_| ()),
+                    }
+                }
+            };
+            match result {
+                Ok(()) => backoff.succeeded(),
+                Err(e) => {
+                    let wait = backoff.failed();
+                    tracing::warn!(error = %e, retry_in = ?wait, "cannot keep the Vault token alive");
+                }
+            }
+        }
+    }
+
+    /// Renews the token; Err(Some(reason)) when a new login is needed instead.
+    async fn renew(&self, tok: &Arc<VaultToken>) -> Result<(), Option<String>> {
+        let asked = tok.initial_ttl.or(tok.ttl).unwrap_or_default();
+        let body = json!({ "increment": asked.as_secs() });
+        let started = Instant::now();
+        let resp = match self.client.write("renew-self", "auth/token/renew-self", Some(&tok.token), &body).await {
+            Ok(r) => r,
+            Err(e) if e.is_unavailable() => return Err(Some(format!("renewal failed: {e}"))),
+            Err(e) => return Err(Some(format!("Vault refused to renew the token: {e}"))),
+        };
+        let granted = resp.u64_field("/auth/lease_duration").map(Duration::from_secs).unwrap_or_default();
+        // Less than asked means the token's max TTL is near: leases it owns die with it.
+        if granted + Duration::from_secs(1) < asked {
+            return Err(Some(format!(
+                "Vault renewed the token for {}s only (asked {}s): its max TTL is near",
+                granted.as_secs(),
+                asked.as_secs()
+            )));
+        }
+        let renewed = Arc::new(VaultToken {
+            token: tok.token.clone(),
+            policies: tok.policies.clone(),
+            ttl: Some(granted),
+            initial_ttl: tok.initial_ttl,
+            renewable: resp.body["auth"]["renewable"].as_bool().unwrap_or(tok.renewable),
+            obtained_at: started,
+            generation: tok.generation,
+        });
+        tracing::debug!(generation = tok.generation, ttl = ?granted, "renewed the Vault token");
+        let mut cur = self.current.lock().unwrap();
+        if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, tok)) {
+            *cur = Some(renewed);
+        }
+        Ok(())
+    }
+
     async fn login_now(&self) -> Result<Arc<VaultToken>, VaultError> {
         let started = Instant::now();
         let mut token = self.login().await?;
@@ -309,6 +394,7 @@ impl Auth {
                     token,
                     policies: string_list(&data["policies"]),
                     ttl,
+                    initial_ttl: ttl,
                     renewable: data["renewable"].as_bool().unwrap_or(false),
                     obtained_at: Instant::now(),
                     generation: 0,
@@ -334,6 +420,7 @@ fn token_from_auth(body: &serde_json::Value, path: &str) -> Result<VaultToken, V
         token: SecretString::from(token.to_string()),
         policies: string_list(&auth["policies"]),
         ttl,
+        initial_ttl: ttl,
         renewable: auth["renewable"].as_bool().unwrap_or(false),
         obtained_at: Instant::now(),
         generation: 0,
@@ -379,6 +466,7 @@ mod tests {
             token: SecretString::from("s.x".to_string()),
             policies: vec!["default".into()],
             ttl: Some(Duration::from_secs(30)),
+            initial_ttl: Some(Duration::from_secs(30)),
             renewable: true,
             obtained_at: Instant::now(),
             generation: 1,

@@ -343,6 +343,7 @@ mod tests {
             namespace: Some("team-a".into()),
             ca_file: None,
             request_timeout: HumanDuration(timeout),
+            revoke_on_shutdown: true,
             auth: AuthConfig {
                 method: AuthMethod::Token,
                 mount: None,

@@ -96,7 +96,8 @@ fn lease_of(kind: CredentialKind, resp: &VaultResponse) -> (Option<Lease>, Optio
             (lease, (!duration.is_zero()).then_some(duration))
         }
         // A static role's password is valid until Vault rotates it, `ttl` seconds from now.
-        CredentialKind::Static => (None, resp.u64_field("/data/ttl").filter(|t| *t > 0).map(Duration::from_secs)),
+        // At the very moment of rotation Vault may say 0: look again a second later.
+        CredentialKind::Static => (None, Some(Duration::from_secs(resp.u64_field("/data/ttl").unwrap_or(0).max(1)))),
         CredentialKind::Kv => (None, None),
     }
 }

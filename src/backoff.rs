@@ -1,0 +1,74 @@
+//! Exponential backoff with jitter for background Vault work: 1 s after the first failure,
+//! doubling up to 5 minutes, each wait drawn between half and all of the step so that many
+//! dbward instances recovering together do not hit Vault in step.
+
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+pub const MIN: Duration = Duration::from_secs(1);
+pub const MAX: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Default)]
+pub struct Backoff {
+    failures: u32,
+    next: Option<Instant>,
+}
+
+impl Backoff {
+    /// Whether the next attempt may happen now.
+    pub fn ready(&self) -> bool {
+        self.next.is_none_or(|n| Instant::now() >= n)
+    }
+
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// Records a failure; returns how long until the next attempt.
+    pub fn failed(&mut self) -> Duration {
+        let step = step(self.failures);
+        self.failures = self.failures.saturating_add(1);
+        let wait = step.mul_f64(rand::thread_rng().gen_range(0.5..=1.0));
+        self.next = Some(Instant::now() + wait);
+        wait
+    }
+
+    pub fn succeeded(&mut self) {
+        self.failures = 0;
+        self.next = None;
+    }
+}
+
+/// The un-jittered wait after `failures` earlier failures.
+pub fn step(failures: u32) -> Duration {
+    MIN.saturating_mul(1u32 << failures.min(16)).min(MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doubles_from_one_second_to_five_minutes() {
+        assert_eq!(step(0), Duration::from_secs(1));
+        assert_eq!(step(1), Duration::from_secs(2));
+        assert_eq!(step(8), Duration::from_secs(256));
+        assert_eq!(step(9), MAX);
+        assert_eq!(step(40), MAX);
+    }
+
+    #[test]
+    fn waits_are_jittered_within_the_step_and_reset_on_success() {
+        let mut b = Backoff::default();
+        assert!(b.ready());
+        for n in 0..12 {
+            let w = b.failed();
+            assert!(w >= step(n) / 2 && w <= step(n), "{w:?} for failure {n}");
+            assert!(!b.ready());
+        }
+        b.succeeded();
+        assert!(b.ready());
+        assert_eq!(b.failures(), 0);
+    }
+}
