@@ -272,7 +272,25 @@ pub struct DatabaseConfig {
     /// Client connections above this are refused with 53300.
     #[serde(default = "default_max_clients")]
     pub max_client_connections: usize,
+    /// Allow MD5 and cleartext password authentication upstream without verified TLS
+    /// (verify-ca/verify-full). Off: such a server is refused rather than sent a password it
+    /// could replay.
+    #[serde(default)]
+    pub allow_insecure_password: bool,
+    /// Relay `replication=` startups (physical/logical replication clients).
+    #[serde(default)]
+    pub allow_replication: bool,
+    /// Terminate TLS from clients (answer SSLRequest with 'S'); absent: clients get 'N'.
+    pub client_tls: Option<ClientTlsConfig>,
     pub credentials: CredentialsConfig,
+}
+
+/// The certificate dbward presents to its own clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 fn default_sslmode() -> SslMode {
@@ -520,6 +538,13 @@ impl Config {
                 if let Some(p) = p {
                     if !p.is_file() {
                         return Err(err(key(k), format!("{:?} does not exist or is not a file", p.display().to_string())));
+                    }
+                }
+            }
+            if let Some(t) = &db.client_tls {
+                for (k, p) in [("cert_file", &t.cert_file), ("key_file", &t.key_file)] {
+                    if !p.is_file() {
+                        return Err(err(key(&format!("client_tls.{k}")), format!("{:?} does not exist or is not a file", p.display().to_string())));
                     }
                 }
             }

@@ -1,0 +1,610 @@
+//! The upstream side: opening the connection to the real Postgres server (TCP, TLS per sslmode,
+//! StartupMessage, authentication with the Vault-issued credential) up to its first
+//! ReadyForQuery, and sending CancelRequests to it. After [`connect`] the session only relays
+//! bytes over [`UpstreamStream`].
+
+mod auth;
+pub mod scram;
+pub mod tls;
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rustls_pki_types::ServerName;
+use secrecy::SecretString;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::config::{DatabaseConfig, SslMode};
+use crate::pg::cancel::BackendKey;
+use crate::pg::error::{sqlstate, PgError};
+use crate::pg::startup::SSL_REQUEST_CODE;
+
+/// How to reach one database entry's upstream.
+#[derive(Clone)]
+pub struct UpstreamSettings {
+    /// The config entry's name, for messages.
+    pub database: String,
+    pub host: String,
+    pub port: u16,
+    pub sslmode: SslMode,
+    /// None for sslmode=disable.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The `sni` setting, or the host.
+    pub server_name: ServerName<'static>,
+    /// One deadline for resolving, connecting, the TLS handshake and authentication.
+    pub connect_timeout: Duration,
+    /// false: MD5 and cleartext passwords are sent only over verified TLS (verify-ca/verify-full).
+    pub allow_insecure_password: bool,
+}
+
+impl fmt::Debug for UpstreamSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // ClientConfig's Debug would walk into the client certificate's key.
+        f.debug_struct("UpstreamSettings")
+            .field("database", &self.database)
+            .field("addr", &self.addr())
+            .field("sslmode", &self.sslmode)
+            .field("tls", &self.tls.is_some())
+            .field("server_name", &self.server_name)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("allow_insecure_password", &self.allow_insecure_password)
+            .finish()
+    }
+}
+
+impl UpstreamSettings {
+    /// Builds settings (incl. reading ca_file / cert_file / key_file) from a validated config entry.
+    /// Errors are strings naming the config key and the file, e.g.
+    /// `databases[0].ca_file: cannot read "/x.pem": No such file or directory (os error 2)`.
+    pub fn from_config(index: usize, db: &DatabaseConfig) -> Result<Self, String> {
+        let (host, port) = crate::config::split_host_port(&db.upstream).ok_or_else(|| {
+            format!(
+                "databases[{index}].upstream: {:?} is not host:port (e.g. \"db.internal:5432\")",
+                db.upstream
+            )
+        })?;
+        let (name_key, name) = match &db.sni {
+            Some(sni) => ("sni", sni.clone()),
+            None => ("upstream", host.clone()),
+        };
+        let server_name = match ServerName::try_from(name.clone()) {
+            Ok(n) => n,
+            // The name only matters when there is TLS.
+            Err(_) if db.sslmode == SslMode::Disable => ServerName::try_from("localhost").expect("valid name"),
+            Err(_) => {
+                return Err(format!(
+                    "databases[{index}].{name_key}: {name:?} is not a valid TLS server name (a DNS name or an IP address)"
+                ))
+            }
+        };
+        Ok(UpstreamSettings {
+            database: db.name.clone(),
+            host,
+            port,
+            sslmode: db.sslmode,
+            tls: tls::client_config(index, db)?,
+            server_name,
+            connect_timeout: db.connect_timeout.0,
+            allow_insecure_password: db.allow_insecure_password,
+        })
+    }
+
+    /// `host:port`, with brackets around an IPv6 host.
+    pub fn addr(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Whether a TLS connection made with these settings has had its certificate chain verified.
+    fn verifies_certificate(&self) -> bool {
+        matches!(self.sslmode, SslMode::VerifyCa | SslMode::VerifyFull)
+    }
+}
+
+/// The connection to the upstream, plain or TLS.
+pub enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl UpstreamStream {
+    /// The underlying TCP connection.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            UpstreamStream::Plain(s) => s,
+            UpstreamStream::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    /// DER of the server's end-entity certificate, when TLS is in use.
+    fn server_certificate(&self) -> Option<&[u8]> {
+        match self {
+            UpstreamStream::Plain(_) => None,
+            UpstreamStream::Tls(s) => s
+                .get_ref()
+                .1
+                .peer_certificates()?
+                .first()
+                .map(|c| c.as_ref()),
+        }
+    }
+}
+
+impl fmt::Debug for UpstreamStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Only the kind and the peer: the TLS session's state is nobody's business in a log.
+        let kind = match self {
+            UpstreamStream::Plain(_) => "Plain",
+            UpstreamStream::Tls(_) => "Tls",
+        };
+        f.debug_tuple(kind)
+            .field(&self.tcp().peer_addr().ok())
+            .finish()
+    }
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamStream::Plain(s) => s.is_write_vectored(),
+            UpstreamStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// An authenticated upstream connection, positioned just after its first ReadyForQuery.
+pub struct Connected {
+    pub stream: UpstreamStream,
+    /// From BackendKeyData.
+    pub key: Option<BackendKey>,
+    pub backend_pid: Option<i32>,
+    /// Raw bytes of every server message after AuthenticationOk up to and including the first
+    /// ReadyForQuery, except BackendKeyData (the session substitutes its own key), plus the
+    /// NoticeResponses sent during authentication. The session forwards these to the client
+    /// verbatim. Should the server have sent anything after ReadyForQuery already, those bytes
+    /// follow here too, so that nothing is lost to the relay.
+    pub greeting: BytesMut,
+    pub tls: bool,
+}
+
+impl fmt::Debug for Connected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connected")
+            .field("backend_pid", &self.backend_pid)
+            .field("key", &self.key)
+            .field("greeting_len", &self.greeting.len())
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An ErrorResponse the server sent during startup or authentication.
+#[derive(Debug, Clone)]
+pub struct ServerError {
+    /// The non-localized severity (V field) when present, else S.
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+    /// The whole 'E' message, to forward to the client verbatim.
+    pub raw: Bytes,
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.severity, self.code, self.message)
+    }
+}
+
+/// Why the upstream connection could not be made. Never contains the password.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot resolve {host} (upstream {addr}): {source}")]
+    Resolve {
+        addr: String,
+        host: String,
+        source: io::Error,
+    },
+    #[error("cannot connect to {addr}{}: {source}", tried_suffix(addr, tried))]
+    Connect {
+        addr: String,
+        tried: Vec<SocketAddr>,
+        source: io::Error,
+    },
+    #[error("connecting to {addr} timed out after {} while {during}", humantime::format_duration(*after))]
+    Timeout {
+        addr: String,
+        after: Duration,
+        during: &'static str,
+    },
+    #[error("TLS to {addr} failed: {reason}")]
+    Tls { addr: String, reason: String },
+    #[error("server {addr} does not support TLS but sslmode={sslmode}")]
+    TlsNotSupported { addr: String, sslmode: SslMode },
+    #[error("the server refused the connection: {0}")]
+    Server(ServerError),
+    /// The message names the upstream address.
+    #[error("{0}")]
+    Auth(String),
+    /// The message names the upstream address.
+    #[error("{0}")]
+    Protocol(String),
+    /// I/O failure after the TCP connection was made; the message names the upstream address
+    /// when it comes from [`connect`].
+    #[error("{0}")]
+    Io(io::Error),
+}
+
+fn tried_suffix(addr: &str, tried: &[SocketAddr]) -> String {
+    match tried {
+        [one] if one.to_string() == addr => String::new(),
+        [] => String::new(),
+        many => {
+            let list: Vec<String> = many.iter().map(|a| a.to_string()).collect();
+            format!(" (tried {})", list.join(", "))
+        }
+    }
+}
+
+impl UpstreamError {
+    /// The error to send a client. Server errors: None (the session forwards `raw` instead).
+    pub fn to_pg_error(&self, database: &str) -> Option<PgError> {
+        let message = format!("database \"{database}\": {self}");
+        let (code, hint) = match self {
+            UpstreamError::Server(_) => return None,
+            UpstreamError::Resolve { .. } | UpstreamError::Connect { .. } => (
+                sqlstate::CONNECTION_FAILURE,
+                "check the upstream host and port in dbward's configuration, and that the server is running and reachable from this host",
+            ),
+            UpstreamError::Timeout { .. } => (
+                sqlstate::CONNECTION_FAILURE,
+                "check that the upstream is reachable from this host (firewalls, routes) and not overloaded, or raise connect_timeout",
+            ),
+            UpstreamError::Tls { .. } => (
+                sqlstate::CONNECTION_FAILURE,
+                "check sslmode, ca_file, sni and cert_file/key_file for this database entry against the server's certificate",
+            ),
+            UpstreamError::TlsNotSupported { .. } => (
+                sqlstate::CONNECTION_FAILURE,
+                "enable ssl on the server, or lower sslmode if an unencrypted connection is acceptable",
+            ),
+            UpstreamError::Auth(_) => (
+                sqlstate::CONNECTION_REJECTED,
+                "check the server's authentication settings (pg_hba.conf, password_encryption) and dbward's sslmode for this database entry",
+            ),
+            UpstreamError::Protocol(_) => (
+                sqlstate::PROTOCOL_VIOLATION,
+                "check that the upstream address points at a PostgreSQL server (not another service or a proxy that alters the protocol)",
+            ),
+            UpstreamError::Io(_) => (
+                sqlstate::CONNECTION_FAILURE,
+                "check the server's log for why it closed the connection",
+            ),
+        };
+        Some(PgError::fatal(code, message).with_hint(hint))
+    }
+
+    /// True when the server said 28P01 (invalid_password).
+    pub fn is_password_rejected(&self) -> bool {
+        matches!(self, UpstreamError::Server(e) if e.code == sqlstate::INVALID_PASSWORD)
+    }
+
+    /// SQLSTATE for metrics: the server's code, or the one [`Self::to_pg_error`] uses.
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            UpstreamError::Server(e) => &e.code,
+            UpstreamError::Auth(_) => sqlstate::CONNECTION_REJECTED,
+            UpstreamError::Protocol(_) => sqlstate::PROTOCOL_VIOLATION,
+            _ => sqlstate::CONNECTION_FAILURE,
+        }
+    }
+}
+
+/// Adds the upstream address and what was going on to an I/O error.
+fn io_error(addr: &str, during: &str, e: io::Error) -> UpstreamError {
+    let message = match e.kind() {
+        io::ErrorKind::UnexpectedEof => {
+            format!("upstream {addr} closed the connection while {during}")
+        }
+        _ => format!("connection to upstream {addr} failed while {during}: {e}"),
+    };
+    UpstreamError::Io(io::Error::new(e.kind(), message))
+}
+
+/// Opens an authenticated connection: TCP, TLS per sslmode, StartupMessage with `params`
+/// (which include "user" and "database"), authentication, and everything up to the first
+/// ReadyForQuery. The whole of it runs under `connect_timeout`.
+pub async fn connect(
+    settings: &UpstreamSettings,
+    params: &[(String, String)],
+    password: &SecretString,
+) -> Result<Connected, UpstreamError> {
+    let mut during = "resolving the host name";
+    let result = tokio::time::timeout(
+        settings.connect_timeout,
+        connect_inner(settings, params, password, &mut during),
+    )
+    .await;
+    result.unwrap_or_else(|_| {
+        Err(UpstreamError::Timeout {
+            addr: settings.addr(),
+            after: settings.connect_timeout,
+            during,
+        })
+    })
+}
+
+async fn connect_inner(
+    settings: &UpstreamSettings,
+    params: &[(String, String)],
+    password: &SecretString,
+    during: &mut &'static str,
+) -> Result<Connected, UpstreamError> {
+    let addr = settings.addr();
+    let mut stream = open(settings, during).await?;
+    let tls = matches!(stream, UpstreamStream::Tls(_));
+
+    *during = "sending the startup message";
+    let startup = crate::pg::startup::encode_startup(params);
+    stream
+        .write_all(&startup)
+        .await
+        .map_err(|e| io_error(&addr, during, e))?;
+    stream
+        .flush()
+        .await
+        .map_err(|e| io_error(&addr, during, e))?;
+
+    let user = params
+        .iter()
+        .find(|(k, _)| k == "user")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("");
+    let ctx = auth::Context {
+        addr: &addr,
+        database: &settings.database,
+        user,
+        password,
+        tls,
+        tls_verified: tls && settings.verifies_certificate(),
+        allow_insecure_password: settings.allow_insecure_password,
+        certificate_hash: stream.server_certificate().and_then(tls::certificate_hash),
+    };
+    let outcome = auth::startup(&mut stream, &ctx, during).await?;
+    tracing::debug!(
+        database = %settings.database,
+        upstream = %addr,
+        tls,
+        backend_pid = ?outcome.key.as_ref().map(|k| k.pid),
+        "upstream connection ready"
+    );
+    Ok(Connected {
+        stream,
+        backend_pid: outcome.key.as_ref().map(|k| k.pid),
+        key: outcome.key,
+        greeting: outcome.greeting,
+        tls,
+    })
+}
+
+/// Sends a CancelRequest for `key` over a new connection (TLS per settings, as libpq does) and
+/// waits for the server to close it, which it does once the request has been handled.
+pub async fn cancel(settings: &UpstreamSettings, key: &BackendKey) -> Result<(), UpstreamError> {
+    let mut during = "resolving the host name";
+    match tokio::time::timeout(
+        settings.connect_timeout,
+        cancel_inner(settings, key, &mut during),
+    )
+    .await
+    {
+        Ok(result) => result,
+        // The request went out; only the server's close was slow.
+        Err(_) if during == WAITING_FOR_CLOSE => Ok(()),
+        Err(_) => Err(UpstreamError::Timeout {
+            addr: settings.addr(),
+            after: settings.connect_timeout,
+            during,
+        }),
+    }
+}
+
+const WAITING_FOR_CLOSE: &str = "waiting for the server to close the cancel connection";
+
+async fn cancel_inner(
+    settings: &UpstreamSettings,
+    key: &BackendKey,
+    during: &mut &'static str,
+) -> Result<(), UpstreamError> {
+    let addr = settings.addr();
+    let mut stream = open(settings, during).await?;
+    *during = "sending the cancel request";
+    stream
+        .write_all(&key.cancel_request())
+        .await
+        .map_err(|e| io_error(&addr, during, e))?;
+    stream
+        .flush()
+        .await
+        .map_err(|e| io_error(&addr, during, e))?;
+    *during = WAITING_FOR_CLOSE;
+    let mut sink = [0u8; 256];
+    while let Ok(n) = stream.read(&mut sink).await {
+        if n == 0 {
+            break;
+        }
+    }
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
+/// TCP connection plus TLS negotiation per sslmode.
+async fn open(
+    settings: &UpstreamSettings,
+    during: &mut &'static str,
+) -> Result<UpstreamStream, UpstreamError> {
+    let addr = settings.addr();
+    *during = "resolving the host name";
+    let resolve_error = |source| UpstreamError::Resolve {
+        addr: addr.clone(),
+        host: settings.host.clone(),
+        source,
+    };
+    let candidates: Vec<SocketAddr> =
+        tokio::net::lookup_host((settings.host.as_str(), settings.port))
+            .await
+            .map_err(resolve_error)?
+            .collect();
+    if candidates.is_empty() {
+        return Err(resolve_error(io::Error::new(
+            io::ErrorKind::NotFound,
+            "no addresses found",
+        )));
+    }
+
+    *during = "connecting";
+    let mut tcp = None;
+    let mut last_error = None;
+    for candidate in &candidates {
+        match TcpStream::connect(candidate).await {
+            Ok(s) => {
+                tcp = Some(s);
+                break;
+            }
+            Err(e) => {
+                tracing::debug!(upstream = %addr, address = %candidate, error = %e, "upstream address failed");
+                last_error = Some(e);
+            }
+        }
+    }
+    let Some(mut tcp) = tcp else {
+        return Err(UpstreamError::Connect {
+            addr,
+            tried: candidates,
+            source: last_error.expect("at least one address was tried"),
+        });
+    };
+    // Postgres messages are small and latency-bound.
+    tcp.set_nodelay(true)
+        .map_err(|e| io_error(&addr, "setting TCP_NODELAY", e))?;
+
+    if settings.sslmode == SslMode::Disable {
+        return Ok(UpstreamStream::Plain(tcp));
+    }
+    let Some(config) = settings.tls.clone() else {
+        return Err(UpstreamError::Tls {
+            addr,
+            reason: format!(
+                "sslmode={} but no TLS configuration was built",
+                settings.sslmode
+            ),
+        });
+    };
+
+    *during = "negotiating TLS";
+    let mut request = [0u8; 8];
+    request[..4].copy_from_slice(&8u32.to_be_bytes());
+    request[4..].copy_from_slice(&SSL_REQUEST_CODE.to_be_bytes());
+    tcp.write_all(&request)
+        .await
+        .map_err(|e| io_error(&addr, during, e))?;
+    // Exactly one byte: whatever follows 'S' belongs to the TLS handshake.
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer)
+        .await
+        .map_err(|e| io_error(&addr, during, e))?;
+    match answer[0] {
+        b'S' => {}
+        b'N' if settings.sslmode == SslMode::Prefer => return Ok(UpstreamStream::Plain(tcp)),
+        b'N' => return Err(UpstreamError::TlsNotSupported { addr, sslmode: settings.sslmode }),
+        b'E' => return Err(auth::error_after_ssl_request(&mut tcp, &addr).await),
+        other => {
+            return Err(UpstreamError::Protocol(format!(
+                "upstream {addr} answered the SSLRequest with byte 0x{other:02x} instead of 'S' or 'N'; is it a PostgreSQL server?"
+            )))
+        }
+    }
+    // CVE-2021-3935: data the server sent after 'S' but before the handshake is unencrypted and
+    // could have been injected. The client speaks first in TLS, so a real server sends nothing.
+    let mut extra = [0u8; 1];
+    match tcp.try_read(&mut extra) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Ok(0) => return Err(io_error(&addr, during, io::ErrorKind::UnexpectedEof.into())),
+        Ok(_) => {
+            return Err(UpstreamError::Protocol(format!(
+                "upstream {addr} sent unencrypted data after accepting TLS (possible man-in-the-middle, CVE-2021-3935)"
+            )))
+        }
+        Err(e) => return Err(io_error(&addr, during, e)),
+    }
+
+    *during = "in the TLS handshake";
+    let connector = tokio_rustls::TlsConnector::from(config);
+    match connector.connect(settings.server_name.clone(), tcp).await {
+        Ok(s) => Ok(UpstreamStream::Tls(Box::new(s))),
+        Err(e) => Err(UpstreamError::Tls {
+            addr,
+            reason: tls::describe_error(&e, &settings.server_name),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests;

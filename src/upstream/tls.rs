@@ -1,0 +1,544 @@
+//! TLS to the upstream: the rustls client configuration for each sslmode (with libpq's meaning),
+//! the certificate verifiers that implement them, rustls errors put into words an operator can
+//! act on, and the tls-server-end-point channel-binding hash of the server certificate.
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use sha2::Digest;
+
+use crate::config::{DatabaseConfig, SslMode};
+
+/// The ALPN protocol Postgres 17+ registers; older servers ignore it, newer ones check it.
+const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Builds the client configuration for a database entry, reading its ca_file, cert_file and
+/// key_file. `None` for sslmode=disable. Errors name the config key and the file.
+pub fn client_config(
+    index: usize,
+    db: &DatabaseConfig,
+) -> Result<Option<Arc<ClientConfig>>, String> {
+    if db.sslmode == SslMode::Disable {
+        return Ok(None);
+    }
+    let key = |k: &str| format!("databases[{index}].{k}");
+    let roots = match &db.ca_file {
+        Some(path) => Some(load_roots(&key("ca_file"), path)?),
+        None => None,
+    };
+    let client_auth = match (&db.cert_file, &db.key_file) {
+        (Some(cert), Some(pkey)) => Some((
+            load_certs(&key("cert_file"), cert)?,
+            load_key(&key("key_file"), pkey)?,
+        )),
+        _ => None,
+    };
+    let config = build(db.sslmode, roots, client_auth).map_err(|e| match e {
+        BuildError::NoSystemRoots(why) => format!(
+            "{}: sslmode {:?} without ca_file needs the system CA store, but {why}; set {}",
+            key("sslmode"),
+            db.sslmode.as_str(),
+            key("ca_file"),
+        ),
+        BuildError::ClientAuth(why) => format!("{}: {why}", key("key_file")),
+        BuildError::Other(why) => format!("{}: {why}", key("sslmode")),
+    })?;
+    Ok(Some(Arc::new(config)))
+}
+
+/// Why [`build`] failed.
+#[derive(Debug)]
+pub enum BuildError {
+    NoSystemRoots(String),
+    ClientAuth(String),
+    Other(String),
+}
+
+/// Builds a client configuration from already-loaded material.
+///
+/// `roots` is the ca_file contents. Following libpq, a CA file makes sslmode=require (and
+/// prefer, when TLS is used) verify the chain as verify-ca does; without one, verify-ca and
+/// verify-full use the system store and require/prefer verify nothing.
+pub fn build(
+    sslmode: SslMode,
+    roots: Option<RootCertStore>,
+    client_auth: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<ClientConfig, BuildError> {
+    let provider = provider();
+    let verifier: Arc<dyn ServerCertVerifier> = match (sslmode, roots) {
+        (SslMode::Disable | SslMode::Prefer | SslMode::Require, None) => Arc::new(NoVerify {
+            algorithms: provider.signature_verification_algorithms,
+        }),
+        (mode, roots) => {
+            let roots = match roots {
+                Some(r) => r,
+                None => system_roots().map_err(BuildError::NoSystemRoots)?,
+            };
+            let webpki =
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()
+                    .map_err(|e| {
+                        BuildError::Other(format!("cannot build certificate verifier: {e}"))
+                    })?;
+            if mode == SslMode::VerifyFull {
+                webpki
+            } else {
+                Arc::new(ChainOnly { inner: webpki })
+            }
+        }
+    };
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| BuildError::Other(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match client_auth {
+        Some((certs, key)) => builder.with_client_auth_cert(certs, key).map_err(|e| {
+            BuildError::ClientAuth(format!("cannot use the client certificate and key: {e}"))
+        })?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    Ok(config)
+}
+
+fn read_file(key: &str, path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path)
+        .map_err(|e| format!("{key}: cannot read {:?}: {e}", path.display().to_string()))
+}
+
+fn load_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = read_file(key, path)?;
+    let certs = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{key}: cannot parse {:?}: {e}", path.display().to_string()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{key}: {:?} contains no PEM certificate",
+            path.display().to_string()
+        ));
+    }
+    Ok(certs)
+}
+
+fn load_roots(key: &str, path: &Path) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(key, path)? {
+        roots.add(cert).map_err(|e| {
+            format!(
+                "{key}: {:?} holds a certificate that cannot be a trust anchor: {e}",
+                path.display().to_string()
+            )
+        })?;
+    }
+    Ok(roots)
+}
+
+fn load_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let pem = read_file(key, path)?;
+    match rustls_pemfile::private_key(&mut &pem[..]) {
+        Ok(Some(k)) => Ok(k),
+        Ok(None) => Err(format!(
+            "{key}: {:?} contains no PEM private key",
+            path.display().to_string()
+        )),
+        Err(e) => Err(format!(
+            "{key}: cannot parse {:?}: {e}",
+            path.display().to_string()
+        )),
+    }
+}
+
+fn system_roots() -> Result<RootCertStore, String> {
+    let loaded = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    let (_added, _ignored) = roots.add_parsable_certificates(loaded.certs);
+    if roots.is_empty() {
+        let why = match loaded.errors.first() {
+            Some(e) => format!("none could be loaded ({e})"),
+            None => "it is empty".to_string(),
+        };
+        return Err(why);
+    }
+    Ok(roots)
+}
+
+/// prefer/require without a CA file: encryption without authentication, as in libpq. The
+/// handshake signatures are still checked, so the peer at least holds the certificate's key.
+#[derive(Debug)]
+struct NoVerify {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// verify-ca: the chain must lead to a trusted root, the host name is not checked.
+/// WebPkiServerVerifier checks the chain before the name, so a name error means the chain passed.
+#[derive(Debug)]
+struct ChainOnly {
+    inner: Arc<WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+
+    fn root_hint_subjects(&self) -> Option<&[rustls::DistinguishedName]> {
+        self.inner.root_hint_subjects()
+    }
+}
+
+/// Puts a failed TLS handshake into words: `certificate for db.internal not valid: unknown issuer ...`.
+pub fn describe_error(error: &io::Error, server_name: &ServerName<'_>) -> String {
+    let name = server_name.to_str();
+    if let Some(e) = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    {
+        return describe_rustls(e, &name);
+    }
+    match error.kind() {
+        io::ErrorKind::UnexpectedEof => {
+            "the server closed the connection during the TLS handshake".into()
+        }
+        _ => error.to_string(),
+    }
+}
+
+fn describe_rustls(error: &rustls::Error, name: &str) -> String {
+    use rustls::AlertDescription as A;
+    match error {
+        rustls::Error::InvalidCertificate(e) => format!(
+            "certificate for {name} not valid: {}",
+            describe_certificate(e, name)
+        ),
+        rustls::Error::AlertReceived(
+            alert @ (A::CertificateRequired
+            | A::HandshakeFailure
+            | A::BadCertificate
+            | A::UnknownCA),
+        ) => {
+            format!(
+                "the server refused the handshake (TLS alert {alert:?}); if it requires a client certificate, set cert_file and key_file"
+            )
+        }
+        rustls::Error::AlertReceived(alert) => format!("the server sent TLS alert {alert:?}"),
+        rustls::Error::NoCertificatesPresented => "the server presented no certificate".into(),
+        rustls::Error::PeerIncompatible(p) => {
+            format!("no TLS version or cipher suite in common with the server ({p:?})")
+        }
+        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
+            format!("the server's TLS handshake is malformed ({error})")
+        }
+        other => other.to_string(),
+    }
+}
+
+fn describe_certificate(error: &CertificateError, name: &str) -> String {
+    let when = |t: &UnixTime| {
+        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t.as_secs())).to_string()
+    };
+    match error {
+        CertificateError::UnknownIssuer => {
+            "unknown issuer (it is not signed by a CA in ca_file, or in the system store when ca_file is not set)".into()
+        }
+        CertificateError::NotValidForName => format!("not valid for {name}"),
+        CertificateError::NotValidForNameContext { presented, .. } if presented.is_empty() => {
+            format!("not valid for {name}: it names no host (set sni to the name it was issued for)")
+        }
+        CertificateError::NotValidForNameContext { presented, .. } => {
+            format!("not valid for {name}: it is for {} (set sni to the name it was issued for)", presented.join(", "))
+        }
+        CertificateError::Expired => "expired".into(),
+        CertificateError::ExpiredContext { not_after, .. } => format!("expired at {}", when(not_after)),
+        CertificateError::NotValidYet => "not valid yet".into(),
+        CertificateError::NotValidYetContext { not_before, .. } => format!("not valid before {}", when(not_before)),
+        CertificateError::Revoked => "revoked".into(),
+        CertificateError::BadSignature => {
+            "bad signature (its issuer has the name of a trusted CA but did not sign it)".into()
+        }
+        CertificateError::BadEncoding => "malformed certificate".into(),
+        CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+            "not issued for TLS server authentication (extended key usage)".into()
+        }
+        CertificateError::UnsupportedSignatureAlgorithmContext { .. }
+        | CertificateError::UnsupportedSignatureAlgorithmForPublicKeyContext { .. } => {
+            "signed with an unsupported algorithm".into()
+        }
+        other => other.to_string(),
+    }
+}
+
+// --- tls-server-end-point (RFC 5929) ---
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hash {
+    Sha224,
+    Sha256,
+    Sha384,
+    Sha512,
+}
+
+// Signature algorithm OIDs (DER content bytes).
+const RSA_PREFIX: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01]; // 1.2.840.113549.1.1
+const ECDSA_SHA1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x01]; // 1.2.840.10045.4.1
+const ECDSA_SHA2_PREFIX: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03]; // 1.2.840.10045.4.3
+const DSA_SHA1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x38, 0x04, 0x03]; // 1.2.840.10040.4.3
+const NIST_SIG_PREFIX: &[u8] = &[0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x03]; // 2.16.840.1.101.3.4.3
+const NIST_HASH_PREFIX: &[u8] = &[0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02]; // 2.16.840.1.101.3.4.2
+const SHA1: &[u8] = &[0x2b, 0x0e, 0x03, 0x02, 0x1a]; // 1.3.14.3.2.26
+
+/// The tls-server-end-point channel-binding data for a server certificate: its DER hashed with
+/// the hash of its signature algorithm, SHA-256 when that is MD5 or SHA-1 (RFC 5929 4.1, which
+/// Postgres follows). `None` for algorithms without a hash of their own (Ed25519, Ed448) or an
+/// unparsable certificate; Postgres cannot bind to those either.
+pub fn certificate_hash(der: &[u8]) -> Option<Vec<u8>> {
+    let hash = signature_hash(der)?;
+    Some(match hash {
+        Hash::Sha224 => sha2::Sha224::digest(der).to_vec(),
+        Hash::Sha256 => sha2::Sha256::digest(der).to_vec(),
+        Hash::Sha384 => sha2::Sha384::digest(der).to_vec(),
+        Hash::Sha512 => sha2::Sha512::digest(der).to_vec(),
+    })
+}
+
+/// Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm AlgorithmIdentifier, signature }
+fn signature_hash(der: &[u8]) -> Option<Hash> {
+    let (0x30, cert, _) = der_tlv(der)? else {
+        return None;
+    };
+    let (0x30, _tbs, rest) = der_tlv(cert)? else {
+        return None;
+    };
+    let (0x30, alg, _) = der_tlv(rest)? else {
+        return None;
+    };
+    let (0x06, oid, params) = der_tlv(alg)? else {
+        return None;
+    };
+    if let Some(last) = oid.strip_prefix(RSA_PREFIX) {
+        return match last {
+            [4] | [5] => Some(Hash::Sha256), // md5WithRSA, sha1WithRSA
+            [11] => Some(Hash::Sha256),
+            [12] => Some(Hash::Sha384),
+            [13] => Some(Hash::Sha512),
+            [14] => Some(Hash::Sha224),
+            [10] => pss_hash(params), // RSASSA-PSS: the hash is in the parameters
+            _ => None,
+        };
+    }
+    if oid == ECDSA_SHA1 || oid == DSA_SHA1 {
+        return Some(Hash::Sha256);
+    }
+    if let Some(last) = oid.strip_prefix(ECDSA_SHA2_PREFIX) {
+        return match last {
+            [1] => Some(Hash::Sha224),
+            [2] => Some(Hash::Sha256),
+            [3] => Some(Hash::Sha384),
+            [4] => Some(Hash::Sha512),
+            _ => None,
+        };
+    }
+    if let Some(last) = oid.strip_prefix(NIST_SIG_PREFIX) {
+        // dsa-with-sha224/256 (1, 2), ecdsa-with-sha3-* and others have no SHA-2 digest we use.
+        return match last {
+            [1] => Some(Hash::Sha224),
+            [2] => Some(Hash::Sha256),
+            _ => None,
+        };
+    }
+    None
+}
+
+/// RSASSA-PSS-params ::= SEQUENCE { hashAlgorithm [0] AlgorithmIdentifier DEFAULT sha1, ... }
+fn pss_hash(params: &[u8]) -> Option<Hash> {
+    let (0x30, seq, _) = der_tlv(params)? else {
+        return None;
+    };
+    if seq.is_empty() || seq[0] != 0xa0 {
+        return Some(Hash::Sha256); // default SHA-1
+    }
+    let (_, explicit, _) = der_tlv(seq)?;
+    let (0x30, alg, _) = der_tlv(explicit)? else {
+        return None;
+    };
+    let (0x06, oid, _) = der_tlv(alg)? else {
+        return None;
+    };
+    if oid == SHA1 {
+        return Some(Hash::Sha256);
+    }
+    match oid.strip_prefix(NIST_HASH_PREFIX)? {
+        [1] => Some(Hash::Sha256),
+        [2] => Some(Hash::Sha384),
+        [3] => Some(Hash::Sha512),
+        [4] => Some(Hash::Sha224),
+        _ => None,
+    }
+}
+
+/// One DER element: (tag, content, rest). Single-byte tags and definite lengths only, which is
+/// all a certificate's outer structure uses.
+fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    if tag & 0x1f == 0x1f {
+        return None;
+    }
+    let (&first, mut rest) = rest.split_first()?;
+    let len = if first < 0x80 {
+        first as usize
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        rest = &rest[n..];
+        len
+    };
+    if rest.len() < len {
+        return None;
+    }
+    Some((tag, &rest[..len], &rest[len..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert_with(alg: &'static rcgen::SignatureAlgorithm) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate_for(alg).unwrap();
+        let params = rcgen::CertificateParams::new(vec!["db.internal".to_string()]).unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn channel_binding_hash_follows_the_signature_algorithm() {
+        let p256 = cert_with(&rcgen::PKCS_ECDSA_P256_SHA256);
+        assert_eq!(signature_hash(&p256), Some(Hash::Sha256));
+        assert_eq!(
+            certificate_hash(&p256).unwrap(),
+            sha2::Sha256::digest(&p256).to_vec()
+        );
+        let p384 = cert_with(&rcgen::PKCS_ECDSA_P384_SHA384);
+        assert_eq!(signature_hash(&p384), Some(Hash::Sha384));
+        assert_eq!(certificate_hash(&p384).unwrap().len(), 48);
+        let ed = cert_with(&rcgen::PKCS_ED25519);
+        assert_eq!(certificate_hash(&ed), None);
+        assert_eq!(certificate_hash(b"\x30\x03\x02\x01"), None);
+        assert_eq!(certificate_hash(b""), None);
+    }
+
+    #[test]
+    fn pss_parameters_name_the_hash() {
+        // AlgorithmIdentifier parameters for RSASSA-PSS with SHA-384, and with the default.
+        let sha384 = [
+            0x30, 0x0f, 0xa0, 0x0d, 0x30, 0x0b, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03,
+            0x04, 0x02, 0x02,
+        ];
+        assert_eq!(pss_hash(&sha384), Some(Hash::Sha384));
+        assert_eq!(pss_hash(&[0x30, 0x00]), Some(Hash::Sha256));
+    }
+
+    #[test]
+    fn der_lengths() {
+        assert_eq!(
+            der_tlv(&[0x04, 0x01, 0xaa, 0xbb]),
+            Some((0x04, &[0xaa][..], &[0xbb][..]))
+        );
+        let mut long = vec![0x04, 0x82, 0x01, 0x00];
+        long.extend(std::iter::repeat(0).take(256));
+        assert_eq!(der_tlv(&long).unwrap().1.len(), 256);
+        assert_eq!(der_tlv(&[0x04, 0x05, 0x00]), None);
+        assert_eq!(der_tlv(&[0x04, 0x80]), None);
+    }
+}
