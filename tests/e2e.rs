@@ -1,0 +1,323 @@
+//! End to end, against a real OpenBao and a real Postgres 15: an application connects to dbward
+//! with no password and lands on Postgres as the Vault-issued user; every failure it can meet
+//! names what failed and what to check.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+/// The SQLSTATE and message of a failed connection or query.
+fn db_error(e: &tokio_postgres::Error) -> (String, String) {
+    let db = e.as_db_error().unwrap_or_else(|| panic!("not a server error: {e:?}"));
+    (db.code().code().to_string(), db.message().to_string())
+}
+
+async fn current_user(port: u16, dbname: &str) -> String {
+    let c = connect(port, dbname, "whoever").await;
+    c.query_one("select current_user::text", &[]).await.unwrap().get(0)
+}
+
+#[tokio::test]
+async fn dynamic_credentials_psql_and_tokio_postgres_without_password() {
+    let s = servers();
+    let _g = s.shared();
+    let app = s.new_app("e2e_dyn");
+    let port = free_port();
+    let d = Dbward::start(&app.config_toml("database", &[format!("127.0.0.1:{port}")]));
+
+    // psql, as a user would type it: no password, any user name.
+    let out = psql(&[
+        &format!("host=127.0.0.1 port={port} dbname={} user=anything", app.dbname),
+        "-tAc",
+        &format!("select current_user || ' ' || pg_has_role(current_user, '{}', 'member')", app.owner_role),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "psql failed: {}", String::from_utf8_lossy(&out.stderr));
+    let (user, member) = stdout.trim().split_once(' ').unwrap();
+    assert!(user.starts_with("v-") && user.contains("dyn"), "not a Vault dynamic user: {user}");
+    assert_eq!(member, "true", "the Vault-issued user is a member of the app role");
+
+    // The same credential serves the next connection (one Vault read for both).
+    assert_eq!(current_user(port, &app.dbname).await, user);
+    let reads = s.count_audit_requests(&format!("database/creds/{}", app.dynamic_role));
+    assert_eq!(reads, 1, "one credential read for two connections");
+    assert!(d.log_contents().contains("fetched credential from Vault"));
+}
+
+#[tokio::test]
+async fn static_role_credentials() {
+    let s = servers();
+    let _g = s.shared();
+    let app = s.new_app("e2e_static");
+    let port = free_port();
+    let _d = Dbward::start(&app.config_toml("static", &[format!("127.0.0.1:{port}")]));
+    assert_eq!(current_user(port, &app.dbname).await, app.static_pg_role);
+}
+
+#[tokio::test]
+async fn kv_credentials_and_no_secret_in_logs() {
+    let s = servers();
+    let _g = s.shared();
+    let app = s.new_app("e2e_kv");
+    let port = free_port();
+    let d = Dbward::start(&app.config_toml("kv", &[format!("127.0.0.1:{port}")]));
+    assert_eq!(current_user(port, &app.dbname).await, app.kv_username);
+    let log = d.log_contents();
+    assert!(log.contains(&app.kv_path), "the log names the path it read");
+    assert!(!log.contains(&app.kv_password), "the password reached the log");
+    assert!(!log.contains(&app.jwt()), "the JWT reached the log");
+}
+
+#[tokio::test]
+async fn unix_socket_listener_with_mode_0660_and_stale_socket_replaced() {
+    let s = servers();
+    let _g = s.shared();
+    let app = s.new_app("e2e_unix");
+    let port = free_port();
+    let sock = app.dir.join(format!(".s.PGSQL.{port}"));
+    // A socket file left behind by a crashed run: bound, never unlinked.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    let d = Dbward::start(&app.config_toml("static", &[sock.to_str().unwrap()]));
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    let out = psql(&[
+        "-h",
+        app.dir.to_str().unwrap(),
+        "-p",
+        &port.to_string(),
+        "-d",
+        &app.dbname,
+        "-U",
+        "x",
+        "-tAc",
+        "select current_user",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), app.static_pg_role);
+
+    // A live socket is not taken over: a second dbward on the same path refuses to start.
+    let (code, output) = Dbward::start_expect_exit(&app.config_toml("static", &[sock.to_str().unwrap()]));
+    assert_eq!(code, Some(1), "{output}");
+    assert!(output.contains("in use"), "{output}");
+    drop(d);
+}
+
+#[tokio::test]
+async fn wrong_database_name_gets_the_servers_3d000() {
+    let s = servers();
+    let _g = s.shared();
+    let app = s.new_app("e2e_nodb");
+    let port = free_port();
+    // Without `dbname`, the client's database name is used.
+    let cfg = app
+        .config_toml("static", &[format!("127.0.0.1:{port}")])
+        .replace(&format!("dbname = {}\n", toml_str(&app.dbname)), "");
+    let _d = Dbward::start(&cfg);
+    let err = try_connect(port, "no_such_db", "x").await.err().expect("connect must fail");
+    let (code, msg) = db_error(&err);
+    assert_eq!(code, "3D000");
+    assert!(msg.contains("no_such_db"), "{msg}");
+    assert_eq!(current_user(port, &app.dbname).await, app.static_pg_role);
+}
+
+/// The 3 AM story: the secret moves to a new path and the config follows, but the policy does
+/// not. The client is told which path Vault denied; other databases keep working; fixing the
+/// policy fixes the next connection, without a restart.
+#[tokio::test]
+async fn moved_secret_with_stale_policy_names_the_path_and_recovers_when_fixed() {
+    let s = servers();
+    let _g = s.shared();
+    let app = s.new_app("e2e_3am");
+    let new_path = app.kv_path.replace("/db", "/db-v2");
+    s.vault_write(&new_path, &json!({"data": {"username": app.kv_username, "password": app.kv_password}}));
+    let (moved_port, other_port) = (free_port(), free_port());
+    let moved = app
+        .config_toml("kv", &[format!("127.0.0.1:{moved_port}")])
+        .replace(&format!("path = {}", toml_str(&app.kv_path)), &format!("path = {}", toml_str(&new_path)));
+    // A second database entry in the same dbward, reading a path the policy does allow.
+    let other = format!(
+        "\n[[databases]]\nname = \"other\"\nlisten = [\"127.0.0.1:{other_port}\"]\nupstream = \"127.0.0.1:{}\"\n\
+         dbname = {}\nsslmode = \"disable\"\n[databases.credentials]\nkind = \"static\"\nrole = {}\n",
+        s.pg_port(),
+        toml_str(&app.dbname),
+        toml_str(&app.static_role)
+    );
+    let mut d = Dbward::start(&format!("{moved}{other}"));
+
+    let err = try_connect(moved_port, &app.dbname, "x").await.err().expect("must be denied");
+    let db = err.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "28000");
+    assert_eq!(db.message(), format!("dbward: Vault denied read of {new_path} (403 permission denied)"));
+    let detail = db.detail().unwrap_or_default();
+    assert!(detail.contains(&app.policy), "the token's policies are named: {detail}");
+    assert!(db.hint().unwrap_or_default().contains("read"), "{:?}", db.hint());
+    assert!(d.log_contents().contains(&new_path));
+
+    // The other database entry is unaffected.
+    assert_eq!(current_user(other_port, &app.dbname).await, app.static_pg_role);
+
+    // Fix the policy; the next connection succeeds (the Vault error is remembered for 2 s only).
+    app.set_policy(&format!("{}path {:?} {{ capabilities = [\"read\"] }}\n", app.default_policy_hcl(), new_path));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match try_connect(moved_port, &app.dbname, "x").await {
+            Ok(c) => {
+                let u: String = c.query_one("select current_user::text", &[]).await.unwrap().get(0);
+                assert_eq!(u, app.kv_username);
+                break;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "still failing after the policy fix: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    assert!(d.is_running());
+}
+
+#[tokio::test]
+async fn expired_workload_jwt_is_named_not_sent() {
+    let s = servers();
+    let _g = s.shared();
+    let app = s.new_app("e2e_jwtexp");
+    app.write_jwt(&app.jwt_subject, JWT_AUDIENCE, -60);
+    let port = free_port();
+    let _d = Dbward::start(&app.config_toml("static", &[format!("127.0.0.1:{port}")]));
+    let err = try_connect(port, &app.dbname, "x").await.err().expect("must fail");
+    let (code, msg) = db_error(&err);
+    assert_eq!(code, "28000");
+    assert!(msg.contains("the JWT expired at"), "{msg}");
+    assert!(msg.contains(app.jwt_path.to_str().unwrap()), "{msg}");
+    // A fresh JWT on disk is picked up at the next login, without a restart.
+    app.write_jwt(&app.jwt_subject, JWT_AUDIENCE, 3600);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match try_connect(port, &app.dbname, "x").await {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "fresh JWT not used: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn jwt_with_wrong_subject_reports_the_claims() {
+    let s = servers();
+    let _g = s.shared();
+    let app = s.new_app("e2e_jwtsub");
+    app.write_jwt("system:serviceaccount:someone-else", JWT_AUDIENCE, 3600);
+    let port = free_port();
+    let d = Dbward::start(&app.config_toml("static", &[format!("127.0.0.1:{port}")]));
+    let err = try_connect(port, &app.dbname, "x").await.err().expect("must fail");
+    let (code, msg) = db_error(&err);
+    assert_eq!(code, "28000");
+    assert!(msg.contains("Vault login of auth/jwt/login failed"), "{msg}");
+    assert!(msg.contains("sub=system:serviceaccount:someone-else"), "{msg}");
+    assert!(msg.contains(&app.jwt_role), "{msg}");
+    assert!(d.log_contents().contains("sub=system:serviceaccount:someone-else"));
+}
+
+#[tokio::test]
+async fn cancel_reaches_the_right_backend() {
+    let s = servers();
+    let _g = s.shared();
+    let app = s.new_app("e2e_cancel");
+    let port = free_port();
+    let d = Dbward::start(&app.config_toml("static", &[format!("127.0.0.1:{port}")]));
+    let client = connect(port, &app.dbname, "x").await;
+    let bystander = connect(port, &app.dbname, "x").await;
+    let token = client.cancel_token();
+    let started = Instant::now();
+    let sleeper = tokio::spawn(async move { client.simple_query("select pg_sleep(30)").await });
+    // Cancel once the query is running on the server.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n: i64 = bystander
+            .query_one("select count(*) from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if n == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pg_sleep never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    token.cancel_query(tokio_postgres::NoTls).await.expect("send cancel");
+    let err = sleeper.await.unwrap().err().expect("the query must be cancelled");
+    assert_eq!(db_error(&err).0, "57014");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // The bystander's query was not touched.
+    let one: i32 = bystander.query_one("select 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    d.wait_for_log("cancel request routed", Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn postgres_restart_then_new_connections_work() {
+    let s = servers();
+    let _g = s.exclusive();
+    let app = s.new_app("e2e_pgrestart");
+    let port = free_port();
+    let _d = Dbward::start(&app.config_toml("static", &[format!("127.0.0.1:{port}")]));
+    let before = connect(port, &app.dbname, "x").await;
+    assert_eq!(before.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    s.restart_postgres();
+    // The old session died with its backend; the client sees an error, not a hang.
+    assert!(before.query_one("select 1", &[]).await.is_err());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match try_connect(port, &app.dbname, "x").await {
+            Ok(c) => {
+                assert_eq!(c.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+                break;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no connection after the restart: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn postgres_down_gives_08001_naming_the_upstream() {
+    let s = servers();
+    let _g = s.shared();
+    let app = s.new_app("e2e_pgdown");
+    let port = free_port();
+    let dead = free_port();
+    let cfg = app
+        .config_toml("static", &[format!("127.0.0.1:{port}")])
+        .replace(&format!("127.0.0.1:{}", s.pg_port()), &format!("127.0.0.1:{dead}"));
+    let _d = Dbward::start(&cfg);
+    let err = try_connect(port, &app.dbname, "x").await.err().expect("must fail");
+    let (code, msg) = db_error(&err);
+    assert_eq!(code, "08001");
+    assert!(msg.contains(&format!("127.0.0.1:{dead}")), "{msg}");
+    assert!(msg.contains(&app.tag), "names the database entry: {msg}");
+}
+
+#[test]
+fn bad_config_exits_64_naming_key_and_value() {
+    let s = servers();
+    let app = s.new_app("e2e_badcfg");
+    let cfg = app.config_toml("kv", &[format!("127.0.0.1:{}", free_port())]).replace("kind = \"kv\"", "kind = \"kvv\"");
+    let (code, out) = Dbward::start_expect_exit(&cfg);
+    assert_eq!(code, Some(64), "{out}");
+    assert!(
+        out.contains("databases[0].credentials.kind: unknown value \"kvv\", expected one of database, static, kv"),
+        "{out}"
+    );
+    let cfg = app.config_toml("kv", &["0.0.0.0:6432"]);
+    let (code, out) = Dbward::start_expect_exit(&cfg);
+    assert_eq!(code, Some(64), "{out}");
+    assert!(out.contains("databases[0].listen[0]: \"0.0.0.0:6432\" is not a loopback address"), "{out}");
+}
