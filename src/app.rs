@@ -1,12 +1,14 @@
 //! The running daemon's state ([`App`]), built from a validated config and passed down to every
-//! listener and session, and [`run`], which binds, serves and shuts down.
+//! listener and session; [`run`], which binds, serves and shuts down; and [`App::reload`], which
+//! applies a new config (SIGHUP) without dropping established sessions.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
 
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, DatabaseConfig};
+use crate::config::{Config, DatabaseConfig, ListenAddr};
 use crate::credentials::CredentialStore;
 use crate::listener;
 use crate::metrics::Metrics;
@@ -26,13 +28,41 @@ pub struct Database {
 }
 
 pub struct App {
-    pub config: Config,
+    config: RwLock<Arc<Config>>,
     pub metrics: Arc<Metrics>,
     pub vault: Arc<VaultClient>,
     pub credentials: Arc<CredentialStore>,
-    pub databases: HashMap<String, Arc<Database>>,
+    databases: RwLock<HashMap<String, Arc<Database>>>,
     pub cancels: Arc<CancelMap<Arc<UpstreamSettings>>>,
     pub shutdown: Shutdown,
+    /// Bound listeners by address; changed only by `run` and `reload` (one at a time).
+    listeners: tokio::sync::Mutex<HashMap<ListenAddr, Bound>>,
+}
+
+/// A listener's accept loop and how to stop it.
+struct Bound {
+    database: String,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn build_database(index: usize, cfg: &DatabaseConfig) -> Result<Arc<Database>, String> {
+    let upstream = UpstreamSettings::from_config(index, cfg)?;
+    Ok(Arc::new(Database {
+        index,
+        name: cfg.name.clone(),
+        cfg: cfg.clone(),
+        upstream: Arc::new(upstream),
+        slots: Arc::new(Semaphore::new(cfg.max_client_connections)),
+    }))
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
 }
 
 impl App {
@@ -43,17 +73,7 @@ impl App {
         let auth = Auth::new(vault.clone(), config.vault.auth.clone());
         let mut databases = HashMap::new();
         for (index, db) in config.databases.iter().enumerate() {
-            let upstream = UpstreamSettings::from_config(index, db)?;
-            databases.insert(
-                db.name.clone(),
-                Arc::new(Database {
-                    index,
-                    name: db.name.clone(),
-                    cfg: db.clone(),
-                    upstream: Arc::new(upstream),
-                    slots: Arc::new(Semaphore::new(db.max_client_connections)),
-                }),
-            );
+            databases.insert(db.name.clone(), build_database(index, db)?);
         }
         let credentials = CredentialStore::new(
             vault.clone(),
@@ -63,25 +83,142 @@ impl App {
             metrics.clone(),
         );
         Ok(Arc::new(App {
-            config,
+            config: RwLock::new(Arc::new(config)),
             metrics,
             vault,
             credentials,
-            databases,
+            databases: RwLock::new(databases),
             cancels: Arc::default(),
             shutdown: Shutdown::new(),
+            listeners: tokio::sync::Mutex::new(HashMap::new()),
         }))
     }
 
-    pub fn database(&self, name: &str) -> Option<&Arc<Database>> {
-        self.databases.get(name)
+    /// The configuration in force (the latest one a reload accepted).
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap().clone()
+    }
+
+    pub fn database(&self, name: &str) -> Option<Arc<Database>> {
+        self.databases.read().unwrap().get(name).cloned()
     }
 
     /// Databases in config order.
     pub fn databases_in_order(&self) -> Vec<Arc<Database>> {
-        let mut v: Vec<_> = self.databases.values().cloned().collect();
+        let mut v: Vec<_> = self.databases.read().unwrap().values().cloned().collect();
         v.sort_by_key(|d| d.index);
         v
+    }
+
+    /// Binds every listen address of `config` that is not bound yet, or is bound for another
+    /// database entry; all or nothing. Returns the new listeners, not yet serving.
+    async fn bind_missing(&self, config: &Config) -> Result<Vec<(ListenAddr, String, listener::Listener)>, String> {
+        let current = self.listeners.lock().await;
+        let mut fresh = Vec::new();
+        for (i, db) in config.databases.iter().enumerate() {
+            for addr in db.listen_addrs() {
+                if current.get(&addr).is_some_and(|b| b.database == db.name) {
+                    continue;
+                }
+                if current.contains_key(&addr) {
+                    // Moving an address between entries: the old listener must close first.
+                    return Err(format!(
+                        "databases[{i}].listen: {addr} belongs to another database entry now; remove it in one reload and add it in the next"
+                    ));
+                }
+                match listener::bind(&addr, db.socket_mode.0).await {
+                    Ok(l) => fresh.push((addr, db.name.clone(), l)),
+                    // Dropping `fresh` closes what was bound so far.
+                    Err(e) => return Err(format!("databases[{i}].listen: cannot listen on {addr}: {e}")),
+                }
+            }
+        }
+        Ok(fresh)
+    }
+
+    /// Starts serving freshly bound listeners and stops those `config` no longer has.
+    async fn swap_listeners(self: &Arc<Self>, config: &Config, fresh: Vec<(ListenAddr, String, listener::Listener)>) {
+        let mut current = self.listeners.lock().await;
+        for (addr, database, l) in fresh {
+            tracing::info!(database = %database, listen = %addr, "listening");
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(listener::accept_loop(self.clone(), database.clone(), l, stop.clone()));
+            current.insert(addr, Bound { database, stop, task });
+        }
+        let wanted: HashSet<ListenAddr> = config.databases.iter().flat_map(|d| d.listen_addrs()).collect();
+        let gone: Vec<ListenAddr> = current.keys().filter(|a| !wanted.contains(*a)).cloned().collect();
+        for addr in gone {
+            if let Some(b) = current.remove(&addr) {
+                tracing::info!(database = %b.database, listen = %addr, "no longer listening");
+                b.stop.cancel();
+                // The listener socket (and a Unix socket's file) closes when its loop ends.
+                let _ = b.task.await;
+            }
+        }
+    }
+
+    /// Applies a new configuration without dropping established sessions: database entries are
+    /// added, changed and removed, listeners bound and closed. Refused as a whole (the old
+    /// configuration stays) when the new one cannot be applied.
+    pub async fn reload(self: &Arc<Self>, new: Config) -> Result<ReloadSummary, String> {
+        let old = self.config();
+        if new.vault != old.vault {
+            return Err("[vault] changed: Vault address and login settings apply at restart; restart dbward".into());
+        }
+        if new.admin != old.admin {
+            return Err("[admin] changed: the admin listener applies at restart; restart dbward".into());
+        }
+        let mut summary = ReloadSummary::default();
+        let mut next = HashMap::new();
+        for (i, cfg) in new.databases.iter().enumerate() {
+            match self.database(&cfg.name) {
+                Some(cur) if cur.cfg == *cfg => {
+                    next.insert(cfg.name.clone(), cur);
+                }
+                Some(_) => {
+                    summary.changed.push(cfg.name.clone());
+                    next.insert(cfg.name.clone(), build_database(i, cfg)?);
+                }
+                None => {
+                    summary.added.push(cfg.name.clone());
+                    next.insert(cfg.name.clone(), build_database(i, cfg)?);
+                }
+            }
+        }
+        summary.removed = old
+            .databases
+            .iter()
+            .filter(|d| !next.contains_key(&d.name))
+            .map(|d| d.name.clone())
+            .collect();
+        let fresh = self.bind_missing(&new).await?;
+        // From here on nothing can fail: switch over.
+        self.credentials.update_entries(new.databases.iter().map(|d| (d.name.clone(), d.credentials.clone()))).await;
+        *self.databases.write().unwrap() = next;
+        *self.config.write().unwrap() = Arc::new(new.clone());
+        self.swap_listeners(&new, fresh).await;
+        Ok(summary)
+    }
+
+    /// Reads `path` and reloads; errors are logged and the old configuration kept.
+    pub async fn reload_file(self: &Arc<Self>, path: &std::path::Path) {
+        let new = match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(config = %path.display(), error = %e, "reload refused: invalid config; the old one stays in force");
+                return;
+            }
+        };
+        match self.reload(new).await {
+            Ok(s) => tracing::info!(
+                config = %path.display(),
+                added = ?s.added,
+                changed = ?s.changed,
+                removed = ?s.removed,
+                "configuration reloaded"
+            ),
+            Err(e) => tracing::error!(config = %path.display(), error = %e, "reload refused; the old configuration stays in force"),
+        }
     }
 }
 
@@ -92,19 +229,12 @@ pub enum RunError {
     Bind(String),
 }
 
-/// Binds every listener (all or nothing), serves until `stop` resolves, then shuts down gracefully.
+/// Binds every listener (all or nothing), serves until `stop` resolves, then shuts down
+/// gracefully; `reload` yields each time the configuration should be re-read.
 pub async fn run(app: Arc<App>, stop: impl std::future::Future<Output = ()>) -> Result<(), RunError> {
-    let mut bound = Vec::new();
-    for db in app.databases_in_order() {
-        for addr in db.cfg.listen_addrs() {
-            let l = listener::bind(&addr, db.cfg.socket_mode.0)
-                .await
-                .map_err(|e| RunError::Bind(format!("databases[{}].listen: cannot listen on {addr}: {e}", db.index)))?;
-            tracing::info!(database = %db.name, listen = %addr, "listening");
-            bound.push((db.clone(), l));
-        }
-    }
-    let admin = match &app.config.admin.listen {
+    let config = app.config();
+    let fresh = app.bind_missing(&config).await.map_err(RunError::Bind)?;
+    let admin = match &config.admin.listen {
         Some(addr) => Some(
             crate::admin::bind(addr)
                 .await
@@ -112,23 +242,22 @@ pub async fn run(app: Arc<App>, stop: impl std::future::Future<Output = ()>) -> 
         ),
         None => None,
     };
-    let mut tasks = Vec::new();
-    for (db, l) in bound {
-        tasks.push(tokio::spawn(listener::accept_loop(app.clone(), db, l)));
-    }
+    app.swap_listeners(&config, fresh).await;
     if let Some(admin) = admin {
         tokio::spawn(crate::admin::serve(app.clone(), admin));
     }
-    tokio::spawn(app.credentials.clone().maintain(app.shutdown.clone()));
     // The lifecycle also warms the cache: every credential is fetched at start, so the first
     // client does not wait on Vault. Failure is not fatal: /readyz reports it meanwhile.
+    tokio::spawn(app.credentials.clone().maintain(app.shutdown.clone()));
     stop.await;
     tracing::info!("shutdown requested");
-    app.shutdown.run(app.config.proxy.shutdown_grace.0).await;
-    for t in tasks {
-        let _ = t.await;
+    app.shutdown.run(app.config().proxy.shutdown_grace.0).await;
+    let tasks: Vec<Bound> = app.listeners.lock().await.drain().map(|(_, b)| b).collect();
+    for b in tasks {
+        b.stop.cancel();
+        let _ = b.task.await;
     }
-    if app.config.vault.revoke_on_shutdown {
+    if app.config().vault.revoke_on_shutdown {
         app.credentials.revoke_all().await;
     }
     tracing::info!("stopped");

@@ -134,7 +134,7 @@ impl TryFrom<String> for FileMode {
 }
 
 /// The whole file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub vault: VaultConfig,
@@ -145,7 +145,7 @@ pub struct Config {
     pub databases: Vec<DatabaseConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VaultConfig {
     /// `http://` or `https://` URL of Vault or OpenBao.
@@ -171,7 +171,7 @@ fn default_vault_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     pub method: AuthMethod,
@@ -192,7 +192,7 @@ impl AuthConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the /metrics, /healthz, /readyz server; absent: no admin server.
@@ -205,7 +205,7 @@ impl Default for AdminConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
     /// How long a client may take to send its startup packet.
@@ -240,7 +240,7 @@ impl Default for ProxyConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// The entry's name: used in logs, metrics and client errors.
@@ -286,7 +286,7 @@ pub struct DatabaseConfig {
 }
 
 /// The certificate dbward presents to its own clients.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientTlsConfig {
     pub cert_file: PathBuf,
@@ -306,7 +306,7 @@ fn default_max_clients() -> usize {
     1000
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialsConfig {
     pub kind: CredentialKind,

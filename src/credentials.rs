@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use moka::future::Cache;
@@ -87,8 +87,10 @@ pub struct Held {
     pub token_generation: u64,
     /// Client sessions using it now.
     in_use: AtomicUsize,
-    /// Fraction of the lease after which it is replaced (jittered per credential).
+    /// When it is replaced in the background (a fraction of the lease, jittered).
     refresh_after: Option<Duration>,
+    /// How long the cache may hand it out (None: until replaced).
+    cache_for: Option<Duration>,
     lease: Mutex<LeaseClock>,
 }
 
@@ -146,27 +148,20 @@ impl Drop for InUse {
     }
 }
 
-/// Per-entry expiry: a credential leaves the cache `expiry_margin` before Vault's validity
-/// ends. KV secrets have no lease and stay until replaced; a static role's password is kept
-/// until its rotation, after which a refused login (28P01) fetches the new one.
-struct LeaseExpiry {
-    policy: HashMap<String, (CredentialKind, Duration)>,
-}
+/// Each credential leaves the cache when it stops being safe to hand out (see `cache_for`).
+struct LeaseExpiry;
 
 impl Expiry<String, Arc<Held>> for LeaseExpiry {
-    fn expire_after_create(&self, key: &String, value: &Arc<Held>, created_at: Instant) -> Option<Duration> {
-        let (kind, margin) = self.policy.get(key)?;
+    fn expire_after_create(&self, _key: &String, value: &Arc<Held>, created_at: Instant) -> Option<Duration> {
         let lived = created_at.saturating_duration_since(value.cred.fetched_at);
-        match (kind, value.cred.valid_for) {
-            (CredentialKind::Kv, _) | (_, None) => None,
-            (CredentialKind::Static, Some(valid)) => Some(valid.saturating_sub(lived)),
-            (CredentialKind::Database, Some(valid)) => Some(valid.saturating_sub(*margin).saturating_sub(lived)),
-        }
+        value.cache_for.map(|d| d.saturating_sub(lived))
     }
 }
 
 struct Entry {
     cfg: CredentialsConfig,
+    /// A background refresh of this entry is running.
+    refreshing: AtomicBool,
     generation: Mutex<u64>,
     /// Background refresh attempts of this entry back off on failure.
     backoff: Mutex<Backoff>,
@@ -178,7 +173,8 @@ struct Entry {
 pub struct CredentialStore {
     vault: Arc<VaultClient>,
     auth: Arc<Auth>,
-    entries: HashMap<String, Entry>,
+    /// Changed only by a reload.
+    entries: RwLock<HashMap<String, Arc<Entry>>>,
     cache: Cache<String, Arc<Held>>,
     /// Every credential with a lease dbward has not given up yet, current ones included.
     held: Mutex<Vec<(String, Arc<Held>)>>,
@@ -187,7 +183,48 @@ pub struct CredentialStore {
     metrics: Arc<Metrics>,
 }
 
+impl Entry {
+    fn new(cfg: CredentialsConfig) -> Self {
+        Entry {
+            cfg,
+            refreshing: AtomicBool::new(false),
+            generation: Mutex::new(0),
+            backoff: Mutex::new(Backoff::default()),
+            warned_rejected: AtomicBool::new(false),
+        }
+    }
+}
+
 impl CredentialStore {
+    fn entry(&self, database: &str) -> Option<Arc<Entry>> {
+        self.entries.read().unwrap().get(database).cloned()
+    }
+
+    /// Applies reloaded database entries: new ones are added, changed ones start over with a
+    /// fresh credential, removed ones are dropped. Credentials that sessions still use stay held
+    /// (renewed, then revoked when unused) like any replaced credential.
+    pub async fn update_entries(&self, databases: impl IntoIterator<Item = (String, CredentialsConfig)>) {
+        let wanted: HashMap<String, CredentialsConfig> = databases.into_iter().collect();
+        let mut stale = Vec::new();
+        {
+            let mut entries = self.entries.write().unwrap();
+            entries.retain(|name, e| {
+                let keep = wanted.get(name) == Some(&e.cfg);
+                if !keep {
+                    stale.push(name.clone());
+                }
+                keep
+            });
+            for (name, cfg) in wanted {
+                entries.entry(name).or_insert_with(|| Arc::new(Entry::new(cfg)));
+            }
+        }
+        for name in stale {
+            self.cache.invalidate(&name).await;
+            self.recent_errors.lock().unwrap().remove(&name);
+        }
+    }
+
     pub fn new(
         vault: Arc<VaultClient>,
         auth: Arc<Auth>,
@@ -195,26 +232,12 @@ impl CredentialStore {
         error_ttl: Duration,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        let entries: HashMap<String, Entry> = databases
-            .into_iter()
-            .map(|(name, cfg)| {
-                (
-                    name,
-                    Entry {
-                        cfg,
-                        generation: Mutex::new(0),
-                        backoff: Mutex::new(Backoff::default()),
-                        warned_rejected: AtomicBool::new(false),
-                    },
-                )
-            })
-            .collect();
-        let policy = entries.iter().map(|(name, e)| (name.clone(), (e.cfg.kind, e.cfg.expiry_margin.0))).collect();
-        let cache = Cache::builder().expire_after(LeaseExpiry { policy }).build();
+        let entries = databases.into_iter().map(|(name, cfg)| (name, Arc::new(Entry::new(cfg)))).collect();
+        let cache = Cache::builder().expire_after(LeaseExpiry).build();
         Arc::new(CredentialStore {
             vault,
             auth,
-            entries,
+            entries: RwLock::new(entries),
             cache,
             held: Mutex::new(Vec::new()),
             recent_errors: Mutex::new(HashMap::new()),
@@ -269,7 +292,7 @@ impl CredentialStore {
     /// Drops a credential the upstream refused (28P01), unless a newer one already replaced it.
     pub async fn rejected(&self, database: &str, generation: u64) {
         self.metrics.credential_rejected_total.with_label_values(&[database]).inc();
-        if let Some(e) = self.entries.get(database) {
+        if let Some(e) = self.entry(database) {
             if !e.warned_rejected.swap(true, Ordering::SeqCst) {
                 let role = match e.cfg.kind {
                     CredentialKind::Kv => format!("the KV secret at {}", e.cfg.vault_path()),
@@ -300,7 +323,15 @@ impl CredentialStore {
     }
 
     async fn fetch(&self, database: &str) -> Result<Arc<Held>, CredentialError> {
-        let entry = self.entries.get(database).expect("database entries are fixed at start");
+        let Some(entry) = self.entry(database) else {
+            return Err(CredentialError {
+                database: database.to_string(),
+                path: String::new(),
+                error: VaultError::Local { detail: format!("database entry {database:?} was removed by a reload") },
+                policies: None,
+                login: self.login_description(),
+            });
+        };
         let cfg = &entry.cfg;
         let path = cfg.vault_path();
         let wrap = |error: VaultError, policies: Option<String>| CredentialError {
@@ -370,11 +401,20 @@ impl CredentialStore {
                     at_max: false,
                     gone: false,
                 };
+                // KV secrets have no lease and stay until replaced; a static role's password until
+                // its rotation (a refused login then fetches the new one); a lease until
+                // expiry_margin before its end.
+                let cache_for = match (cfg.kind, cred.valid_for) {
+                    (CredentialKind::Kv, _) | (_, None) => None,
+                    (CredentialKind::Static, Some(v)) => Some(v),
+                    (CredentialKind::Database, Some(v)) => Some(v.saturating_sub(cfg.expiry_margin.0)),
+                };
                 let held = Arc::new(Held {
                     cred,
                     token_generation,
                     in_use: AtomicUsize::new(0),
                     refresh_after,
+                    cache_for,
                     lease: Mutex::new(lease),
                 });
                 if held.cred.lease.is_some() {
@@ -402,8 +442,7 @@ impl CredentialStore {
     }
 
     /// Whether `database`'s current credential should be replaced now.
-    fn due(&self, database: &str, cur: &Held) -> Option<&'static str> {
-        let entry = self.entries.get(database)?;
+    fn due(&self, entry: &Entry, cur: &Held) -> Option<&'static str> {
         if entry.cfg.kind == CredentialKind::Database && cur.token_generation < self.auth.generation() {
             return Some("the Vault token that owns its lease was replaced");
         }
@@ -424,35 +463,33 @@ impl CredentialStore {
             let stop = stop.clone();
             async move { stop.stopping().await }
         }));
-        let mut names: Vec<String> = self.entries.keys().cloned().collect();
-        names.sort();
-        for name in names {
-            let me = self.clone();
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                        _ = stop.stopping() => return,
-                    }
-                    me.refresh_step(&name).await;
-                }
-            });
-        }
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                 _ = stop.stopping() => return,
             }
+            // Each entry refreshes in a task of its own: a Vault call hanging for one entry
+            // must not hold up the others or the lease bookkeeping.
+            let entries: Vec<(String, Arc<Entry>)> =
+                self.entries.read().unwrap().iter().map(|(n, e)| (n.clone(), e.clone())).collect();
+            for (name, entry) in entries {
+                if entry.refreshing.swap(true, Ordering::SeqCst) {
+                    continue;
+                }
+                let me = self.clone();
+                tokio::spawn(async move {
+                    me.refresh_step(&name, &entry).await;
+                    entry.refreshing.store(false, Ordering::SeqCst);
+                });
+            }
             self.lease_step().await;
         }
     }
 
-    async fn refresh_step(&self, database: &str) {
-        let entry = &self.entries[database];
+    async fn refresh_step(&self, database: &str, entry: &Entry) {
         let cached = self.cache.get(database).await;
         let reason = match &cached {
-            Some(cur) => match self.due(database, cur) {
+            Some(cur) => match self.due(entry, cur) {
                 Some(r) => r,
                 None => return,
             },
@@ -503,7 +540,9 @@ impl CredentialStore {
         let now = Instant::now();
         for (database, h) in held {
             let Some(lease) = &h.cred.lease else { continue };
-            let entry = &self.entries[&database];
+            // An entry removed by a reload: its leases get the default treatment.
+            let (renew_in_use, revoke_unused) =
+                self.entry(&database).map(|e| (e.cfg.renew_in_use, e.cfg.revoke_unused)).unwrap_or((true, true));
             let current = self.cache.get(&database).await.is_some_and(|c| Arc::ptr_eq(&c, &h));
             let clock = *h.lease.lock().unwrap();
             let expired = h.lease_end().is_some_and(|end| end <= now);
@@ -515,7 +554,7 @@ impl CredentialStore {
                 continue;
             }
             if h.in_use() == 0 {
-                if entry.cfg.revoke_unused {
+                if revoke_unused {
                     self.revoke(&database, &h, "replaced and no longer used").await;
                 } else {
                     self.forget(&h);
@@ -523,7 +562,7 @@ impl CredentialStore {
                 continue;
             }
             let renew_due = clock.renewed_at + clock.duration * 2 / 3 <= now;
-            if entry.cfg.renew_in_use && lease.renewable && !clock.at_max && renew_due {
+            if renew_in_use && lease.renewable && !clock.at_max && renew_due {
                 self.renew(&database, &h).await;
             }
         }

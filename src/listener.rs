@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
 use tokio::net::{TcpListener, UnixListener};
 use tracing::Instrument;
 
-use crate::app::{App, Database};
+use crate::app::App;
 use crate::config::ListenAddr;
 use crate::pg::error::{sqlstate, PgError};
 use crate::session;
@@ -87,22 +88,27 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Accepts clients until shutdown; each gets its own task, tracked for graceful shutdown.
-pub async fn accept_loop(app: Arc<App>, db: Arc<Database>, listener: Listener) {
+/// Accepts clients for database entry `name` until shutdown or `stop` (the listener was removed
+/// by a reload); each client gets its own task, tracked for graceful shutdown. The entry is
+/// looked up at every accept, so a reload that changes it applies to the next client while
+/// established sessions keep the settings they started with.
+pub async fn accept_loop(app: Arc<App>, name: String, listener: Listener, stop: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             _ = app.shutdown.stopping() => break,
+            _ = stop.cancelled() => break,
             r = accept(&listener) => r,
         };
         let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 // Out of file descriptors and similar: back off instead of spinning.
-                tracing::warn!(database = %db.name, error = %e, "accept failed");
+                tracing::warn!(database = %name, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        let Some(db) = app.database(&name) else { break };
         app.metrics.client_connections_total.with_label_values(&[&db.name]).inc();
         let span = tracing::info_span!(
             "session",
