@@ -383,31 +383,13 @@ impl CredentialStore {
                     generation = cred.generation,
                     "fetched credential from Vault"
                 );
-                let refresh_after = match cfg.kind {
-                    CredentialKind::Kv => Some(cfg.refresh_interval.0),
-                    // The password changes at rotation; fetch the new one just after.
-                    CredentialKind::Static => cred.valid_for.map(|v| v + Duration::from_secs(1)),
-                    // Before the cache drops it (expiry_margin before the end), so no client
-                    // ever waits for Vault once the first credential is in.
-                    CredentialKind::Database => cred.valid_for.map(|v| {
-                        let jitter = rand::thread_rng().gen_range(0.95..=1.0);
-                        let latest = v.saturating_sub(cfg.expiry_margin.0 + Duration::from_millis(500));
-                        v.mul_f64(cfg.refresh_fraction * jitter).min(latest)
-                    }),
-                };
+                let jitter = rand::thread_rng().gen_range(0.95..=1.0);
+                let Schedule { refresh_after, cache_for } = schedule(cfg, cred.valid_for, jitter);
                 let lease = LeaseClock {
                     renewed_at: cred.fetched_at,
                     duration: cred.lease.as_ref().map(|l| l.duration).unwrap_or_default(),
                     at_max: false,
                     gone: false,
-                };
-                // KV secrets have no lease and stay until replaced; a static role's password until
-                // its rotation (a refused login then fetches the new one); a lease until
-                // expiry_margin before its end.
-                let cache_for = match (cfg.kind, cred.valid_for) {
-                    (CredentialKind::Kv, _) | (_, None) => None,
-                    (CredentialKind::Static, Some(v)) => Some(v),
-                    (CredentialKind::Database, Some(v)) => Some(v.saturating_sub(cfg.expiry_margin.0)),
                 };
                 let held = Arc::new(Held {
                     cred,
@@ -637,6 +619,76 @@ impl CredentialStore {
     }
 }
 
+/// When a credential is replaced in the background and how long the cache may hand it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Schedule {
+    pub refresh_after: Option<Duration>,
+    pub cache_for: Option<Duration>,
+}
+
+/// The schedule of a credential valid for `valid_for` (None: no lease). `jitter` (0.95 to 1)
+/// spreads the refreshes of many dbward instances.
+pub fn schedule(cfg: &CredentialsConfig, valid_for: Option<Duration>, jitter: f64) -> Schedule {
+    match (cfg.kind, valid_for) {
+        // KV secrets have no lease: re-read on the interval, handed out until replaced.
+        (CredentialKind::Kv, _) | (_, None) => Schedule { refresh_after: Some(cfg.refresh_interval.0), cache_for: None },
+        // The password changes at rotation: fetched again just after; until then it is valid
+        // (a login refused right at the rotation fetches the new one).
+        (CredentialKind::Static, Some(v)) => {
+            Schedule { refresh_after: Some(v + Duration::from_secs(1)), cache_for: Some(v) }
+        }
+        // Replaced at refresh_fraction, and always before the cache drops it (expiry_margin
+        // before the lease ends), so no client waits for Vault once the first credential is in.
+        (CredentialKind::Database, Some(v)) => {
+            let cache_for = v.saturating_sub(cfg.expiry_margin.0);
+            let latest = cache_for.saturating_sub(Duration::from_millis(500));
+            Schedule { refresh_after: Some(v.mul_f64(cfg.refresh_fraction * jitter).min(latest)), cache_for: Some(cache_for) }
+        }
+    }
+}
+
 fn unix_now() -> f64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn creds(kind: &str, extra: &str) -> CredentialsConfig {
+        let what = if kind == "kv" { "path = \"secret/data/a/db\"" } else { "role = \"r\"" };
+        let text = format!(
+            "[vault]\naddress = \"http://127.0.0.1:1\"\n[vault.auth]\nmethod = \"token\"\ntoken_file = \"/t\"\n\
+             [[databases]]\nname = \"d\"\nlisten = [\"127.0.0.1:1\"]\nupstream = \"h:5432\"\n\
+             [databases.credentials]\nkind = \"{kind}\"\n{what}\n{extra}\n"
+        );
+        Config::parse(&text).unwrap().databases.remove(0).credentials
+    }
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn dynamic_lease_is_replaced_at_two_thirds_and_before_the_cache_drops_it() {
+        let hour = schedule(&creds("database", ""), Some(S(3600)), 1.0);
+        assert_eq!(hour.refresh_after, Some(S(2400)));
+        assert_eq!(hour.cache_for, Some(S(3598)));
+        let jittered = schedule(&creds("database", ""), Some(S(3600)), 0.95);
+        assert_eq!(jittered.refresh_after, Some(S(2280)));
+        // A 6 s lease with the 2 s margin: 2/3 would be 4 s, when the cache drops it; refresh
+        // earlier so that a client never finds the cache empty.
+        let short = schedule(&creds("database", ""), Some(S(6)), 1.0);
+        assert_eq!(short.cache_for, Some(S(4)));
+        assert_eq!(short.refresh_after, Some(Duration::from_millis(3500)));
+        let half = schedule(&creds("database", "refresh_fraction = 0.5"), Some(S(600)), 1.0);
+        assert_eq!(half.refresh_after, Some(S(300)));
+    }
+
+    #[test]
+    fn static_role_is_refetched_after_rotation_and_kv_on_its_interval() {
+        let st = schedule(&creds("static", ""), Some(S(90)), 0.97);
+        assert_eq!(st, Schedule { refresh_after: Some(S(91)), cache_for: Some(S(90)) });
+        let kv = schedule(&creds("kv", "refresh_interval = \"30s\""), None, 0.97);
+        assert_eq!(kv, Schedule { refresh_after: Some(S(30)), cache_for: None });
+    }
 }

@@ -1,0 +1,87 @@
+//! The Vault auth methods other than jwt, against a real OpenBao: approle (role_id and
+//! secret_id files) and token (a token file, its TTL and policies from lookup-self).
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+async fn whoami(port: u16, dbname: &str) -> Result<String, tokio_postgres::Error> {
+    let c = try_connect(port, dbname, "x").await?;
+    Ok(c.query_one("select current_user::text", &[]).await?.get(0))
+}
+
+/// Replaces the `[vault.auth]` table of a harness config.
+fn with_auth(config: &str, auth: &str) -> String {
+    let start = config.find("[vault.auth]").unwrap();
+    let end = config.find("[[databases]]").unwrap();
+    format!("{}{auth}\n\n{}", &config[..start], &config[end..])
+}
+
+#[tokio::test]
+async fn approle_login_reads_role_id_and_secret_id_files() {
+    let s = servers();
+    let _g = s.shared();
+    let app = s.new_app("auth_approle");
+    let mount = format!("approle-{}", app.tag.replace('_', "-"));
+    s.vault_write(&format!("sys/auth/{mount}"), &json!({"type": "approle"}));
+    s.vault_write(
+        &format!("auth/{mount}/role/payments"),
+        &json!({"token_policies": [app.policy], "token_ttl": "1h"}),
+    );
+    let (_, role) = s.vault_read(&format!("auth/{mount}/role/payments/role-id"));
+    let role_id = role["data"]["role_id"].as_str().unwrap().to_string();
+    let secret = s.vault_write(&format!("auth/{mount}/role/payments/secret-id"), &json!({}));
+    let secret_id = secret["data"]["secret_id"].as_str().unwrap().to_string();
+    let (rid, sid) = (app.dir.join("role-id"), app.dir.join("secret-id"));
+    std::fs::write(&rid, format!("{role_id}\n")).unwrap();
+    std::fs::write(&sid, &secret_id).unwrap();
+
+    let port = free_port();
+    let config = with_auth(
+        &app.config_toml("static", &[format!("127.0.0.1:{port}")]),
+        &format!(
+            "[vault.auth]\nmethod = \"approle\"\nmount = {}\nrole_id_file = {}\nsecret_id_file = {}",
+            toml_str(&mount),
+            toml_str(rid.to_str().unwrap()),
+            toml_str(sid.to_str().unwrap())
+        ),
+    );
+    let d = Dbward::start(&config);
+    assert_eq!(whoami(port, &app.dbname).await.unwrap(), app.static_pg_role);
+    assert_eq!(s.count_audit_requests(&format!("auth/{mount}/login")), 1);
+    let log = d.log_contents();
+    assert!(!log.contains(&secret_id), "the secret_id reached the log");
+    assert!(log.contains("method=approle"), "{log}");
+}
+
+#[tokio::test]
+async fn token_method_learns_policies_from_lookup_self_and_names_them_on_denial() {
+    let s = servers();
+    let _g = s.shared();
+    let app = s.new_app("auth_token");
+    let created = s.vault_write("auth/token/create", &json!({"policies": [app.policy], "ttl": "1h"}));
+    let token = created["auth"]["client_token"].as_str().unwrap().to_string();
+    let file = app.dir.join("vault-token");
+    std::fs::write(&file, &token).unwrap();
+
+    let (port, denied_port) = (free_port(), free_port());
+    // A second entry reads a path outside the policy.
+    let denied = format!(
+        "\n[[databases]]\nname = \"denied\"\nlisten = [\"127.0.0.1:{denied_port}\"]\nupstream = \"127.0.0.1:{}\"\n\
+         sslmode = \"disable\"\n[databases.credentials]\nkind = \"kv\"\npath = \"secret/data/elsewhere/db\"\n",
+        s.pg_port()
+    );
+    let config = with_auth(
+        &format!("{}{denied}", app.config_toml("static", &[format!("127.0.0.1:{port}")])),
+        &format!("[vault.auth]\nmethod = \"token\"\ntoken_file = {}", toml_str(file.to_str().unwrap())),
+    );
+    let d = Dbward::start(&config);
+    assert_eq!(whoami(port, &app.dbname).await.unwrap(), app.static_pg_role);
+    let err = whoami(denied_port, &app.dbname).await.unwrap_err();
+    let db = err.as_db_error().unwrap();
+    assert_eq!(db.code().code(), "28000");
+    assert!(db.message().contains("Vault denied read of secret/data/elsewhere/db"), "{}", db.message());
+    assert!(db.detail().unwrap_or_default().contains(&app.policy), "{:?}", db.detail());
+    assert!(!d.log_contents().contains(&token), "the Vault token reached the log");
+}
