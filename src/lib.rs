@@ -16,3 +16,6 @@ pub mod shutdown;
 pub mod upstream;
 pub mod vault;
 pub mod admin;
+pub mod systemd;
+pub mod check;
+pub mod policy;

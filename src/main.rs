@@ -36,6 +36,31 @@ enum Command {
         #[arg(long, env = "DBWARD_CONFIG")]
         config: PathBuf,
     },
+    /// Check against the real Vault and databases that the config works: login, capabilities on
+    /// every path, credential reads, one upstream connection each (0: all pass, 1: a check
+    /// failed, 64: invalid config).
+    Check {
+        #[arg(long, env = "DBWARD_CONFIG")]
+        config: PathBuf,
+        /// Print one JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Warnings (short TTLs, clock skew, unused policy paths) fail the check too.
+        #[arg(long)]
+        strict: bool,
+        /// Database to connect to for entries without `dbname` (default: postgres).
+        #[arg(long)]
+        dbname: Option<String>,
+        /// Instead of the live checks, compare Vault's policy NAME with what the config needs
+        /// (read with $VAULT_TOKEN or $BAO_TOKEN if set, else with the config's own login).
+        #[arg(long, value_name = "NAME")]
+        diff_policy: Option<String>,
+    },
+    /// Print the minimal Vault policy (HCL) the config needs.
+    Policy {
+        #[arg(long, env = "DBWARD_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -72,6 +97,16 @@ async fn stop_signal() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Check { config, json, strict, dbname, diff_policy } => {
+            check_command(config, json, strict, dbname, diff_policy)
+        }
+        Command::Policy { config } => match load(&config) {
+            Ok(cfg) => {
+                print!("{}", dbward::policy::render_hcl(&cfg, &config.display().to_string()));
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
         Command::Validate { config } => match load(&config) {
             Ok(_) => {
                 println!("{}: valid", config.display());
@@ -94,6 +129,20 @@ fn main() -> ExitCode {
                         return ExitCode::from(EXIT_CONFIG);
                     }
                 };
+                // SIGHUP re-reads the config file; a bad one is logged and the old one kept.
+                tokio::spawn({
+                    let app = app.clone();
+                    let path = config.clone();
+                    async move {
+                        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+                            return;
+                        };
+                        while hup.recv().await.is_some() {
+                            tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
+                            app.reload_file(&path).await;
+                        }
+                    }
+                });
                 match dbward::app::run(app, stop_signal()).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
@@ -104,5 +153,44 @@ fn main() -> ExitCode {
                 }
             })
         }
+    }
+}
+
+/// `dbward check`: 0 when every check passes, 1 when one fails, 64 for a bad config.
+fn check_command(
+    config: PathBuf,
+    json: bool,
+    strict: bool,
+    dbname: Option<String>,
+    diff_policy: Option<String>,
+) -> ExitCode {
+    let cfg = match load(&config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let policy_reader_token = diff_policy.as_ref().and_then(|_| {
+        ["VAULT_TOKEN", "BAO_TOKEN"]
+            .iter()
+            .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()))
+            .map(|t| secrecy::SecretString::from(t.trim().to_string()))
+    });
+    let opts = dbward::check::Options { config_path: config.clone(), dbname, diff_policy, policy_reader_token };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let report = match rt.block_on(dbward::check::run(&cfg, &opts)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("dbward: invalid config {}: {e}", config.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report.to_json(strict)).expect("JSON values serialize"));
+    } else {
+        print!("{}", report.render_text(strict));
+    }
+    if report.ok(strict) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
