@@ -163,20 +163,9 @@ async fn moved_secret_with_stale_policy_names_the_path_and_recovers_when_fixed()
 
     // Fix the policy; the next connection succeeds (the Vault error is remembered for 2 s only).
     app.set_policy(&format!("{}path {:?} {{ capabilities = [\"read\"] }}\n", app.default_policy_hcl(), new_path));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match try_connect(moved_port, &app.dbname, "x").await {
-            Ok(c) => {
-                let u: String = c.query_one("select current_user::text", &[]).await.unwrap().get(0);
-                assert_eq!(u, app.kv_username);
-                break;
-            }
-            Err(e) => {
-                assert!(Instant::now() < deadline, "still failing after the policy fix: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
+    let c = connect_eventually(moved_port, &app.dbname, Duration::from_secs(20), "after the policy fix").await;
+    let u: String = c.query_one("select current_user::text", &[]).await.unwrap().get(0);
+    assert_eq!(u, app.kv_username);
     assert!(d.is_running());
 }
 
@@ -195,16 +184,7 @@ async fn expired_workload_jwt_is_named_not_sent() {
     assert!(msg.contains(app.jwt_path.to_str().unwrap()), "{msg}");
     // A fresh JWT on disk is picked up at the next login, without a restart.
     app.write_jwt(&app.jwt_subject, JWT_AUDIENCE, 3600);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match try_connect(port, &app.dbname, "x").await {
-            Ok(_) => break,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "fresh JWT not used: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
+    connect_eventually(port, &app.dbname, Duration::from_secs(20), "with a fresh JWT on disk").await;
 }
 
 #[tokio::test]
@@ -272,19 +252,8 @@ async fn postgres_restart_then_new_connections_work() {
     s.restart_postgres();
     // The old session died with its backend; the client sees an error, not a hang.
     assert!(before.query_one("select 1", &[]).await.is_err());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match try_connect(port, &app.dbname, "x").await {
-            Ok(c) => {
-                assert_eq!(c.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0), 1);
-                break;
-            }
-            Err(e) => {
-                assert!(Instant::now() < deadline, "no connection after the restart: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
+    let c = connect_eventually(port, &app.dbname, Duration::from_secs(30), "after the Postgres restart").await;
+    assert_eq!(c.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0), 1);
 }
 
 #[tokio::test]

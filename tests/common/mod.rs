@@ -1662,6 +1662,21 @@ pub async fn try_connect(
     finish_connect(cfg).await
 }
 
+/// [`try_connect`] until it succeeds (e.g. after a fix that takes effect asynchronously);
+/// panics with the last error and `what` after `timeout`.
+pub async fn connect_eventually(port: u16, dbname: &str, timeout: Duration, what: &str) -> tokio_postgres::Client {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match try_connect(port, dbname, "x").await {
+            Ok(c) => return c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{what}: still failing after {timeout:?}: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
 /// Connects with a password (directly to Postgres, e.g. with credentials read from Vault).
 pub async fn connect_with_password(
     port: u16,
