@@ -1,0 +1,409 @@
+#!/usr/bin/env bash
+# pgbench through dbward, next to PgBouncer and a direct connection, in one run on this machine.
+#
+# Starts, in a temporary directory: a PostgreSQL 15 cluster (SCRAM), an OpenBao dev server with
+# the database secrets engine and a STATIC role (so all three targets log in as the same Postgres
+# role with the same password), PgBouncer (session pool, SCRAM, auth_file) and dbward (release
+# build, token auth, sslmode=disable upstream). Then, for each target, in interleaved rounds:
+#
+#   throughput:      pgbench -n -S -c $CLIENTS -j 2 -T $DURATION
+#   new connections: pgbench -n -S -C -c $CONN_CLIENTS -j 2 -T $DURATION   (-C: a connection per transaction)
+#
+# and prints the median tps per target, the ratios dbward/direct and dbward/pgbouncer, the CPU
+# the two proxies spent per transaction, and dbward's peak RSS and CPU time. It is a measurement,
+# not a test: it exits 0 whatever the numbers, unless --check is given.
+#
+#   benches/pgbench.sh                 # DURATION=8 ROUNDS=3
+#   benches/pgbench.sh --check 0.8     # exit 1 if dbward/pgbouncer throughput (median) < 0.8
+#   DURATION=20 ROUNDS=5 benches/pgbench.sh
+#
+# Env: DURATION (8, seconds per pgbench run), ROUNDS (3), SCALE (10, pgbench -s),
+#      CLIENTS (8), CONN_CLIENTS (4), PGBENCH_JOBS (2), DBWARD_LOG (RUST_LOG for dbward; default
+#      "info", dbward's own default), CARGO_TARGET_DIR, KEEP_BENCH_DIR=1 (keep the temp dir).
+#      TOKIO_WORKER_THREADS, if set, reaches dbward (tokio reads it; default: one per core).
+# Everything started here is stopped on exit, whatever the exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+
+usage() { echo "usage: benches/pgbench.sh [--check RATIO]" >&2; exit 64; }
+CHECK=''
+while [ $# -gt 0 ]; do
+    case $1 in
+        --check)
+            [ $# -ge 2 ] || usage
+            CHECK=$2
+            [[ $CHECK =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--check wants a number like 0.8, not '$CHECK'"
+            shift 2
+            ;;
+        -h | --help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) usage ;;
+    esac
+done
+
+DURATION=${DURATION:-8}
+ROUNDS=${ROUNDS:-3}
+SCALE=${SCALE:-10}
+CLIENTS=${CLIENTS:-8}
+CONN_CLIENTS=${CONN_CLIENTS:-4}
+PGBENCH_JOBS=${PGBENCH_JOBS:-2}
+DBWARD_LOG=${DBWARD_LOG:-info}
+for v in DURATION ROUNDS SCALE CLIENTS CONN_CLIENTS PGBENCH_JOBS; do
+    [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, not '${!v}'"
+done
+CLK_TCK=$(getconf CLK_TCK)
+BENCH_ROLE=bench_static
+BENCH_DB=bench
+
+# --- helpers -----------------------------------------------------------------------------------
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# A free loopback port from the kernel; with "pair", one whose successor is free too (the
+# OpenBao dev server also binds port+1 for its cluster listener).
+free_port() {
+    local p
+    while :; do
+        p=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        if [ "${1:-}" != pair ] || { [ "$p" -lt 65535 ] && port_free $((p + 1)); }; then
+            echo "$p"
+            return
+        fi
+    done
+}
+
+wait_for() {
+    local secs=$1 what=$2
+    shift 2
+    local deadline=$((SECONDS + secs))
+    until "$@" >/dev/null 2>&1; do
+        [ "$SECONDS" -lt "$deadline" ] || die "$what not ready after ${secs}s"
+        sleep 0.1
+    done
+}
+
+# The PostgreSQL server and PgBouncer refuse to run as root: run them as the postgres OS user.
+as_postgres() {
+    if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+# vault METHOD PATH [JSON]: an OpenBao API call with the root token; prints the body.
+vault() {
+    local method=$1 path=$2 body=${3:-} args=() out code
+    args=(-sS -X "$method" -H "X-Vault-Token: root" -w '\n%{http_code}')
+    [ -n "$body" ] && args+=(-H 'Content-Type: application/json' --data "$body")
+    out=$(curl "${args[@]}" "$VAULT_ADDR/v1/$path") || die "OpenBao $method $path: curl failed"
+    code=${out##*$'\n'}
+    out=${out%$'\n'*}
+    case $code in
+        2??) printf '%s' "$out" ;;
+        *) die "OpenBao $method $path: HTTP $code $out" ;;
+    esac
+}
+
+# field JSONPATH: reads JSON on stdin, prints obj[a][b]... for "a.b".
+field() {
+    python3 -c 'import json, sys
+v = json.load(sys.stdin)
+for k in sys.argv[1].split("."):
+    v = v[k]
+print(v if isinstance(v, str) else json.dumps(v))' "$1"
+}
+
+# CPU seconds (user+system) a process has used so far, from /proc/PID/stat.
+cpu_seconds() {
+    # Fields after the ")" that ends the command name: utime is the 12th, stime the 13th.
+    local stat rest
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+    rest=${stat##*) }
+    awk -v tck="$CLK_TCK" '{ printf "%.2f", ($12 + $13) / tck }' <<<"$rest"
+}
+proc_status() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status" 2>/dev/null || true; }
+
+psql_as() { # psql_as CONNINFO SQL
+    PGPASSFILE=/nonexistent PGCONNECT_TIMEOUT=10 psql -X -w -q -tA -v ON_ERROR_STOP=1 "$1" -c "$2"
+}
+
+# --- start and stop ----------------------------------------------------------------------------
+
+WORK='' BAO_PID='' DBWARD_PID='' PGB_PID='' PGB_RUNNER='' PGDATA=''
+# shellcheck disable=SC2317 # invoked by the EXIT trap
+cleanup() {
+    local rc=$?
+    trap - INT TERM EXIT
+    if [ "$rc" -ne 0 ] && [ -n "$WORK" ]; then
+        for f in "$WORK"/dbward.log "$WORK"/pgbouncer/pgbouncer.log "$WORK"/bao.log "$PGDATA"/postgres.log; do
+            [ -s "$f" ] && { echo "--- last lines of $f" >&2; tail -n 15 "$f" >&2; }
+        done
+    fi
+    log "stopping dbward, PgBouncer, OpenBao and PostgreSQL"
+    if [ -n "$DBWARD_PID" ] && kill -0 "$DBWARD_PID" 2>/dev/null; then
+        kill -TERM "$DBWARD_PID" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$DBWARD_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$DBWARD_PID" 2>/dev/null || true
+    fi
+    if [ -n "$PGB_PID" ]; then kill -TERM "$PGB_PID" 2>/dev/null || true; fi
+    if [ -n "$PGB_RUNNER" ]; then wait "$PGB_RUNNER" 2>/dev/null || true; fi
+    if [ -n "$BAO_PID" ]; then
+        kill -TERM "$BAO_PID" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$BAO_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$BAO_PID" 2>/dev/null || true
+    fi
+    if [ -n "$PGDATA" ] && [ -f "$PGDATA/postmaster.pid" ]; then
+        as_postgres "$PG_BIN/pg_ctl" -D "$PGDATA" -m immediate -w stop >/dev/null 2>&1 || true
+    fi
+    if [ -n "$WORK" ]; then
+        if [ -n "${KEEP_BENCH_DIR:-}" ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
+    fi
+    exit "$rc"
+}
+
+# --- what is needed ----------------------------------------------------------------------------
+
+ensure_postgres
+ensure_openbao
+ensure_bench_tools
+ensure_toolchain
+command -v openssl >/dev/null 2>&1 || apt_install openssl
+command -v curl >/dev/null 2>&1 || apt_install curl
+command -v pgbench >/dev/null 2>&1 || apt_install postgresql-client-15
+
+log "cargo build --release"
+cargo build --release
+DBWARD_BIN="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/dbward"
+[ -x "$DBWARD_BIN" ] || die "$DBWARD_BIN is missing after cargo build --release"
+
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+WORK=$(mktemp -d /tmp/dbward-bench.XXXXXX)
+chmod 755 "$WORK" # the postgres OS user needs to reach its data dir and PgBouncer's files
+
+# --- OpenBao -----------------------------------------------------------------------------------
+
+BAO_PORT=$(free_port pair)
+VAULT_ADDR="http://127.0.0.1:$BAO_PORT"
+log "OpenBao dev server on $VAULT_ADDR"
+HOME="$WORK" "$DBWARD_BAO" server -dev -dev-root-token-id=root \
+    -dev-listen-address="127.0.0.1:$BAO_PORT" >"$WORK/bao.log" 2>&1 &
+BAO_PID=$!
+wait_for 30 "OpenBao" curl -fsS "$VAULT_ADDR/v1/sys/health"
+
+# --- PostgreSQL --------------------------------------------------------------------------------
+
+PG_PORT=$(free_port)
+PGDATA="$WORK/pg"
+mkdir -p "$PGDATA"
+chmod 700 "$PGDATA"
+SUPER_PASSWORD=$(openssl rand -hex 16)
+(umask 077 && printf '%s' "$SUPER_PASSWORD" >"$WORK/pg-password")
+[ "$(id -u)" -ne 0 ] || chown postgres:postgres "$PGDATA" "$WORK/pg-password"
+log "initdb (superuser postgres, scram-sha-256) and PostgreSQL on 127.0.0.1:$PG_PORT"
+as_postgres "$PG_BIN/initdb" -D "$PGDATA" --auth=scram-sha-256 --pwfile="$WORK/pg-password" \
+    -U postgres -N >"$WORK/initdb.log" 2>&1 || die "initdb failed: $(cat "$WORK/initdb.log")"
+rm -f "$WORK/pg-password"
+# fsync off: a throwaway cluster; it only speeds up pgbench -i (the runs are read-only).
+as_postgres "$PG_BIN/pg_ctl" -D "$PGDATA" -l "$PGDATA/postgres.log" -w \
+    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $PGDATA -c max_connections=100 -c fsync=off" start >/dev/null
+
+SUPER="host=127.0.0.1 port=$PG_PORT user=postgres password=$SUPER_PASSWORD"
+psql_as "$SUPER dbname=postgres" "CREATE DATABASE $BENCH_DB" >/dev/null
+psql_as "$SUPER dbname=postgres" "CREATE ROLE $BENCH_ROLE LOGIN PASSWORD '$(openssl rand -hex 16)'" >/dev/null
+log "pgbench -i -s $SCALE (as the owner, postgres)"
+PGPASSWORD="$SUPER_PASSWORD" PGPASSFILE=/nonexistent pgbench -i -q -s "$SCALE" \
+    -h 127.0.0.1 -p "$PG_PORT" -U postgres "$BENCH_DB" >"$WORK/pgbench-init.log" 2>&1 ||
+    die "pgbench -i failed: $(cat "$WORK/pgbench-init.log")"
+psql_as "$SUPER dbname=$BENCH_DB" "GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA public TO $BENCH_ROLE" >/dev/null
+psql_as "$SUPER dbname=$BENCH_DB" "VACUUM ANALYZE" >/dev/null
+
+# --- OpenBao: static database role -------------------------------------------------------------
+
+log "OpenBao: database secrets engine, static role '$BENCH_ROLE' (rotation 24h)"
+vault POST sys/mounts/database '{"type":"database"}' >/dev/null
+vault POST database/config/bench "$(python3 -c 'import json, sys; print(json.dumps({
+    "plugin_name": "postgresql-database-plugin", "allowed_roles": "bench",
+    "connection_url": "postgresql://{{username}}:{{password}}@127.0.0.1:%s/%s?sslmode=disable" % (sys.argv[1], sys.argv[2]),
+    "username": "postgres", "password": sys.argv[3]}))' "$PG_PORT" "$BENCH_DB" "$SUPER_PASSWORD")" >/dev/null
+# Creating the static role rotates the password at once: from then on only Vault knows it.
+vault POST database/static-roles/bench "{\"db_name\":\"bench\",\"username\":\"$BENCH_ROLE\",\"rotation_period\":\"24h\"}" >/dev/null
+BENCH_PASSWORD=$(vault GET database/static-creds/bench | field data.password)
+[ -n "$BENCH_PASSWORD" ] || die "no password from database/static-creds/bench"
+printf 'root' >"$WORK/vault-token"
+chmod 600 "$WORK/vault-token"
+
+# --- PgBouncer ---------------------------------------------------------------------------------
+
+PGB_PORT=$(free_port)
+mkdir -p "$WORK/pgbouncer"
+printf '"%s" "%s"\n' "$BENCH_ROLE" "$BENCH_PASSWORD" >"$WORK/pgbouncer/userlist.txt"
+cat >"$WORK/pgbouncer/pgbouncer.ini" <<EOF
+[databases]
+$BENCH_DB = host=127.0.0.1 port=$PG_PORT dbname=$BENCH_DB
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGB_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $WORK/pgbouncer/userlist.txt
+pool_mode = session
+max_client_conn = 200
+default_pool_size = 20
+logfile = $WORK/pgbouncer/pgbouncer.log
+pidfile = $WORK/pgbouncer/pgbouncer.pid
+EOF
+chmod 600 "$WORK/pgbouncer/userlist.txt"
+[ "$(id -u)" -ne 0 ] || chown -R postgres:postgres "$WORK/pgbouncer"
+log "PgBouncer $(pgbouncer --version | head -1 | awk '{print $2}') on 127.0.0.1:$PGB_PORT (session pool, scram-sha-256)"
+as_postgres pgbouncer "$WORK/pgbouncer/pgbouncer.ini" >"$WORK/pgbouncer/stdout.log" 2>&1 &
+PGB_RUNNER=$!
+wait_for 20 "PgBouncer" test -s "$WORK/pgbouncer/pgbouncer.pid"
+PGB_PID=$(cat "$WORK/pgbouncer/pgbouncer.pid")
+wait_for 20 "PgBouncer port" bash -c "exec 3<>/dev/tcp/127.0.0.1/$PGB_PORT"
+
+# --- dbward ------------------------------------------------------------------------------------
+
+DBW_PORT=$(free_port)
+cat >"$WORK/dbward.toml" <<EOF
+[vault]
+address = "$VAULT_ADDR"
+revoke_on_shutdown = false
+
+[vault.auth]
+method = "token"
+token_file = "$WORK/vault-token"
+
+[[databases]]
+name = "bench"
+listen = ["127.0.0.1:$DBW_PORT"]
+upstream = "127.0.0.1:$PG_PORT"
+sslmode = "disable"
+
+[databases.credentials]
+kind = "static"
+role = "bench"
+EOF
+log "dbward $DBWARD_BIN on 127.0.0.1:$DBW_PORT (RUST_LOG=$DBWARD_LOG, TOKIO_WORKER_THREADS=${TOKIO_WORKER_THREADS:-unset})"
+RUST_LOG="$DBWARD_LOG" "$DBWARD_BIN" run --config "$WORK/dbward.toml" >"$WORK/dbward.log" 2>&1 &
+DBWARD_PID=$!
+deadline=$((SECONDS + 30))
+until ! port_free "$DBW_PORT"; do
+    kill -0 "$DBWARD_PID" 2>/dev/null || die "dbward exited: $(cat "$WORK/dbward.log")"
+    [ "$SECONDS" -lt "$deadline" ] || die "dbward not listening after 30s"
+    sleep 0.1
+done
+
+# --- the three targets -------------------------------------------------------------------------
+
+TARGETS=(direct pgbouncer dbward)
+declare -A PORT=([direct]=$PG_PORT [pgbouncer]=$PGB_PORT [dbward]=$DBW_PORT)
+declare -A PASS=([direct]=$BENCH_PASSWORD [pgbouncer]=$BENCH_PASSWORD [dbward]='')
+declare -A PROXY_PID=([pgbouncer]=$PGB_PID [dbward]=$DBWARD_PID)
+for t in "${TARGETS[@]}"; do
+    who=$(PGPASSWORD="${PASS[$t]}" psql_as "host=127.0.0.1 port=${PORT[$t]} dbname=$BENCH_DB user=$BENCH_ROLE" \
+        "select current_user || ' ' || count(*) from pgbench_branches") || die "cannot query through $t: $who"
+    [ "$who" = "$BENCH_ROLE $SCALE" ] || die "through $t: expected '$BENCH_ROLE $SCALE', got '$who'"
+done
+log "all three targets log in as $BENCH_ROLE (PgBouncer and direct with the password from Vault, dbward without one)"
+
+WORKLOADS=(tput conn)
+declare -A WL_ARGS=([tput]="-c $CLIENTS -j $PGBENCH_JOBS" [conn]="-C -c $CONN_CLIENTS -j $PGBENCH_JOBS")
+declare -A WL_NAME=([tput]="select-only, -c $CLIENTS -j $PGBENCH_JOBS" [conn]="select-only, -C -c $CONN_CLIENTS -j $PGBENCH_JOBS")
+declare -A TPS=() CPU=() TXNS=()
+
+# run_one TARGET WORKLOAD ROUND: one pgbench run; records tps, and the proxy's CPU seconds.
+run_one() {
+    local t=$1 w=$2 r=$3 out before=0 after=0 tps txns
+    local pid=${PROXY_PID[$t]:-}
+    [ -z "$pid" ] || before=$(cpu_seconds "$pid")
+    # shellcheck disable=SC2086 # WL_ARGS holds several arguments
+    out=$(PGPASSWORD="${PASS[$t]}" PGPASSFILE=/nonexistent pgbench -n -S ${WL_ARGS[$w]} -T "$DURATION" \
+        -h 127.0.0.1 -p "${PORT[$t]}" -U "$BENCH_ROLE" "$BENCH_DB" 2>&1) ||
+        die "pgbench against $t ($w) failed: $out"
+    [ -z "$pid" ] || after=$(cpu_seconds "$pid")
+    tps=$(awk '/^tps = / { print $3; exit }' <<<"$out")
+    txns=$(awk -F': ' '/number of transactions actually processed/ { split($2, a, "/"); print a[1]; exit }' <<<"$out")
+    [ -n "$tps" ] || die "no tps in pgbench output for $t ($w): $out"
+    TPS[$t,$w,$r]=$tps
+    TXNS[$t,$w,$r]=${txns:-0}
+    CPU[$t,$w,$r]=$(awk -v a="$after" -v b="$before" 'BEGIN { printf "%.2f", a - b }')
+    printf '    round %d  %-9s %-5s %10.1f tps\n' "$r" "$t" "$w" "$tps" >&2
+}
+
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+log "measuring: $ROUNDS rounds x 3 targets x 2 workloads x ${DURATION}s (order rotates each round)"
+for ((r = 1; r <= ROUNDS; r++)); do
+    for w in "${WORKLOADS[@]}"; do
+        for ((i = 0; i < 3; i++)); do
+            run_one "${TARGETS[$(((i + r - 1) % 3))]}" "$w" "$r"
+        done
+    done
+done
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# --- the table ---------------------------------------------------------------------------------
+
+median() { tr ' ' '\n' | grep . | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+declare -A MED=() US_PER_TXN=()
+for w in "${WORKLOADS[@]}"; do
+    for t in "${TARGETS[@]}"; do
+        vals='' cpu=0 txns=0
+        for ((r = 1; r <= ROUNDS; r++)); do
+            vals+="${TPS[$t,$w,$r]} "
+            cpu=$(awk -v a="$cpu" -v b="${CPU[$t,$w,$r]}" 'BEGIN { print a + b }')
+            txns=$((txns + TXNS[$t,$w,$r]))
+        done
+        MED[$t,$w]=$(median <<<"$vals")
+        US_PER_TXN[$t,$w]=$(awk -v c="$cpu" -v n="$txns" 'BEGIN { if (n > 0) printf "%.0f", c * 1e6 / n; else print "-" }')
+    done
+done
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
+
+HWM_KB=$(proc_status "$DBWARD_PID" VmHWM)
+RSS_KB=$(proc_status "$DBWARD_PID" VmRSS)
+THREADS=$(proc_status "$DBWARD_PID" Threads)
+read -r DBW_UTIME DBW_STIME < <(awk -v tck="$CLK_TCK" '{ sub(/.*\) /, ""); printf "%.2f %.2f\n", $12 / tck, $13 / tck }' "/proc/$DBWARD_PID/stat")
+PGB_CPU=$(cpu_seconds "$PGB_PID")
+
+{
+    echo
+    echo "dbward pgbench comparison: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, loopback, pgbench -s $SCALE,"
+    echo "${DURATION}s per run, $ROUNDS interleaved rounds, median tps; load average before $LOAD_BEFORE, after $LOAD_AFTER;"
+    echo "PgBouncer $(pgbouncer --version | awk 'NR == 1 { print $2 }'), dbward $(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO_ROOT" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo '+changes'), TOKIO_WORKER_THREADS=${TOKIO_WORKER_THREADS:-unset}"
+    echo
+    printf '| %-30s | %9s | %9s | %9s | %13s | %16s |\n' workload direct pgbouncer dbward dbward/direct dbward/pgbouncer
+    printf '| %-30s | %9s | %9s | %9s | %13s | %16s |\n' "---" "---:" "---:" "---:" "---:" "---:"
+    for w in "${WORKLOADS[@]}"; do
+        printf '| %-30s | %9.0f | %9.0f | %9.0f | %13s | %16s |\n' "${WL_NAME[$w]}" \
+            "${MED[direct,$w]}" "${MED[pgbouncer,$w]}" "${MED[dbward,$w]}" \
+            "$(ratio "${MED[dbward,$w]}" "${MED[direct,$w]}")" "$(ratio "${MED[dbward,$w]}" "${MED[pgbouncer,$w]}")"
+    done
+    echo
+    echo "proxy CPU per transaction (user+sys of the proxy process over all rounds / transactions):"
+    for w in "${WORKLOADS[@]}"; do
+        printf '  %-30s pgbouncer %6s us   dbward %6s us\n' "${WL_NAME[$w]}" "${US_PER_TXN[pgbouncer,$w]}" "${US_PER_TXN[dbward,$w]}"
+    done
+    printf 'dbward process: peak RSS (VmHWM) %s MiB, RSS now %s MiB, %s threads, CPU time %ss user + %ss sys (PgBouncer: %ss)\n' \
+        "$(awk -v k="$HWM_KB" 'BEGIN { printf "%.1f", k / 1024 }')" "$(awk -v k="$RSS_KB" 'BEGIN { printf "%.1f", k / 1024 }')" \
+        "$THREADS" "$DBW_UTIME" "$DBW_STIME" "$PGB_CPU"
+    echo
+    echo "every run (tps):"
+    for w in "${WORKLOADS[@]}"; do
+        for t in "${TARGETS[@]}"; do
+            printf '  %-5s %-9s' "$w" "$t"
+            for ((r = 1; r <= ROUNDS; r++)); do printf ' %10.1f' "${TPS[$t,$w,$r]}"; done
+            echo
+        done
+    done
+}
+
+if [ -n "$CHECK" ]; then
+    got=$(ratio "${MED[dbward,tput]}" "${MED[pgbouncer,tput]}")
+    if awk -v g="$got" -v c="$CHECK" 'BEGIN { exit !(g < c) }'; then
+        echo "check FAILED: dbward/pgbouncer throughput ratio $got < $CHECK"
+        exit 1
+    fi
+    echo "check passed: dbward/pgbouncer throughput ratio $got >= $CHECK"
+fi
+exit 0
