@@ -91,6 +91,8 @@ pub struct Held {
     refresh_after: Option<Duration>,
     /// How long the cache may hand it out (None: until replaced).
     cache_for: Option<Duration>,
+    /// The SCRAM salted password, computed on the first upstream login with this credential.
+    pub scram_keys: Arc<crate::upstream::scram::KeyCache>,
     lease: Mutex<LeaseClock>,
 }
 
@@ -139,6 +141,12 @@ impl std::ops::Deref for InUse {
     type Target = Credential;
     fn deref(&self) -> &Credential {
         &self.0.cred
+    }
+}
+
+impl InUse {
+    pub fn scram_keys(&self) -> &Arc<crate::upstream::scram::KeyCache> {
+        &self.0.scram_keys
     }
 }
 
@@ -397,6 +405,7 @@ impl CredentialStore {
                     in_use: AtomicUsize::new(0),
                     refresh_after,
                     cache_for,
+                    scram_keys: Arc::default(),
                     lease: Mutex::new(lease),
                 });
                 if held.cred.lease.is_some() {

@@ -24,6 +24,8 @@ pub(super) struct Context<'a> {
     pub database: &'a str,
     pub user: &'a str,
     pub password: &'a SecretString,
+    /// The credential's SCRAM salted-password cache.
+    pub keys: &'a std::sync::Arc<super::scram::KeyCache>,
     pub tls: bool,
     /// TLS with a verified certificate chain: only then may a password leave in a replayable form.
     pub tls_verified: bool,
@@ -120,7 +122,7 @@ where
                         ))
                     })?;
                 let binding = choose_binding(ctx, &mechanisms)?;
-                let client = ScramClient::new(ctx.password.expose_secret().as_bytes(), binding);
+                let client = ScramClient::with_keys(ctx.password.expose_secret().as_bytes(), binding, ctx.keys.clone());
                 frontend::sasl_initial_response(
                     client.mechanism(),
                     &client.client_first(),

@@ -377,10 +377,21 @@ pub async fn connect(
     params: &[(String, String)],
     password: &SecretString,
 ) -> Result<Connected, UpstreamError> {
+    connect_with_keys(settings, params, password, &Arc::default()).await
+}
+
+/// [`connect`] with the credential's SCRAM key cache, so that PBKDF2 runs once per credential
+/// rather than once per connection.
+pub async fn connect_with_keys(
+    settings: &UpstreamSettings,
+    params: &[(String, String)],
+    password: &SecretString,
+    keys: &Arc<scram::KeyCache>,
+) -> Result<Connected, UpstreamError> {
     let mut during = "resolving the host name";
     let result = tokio::time::timeout(
         settings.connect_timeout,
-        connect_inner(settings, params, password, &mut during),
+        connect_inner(settings, params, password, keys, &mut during),
     )
     .await;
     result.unwrap_or_else(|_| {
@@ -396,6 +407,7 @@ async fn connect_inner(
     settings: &UpstreamSettings,
     params: &[(String, String)],
     password: &SecretString,
+    keys: &Arc<scram::KeyCache>,
     during: &mut &'static str,
 ) -> Result<Connected, UpstreamError> {
     let addr = settings.addr();
@@ -423,6 +435,7 @@ async fn connect_inner(
         database: &settings.database,
         user,
         password,
+        keys,
         tls,
         tls_verified: tls && settings.verifies_certificate(),
         allow_insecure_password: settings.allow_insecure_password,

@@ -91,9 +91,49 @@ enum State {
     Failed,
 }
 
+/// The salted password of one credential, kept between connections: PBKDF2 is most of the CPU
+/// an upstream login costs, and for a given password, salt and iteration count its result never
+/// changes. Holds one entry (a credential's salt is fixed); wiped on drop.
+#[derive(Default)]
+pub struct KeyCache {
+    entry: std::sync::Mutex<Option<CachedKey>>,
+}
+
+struct CachedKey {
+    salt: Vec<u8>,
+    iterations: u32,
+    salted: Zeroizing<[u8; 32]>,
+}
+
+impl std::fmt::Debug for KeyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyCache([REDACTED])")
+    }
+}
+
+impl KeyCache {
+    fn salted_password(&self, password: &[u8], salt: &[u8], iterations: u32) -> Zeroizing<[u8; 32]> {
+        if let Some(c) = self.entry.lock().unwrap().as_ref() {
+            if c.salt == salt && c.iterations == iterations {
+                return c.salted.clone();
+            }
+        }
+        let mut salted = Zeroizing::new([0u8; 32]);
+        pbkdf2::pbkdf2_hmac::<Sha256>(password, salt, iterations, &mut *salted);
+        *self.entry.lock().unwrap() = Some(CachedKey { salt: salt.to_vec(), iterations, salted: salted.clone() });
+        salted
+    }
+
+    /// Whether PBKDF2 would be skipped for this salt and iteration count.
+    pub fn holds(&self, salt: &[u8], iterations: u32) -> bool {
+        self.entry.lock().unwrap().as_ref().is_some_and(|c| c.salt == salt && c.iterations == iterations)
+    }
+}
+
 /// One SCRAM-SHA-256 exchange.
 pub struct ScramClient {
     password: Zeroizing<Vec<u8>>,
+    keys: std::sync::Arc<KeyCache>,
     nonce: String,
     client_first_bare: String,
     channel_binding: ChannelBinding,
@@ -128,6 +168,13 @@ impl ScramClient {
         Self::with_nonce("", password, B64.encode(raw), channel_binding)
     }
 
+    /// [`Self::new`] reusing (and filling) `keys`, the salted password of this credential.
+    pub fn with_keys(password: &[u8], channel_binding: ChannelBinding, keys: std::sync::Arc<KeyCache>) -> Self {
+        let mut client = Self::new(password, channel_binding);
+        client.keys = keys;
+        client
+    }
+
     /// A client with a given user name and nonce, for test vectors.
     pub fn with_nonce(
         user: &str,
@@ -138,6 +185,7 @@ impl ScramClient {
         let user = user.replace('=', "=3D").replace(',', "=2C");
         ScramClient {
             password: Zeroizing::new(password.to_vec()),
+            keys: Default::default(),
             client_first_bare: format!("n={user},r={nonce}"),
             nonce,
             channel_binding,
@@ -197,8 +245,7 @@ impl ScramClient {
             Ok(n) => n,
         };
 
-        let mut salted = Zeroizing::new([0u8; 32]);
-        pbkdf2::pbkdf2_hmac::<Sha256>(&self.password, &salt, iterations, &mut *salted);
+        let salted = self.keys.salted_password(&self.password, &salt, iterations);
         let client_key = Zeroizing::new(hmac(&*salted, b"Client Key"));
         let stored_key = Zeroizing::new(<[u8; 32]>::from(Sha256::digest(&client_key[..])));
         let server_key = Zeroizing::new(hmac(&*salted, b"Server Key"));
@@ -306,6 +353,24 @@ mod tests {
         assert!(!c.is_verified());
         c.handle_server_final(SERVER_FINAL.as_bytes()).unwrap();
         assert!(c.is_verified());
+    }
+
+    #[test]
+    fn cached_salted_password_gives_the_same_proof_and_skips_pbkdf2() {
+        let keys = std::sync::Arc::new(KeyCache::default());
+        let salt = B64.decode("W22ZaJ0SNY7soEsUEjb6gQ==").unwrap();
+        for round in 0..2 {
+            assert_eq!(keys.holds(&salt, 4096), round == 1);
+            let mut c = rfc_client();
+            c.keys = keys.clone();
+            let client_final = c.handle_server_first(SERVER_FIRST.as_bytes()).unwrap();
+            assert_eq!(std::str::from_utf8(&client_final).unwrap(), CLIENT_FINAL);
+            c.handle_server_final(SERVER_FINAL.as_bytes()).unwrap();
+        }
+        // Another salt (the password was rotated server-side) is computed afresh.
+        assert!(!keys.holds(b"other", 4096));
+        assert!(!keys.holds(&salt, 8192));
+        assert_eq!(format!("{keys:?}"), "KeyCache([REDACTED])");
     }
 
     #[test]
