@@ -165,6 +165,9 @@ impl App {
         if new.vault != old.vault {
             return Err("[vault] changed: Vault address and login settings apply at restart; restart dbward".into());
         }
+        if new.proxy.worker_threads != old.proxy.worker_threads {
+            return Err("proxy.worker_threads changed: it applies at restart; restart dbward".into());
+        }
         if new.admin != old.admin {
             return Err("[admin] changed: the admin listener applies at restart; restart dbward".into());
         }

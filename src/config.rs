@@ -218,6 +218,14 @@ pub struct ProxyConfig {
     /// connection into a Vault request; short, so a fixed policy is picked up at once.
     #[serde(default = "default_error_cache")]
     pub vault_error_cache: HumanDuration,
+    /// Runtime worker threads. A sidecar relaying small queries does best with few: each
+    /// extra worker adds cross-thread wake-ups (benches/README.md). Applies at start.
+    #[serde(default = "default_worker_threads")]
+    pub worker_threads: usize,
+}
+
+fn default_worker_threads() -> usize {
+    2
 }
 
 fn default_startup_timeout() -> HumanDuration {
@@ -236,6 +244,7 @@ impl Default for ProxyConfig {
             startup_timeout: default_startup_timeout(),
             shutdown_grace: default_shutdown_grace(),
             vault_error_cache: default_error_cache(),
+            worker_threads: default_worker_threads(),
         }
     }
 }
@@ -472,6 +481,9 @@ impl Config {
                 }
                 Some(_) => {}
             }
+        }
+        if !(1..=256).contains(&self.proxy.worker_threads) {
+            return Err(err("proxy.worker_threads", format!("{} is out of range: use 1 to 256", self.proxy.worker_threads)));
         }
         if self.databases.is_empty() {
             return Err(err("databases", "at least one [[databases]] entry is required"));

@@ -120,7 +120,11 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             init_logging(log_format);
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(cfg.proxy.worker_threads)
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
             rt.block_on(async {
                 let app = match dbward::app::App::new(cfg) {
                     Ok(a) => a,
