@@ -112,7 +112,11 @@ impl App {
 
     /// Binds every listen address of `config` that is not bound yet, or is bound for another
     /// database entry; all or nothing. Returns the new listeners, not yet serving.
-    async fn bind_missing(&self, config: &Config) -> Result<Vec<(ListenAddr, String, listener::Listener)>, String> {
+    async fn bind_missing(
+        &self,
+        config: &Config,
+        activated: &mut crate::systemd::ActivatedSockets,
+    ) -> Result<Vec<(ListenAddr, String, listener::Listener)>, String> {
         let current = self.listeners.lock().await;
         let mut fresh = Vec::new();
         for (i, db) in config.databases.iter().enumerate() {
@@ -126,7 +130,7 @@ impl App {
                         "databases[{i}].listen: {addr} belongs to another database entry now; remove it in one reload and add it in the next"
                     ));
                 }
-                match listener::bind(&addr, db.socket_mode.0).await {
+                match listener::bind_or_take(&addr, db.socket_mode.0, activated).await {
                     Ok(l) => fresh.push((addr, db.name.clone(), l)),
                     // Dropping `fresh` closes what was bound so far.
                     Err(e) => return Err(format!("databases[{i}].listen: cannot listen on {addr}: {e}")),
@@ -194,7 +198,7 @@ impl App {
             .filter(|d| !next.contains_key(&d.name))
             .map(|d| d.name.clone())
             .collect();
-        let fresh = self.bind_missing(&new).await?;
+        let fresh = self.bind_missing(&new, &mut crate::systemd::ActivatedSockets::none()).await?;
         // From here on nothing can fail: switch over.
         self.credentials.update_entries(new.databases.iter().map(|d| (d.name.clone(), d.credentials.clone()))).await;
         *self.databases.write().unwrap() = next;
@@ -236,25 +240,32 @@ pub enum RunError {
 /// gracefully; `reload` yields each time the configuration should be re-read.
 pub async fn run(app: Arc<App>, stop: impl std::future::Future<Output = ()>) -> Result<(), RunError> {
     let config = app.config();
-    let fresh = app.bind_missing(&config).await.map_err(RunError::Bind)?;
+    // Socket activation: adopt the sockets systemd passed (matched by address), bind the rest.
+    let mut activated = crate::systemd::ActivatedSockets::from_env();
+    let fresh = app.bind_missing(&config, &mut activated).await.map_err(RunError::Bind)?;
     let admin = match &config.admin.listen {
         Some(addr) => Some(
-            crate::admin::bind(addr)
+            crate::admin::bind_or_take(addr, &mut activated)
                 .await
                 .map_err(|e| RunError::Bind(format!("admin.listen: cannot listen on {addr}: {e}")))?,
         ),
         None => None,
     };
+    activated.close_unused();
     app.swap_listeners(&config, fresh).await;
     if let Some(admin) = admin {
         tokio::spawn(crate::admin::serve(app.clone(), admin));
     }
+    crate::systemd::ready(&format!("serving {} database entries", config.databases.len()));
+    tokio::spawn(crate::systemd::watchdog());
     // The lifecycle also warms the cache: every credential is fetched at start, so the first
     // client does not wait on Vault. Failure is not fatal: /readyz reports it meanwhile.
     tokio::spawn(app.credentials.clone().maintain(app.shutdown.clone()));
     stop.await;
     tracing::info!("shutdown requested");
-    app.shutdown.run(app.config().proxy.shutdown_grace.0).await;
+    let grace = app.config().proxy.shutdown_grace.0;
+    crate::systemd::stopping(grace);
+    app.shutdown.run(grace).await;
     let tasks: Vec<Bound> = app.listeners.lock().await.drain().map(|(_, b)| b).collect();
     for b in tasks {
         b.stop.cancel();

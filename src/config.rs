@@ -197,11 +197,15 @@ impl AuthConfig {
 pub struct AdminConfig {
     /// Address of the /metrics, /healthz, /readyz server; absent: no admin server.
     pub listen: Option<String>,
+    /// The admin server tells which databases and Vault paths exist and why they fail: a
+    /// non-loopback address must be asked for.
+    #[serde(default)]
+    pub allow_remote: bool,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: None }
+        AdminConfig { listen: None, allow_remote: false }
     }
 }
 
@@ -477,6 +481,12 @@ impl Config {
                     return Err(err(
                         "admin.listen",
                         format!("{listen:?} is not an address like \"127.0.0.1:9187\""),
+                    ))
+                }
+                Some(a) if !a.ip().is_loopback() && !self.admin.allow_remote => {
+                    return Err(err(
+                        "admin.listen",
+                        format!("{listen:?} is not a loopback address; set admin.allow_remote = true to expose metrics and readiness details beyond this host"),
                     ))
                 }
                 Some(_) => {}

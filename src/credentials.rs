@@ -164,6 +164,18 @@ impl Expiry<String, Arc<Held>> for LeaseExpiry {
         let lived = created_at.saturating_duration_since(value.cred.fetched_at);
         value.cache_for.map(|d| d.saturating_sub(lived))
     }
+
+    // Without this, moka keeps the replaced entry's remaining time when a refresh inserts over
+    // an existing key, and the fresh credential would vanish with the old one's expiry.
+    fn expire_after_update(
+        &self,
+        key: &String,
+        value: &Arc<Held>,
+        updated_at: Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        self.expire_after_create(key, value, updated_at)
+    }
 }
 
 struct Entry {
@@ -501,6 +513,8 @@ impl CredentialStore {
                 Err(e) => Err(e),
             },
         };
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        self.metrics.credential_refreshes_total.with_label_values(&[database, outcome]).inc();
         match result {
             Ok(()) => {
                 entry.backoff.lock().unwrap().succeeded();
@@ -691,6 +705,41 @@ mod tests {
         assert_eq!(short.refresh_after, Some(Duration::from_millis(3500)));
         let half = schedule(&creds("database", "refresh_fraction = 0.5"), Some(S(600)), 1.0);
         assert_eq!(half.refresh_after, Some(S(300)));
+    }
+
+    fn held(cache_for: Option<Duration>) -> Arc<Held> {
+        Arc::new(Held {
+            cred: Credential {
+                username: "u".into(),
+                password: secrecy::SecretString::from("p".to_string()),
+                lease: None,
+                valid_for: cache_for,
+                fetched_at: Instant::now(),
+                path: "database/creds/r".into(),
+                generation: 2,
+            },
+            token_generation: 1,
+            in_use: AtomicUsize::new(0),
+            refresh_after: None,
+            cache_for,
+            scram_keys: Arc::default(),
+            lease: Mutex::new(LeaseClock {
+                renewed_at: Instant::now(),
+                duration: Duration::ZERO,
+                at_max: false,
+                gone: false,
+            }),
+        })
+    }
+
+    #[test]
+    fn a_refreshed_credential_gets_its_own_lifetime_not_the_replaced_ones() {
+        let fresh = held(Some(S(40)));
+        // The replaced credential had half a second left; the new one must get its full 40 s.
+        let left = LeaseExpiry.expire_after_update(&"d".to_string(), &fresh, Instant::now(), Some(Duration::from_millis(500)));
+        assert!(left.unwrap() > S(39), "{left:?}");
+        let kv = held(None);
+        assert_eq!(LeaseExpiry.expire_after_update(&"d".to_string(), &kv, Instant::now(), Some(S(1))), None);
     }
 
     #[test]

@@ -23,11 +23,30 @@ pub enum Listener {
     Unix(UnixListener, UnlinkOnDrop),
 }
 
-pub struct UnlinkOnDrop(PathBuf);
+/// A Unix listener's socket file; removed on drop when dbward created it (true), kept when
+/// systemd passed the socket (socket activation: the file must outlive dbward).
+pub struct UnlinkOnDrop(PathBuf, bool);
 
 impl Drop for UnlinkOnDrop {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if self.1 {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+/// [`bind`], or adopts the socket systemd passed for `addr` (socket activation).
+pub async fn bind_or_take(
+    addr: &ListenAddr,
+    socket_mode: u32,
+    activated: &mut crate::systemd::ActivatedSockets,
+) -> io::Result<Listener> {
+    match activated.take(addr) {
+        Some(crate::systemd::Activated::Tcp(l)) => Ok(Listener::Tcp(TcpListener::from_std(l)?)),
+        Some(crate::systemd::Activated::Unix(l, path)) => {
+            Ok(Listener::Unix(UnixListener::from_std(l)?, UnlinkOnDrop(path, false)))
+        }
+        None => bind(addr, socket_mode).await,
     }
 }
 
@@ -56,7 +75,7 @@ pub async fn bind(addr: &ListenAddr, socket_mode: u32) -> io::Result<Listener> {
         ListenAddr::Unix(path) => {
             remove_stale_socket(path)?;
             let l = UnixListener::bind(path)?;
-            let guard = UnlinkOnDrop(path.clone());
+            let guard = UnlinkOnDrop(path.clone(), true);
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(socket_mode))?;
             Ok(Listener::Unix(l, guard))
         }

@@ -143,7 +143,9 @@ fn main() -> ExitCode {
                         };
                         while hup.recv().await.is_some() {
                             tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
+                            dbward::systemd::reloading();
                             app.reload_file(&path).await;
+                            dbward::systemd::ready("configuration reloaded");
                         }
                     }
                 });

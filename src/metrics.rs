@@ -1,10 +1,15 @@
 //! Prometheus metrics. One [`Metrics`] owns its own registry and is passed down (no global
 //! registry: tests run many instances in one process). Labels are database entry names,
 //! operations and status codes: never users, lease ids or secrets.
+//!
+//! Most series are updated where things happen (sessions, the credential store, the Vault
+//! client). The "how long is left" gauges and readiness are instead computed when `/metrics` is
+//! scraped (see `admin::refresh_scrape_gauges`): a value set at fetch time would go stale as
+//! the clock runs, and tokens are renewed in places that do not know about metrics.
 
 use prometheus::{
-    exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -18,12 +23,23 @@ pub struct Metrics {
     pub credential_cache_total: IntCounterVec,
     pub credential_fetch_total: IntCounterVec,
     pub credential_expiry_timestamp_seconds: GaugeVec,
+    /// Set at scrape time: seconds until the cached credential stops being valid; 0 when none
+    /// is cached; absent for credentials without expiry (KV).
+    pub credential_expires_in_seconds: GaugeVec,
+    /// Fetches by the background lifecycle (ahead of expiry, or when none is cached), not by
+    /// clients; incremented in `CredentialStore::refresh_step`.
+    pub credential_refreshes_total: IntCounterVec,
+    /// Set at scrape time: 1 when the entry holds a valid credential and dbward is not
+    /// shutting down (what `/readyz` reports, without asking Vault).
+    pub database_ready: IntGaugeVec,
     pub credential_rejected_total: IntCounterVec,
     pub vault_requests_total: IntCounterVec,
     pub vault_request_seconds: HistogramVec,
     pub vault_denied_total: IntCounterVec,
     pub vault_token_expiry_timestamp_seconds: IntGauge,
-    pub vault_logins_total: IntCounterVec,
+    /// Set at scrape time; no labels. Absent before the first login and for tokens that never
+    /// expire, so dashboards do not show a misleading 0 or infinity.
+    pub vault_token_expires_in_seconds: GaugeVec,
     pub cancel_requests_total: IntCounterVec,
     pub lease_renewals_total: IntCounterVec,
     pub lease_revocations_total: IntCounterVec,
@@ -40,11 +56,15 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
-            r.register(Box::new(c.clone())).expect("metric names are unique");
+            r.register(Box::new(c.clone()))
+                .expect("metric names are unique");
             c
         }
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            reg(&registry, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+            reg(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
         };
         let m = Metrics {
             client_connections_total: counter(
@@ -105,6 +125,33 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            credential_expires_in_seconds: reg(
+                &registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "dbward_credential_expires_in_seconds",
+                        "Seconds until the cached credential stops being valid (0: none cached; absent for KV secrets).",
+                    ),
+                    &["database"],
+                )
+                .unwrap(),
+            ),
+            credential_refreshes_total: counter(
+                "dbward_credential_refreshes_total",
+                "Credential fetches by the background lifecycle (ahead of expiry, or when none is cached), by result: ok or error.",
+                &["database", "result"],
+            ),
+            database_ready: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "dbward_database_ready",
+                        "1 when the database entry holds a valid credential and dbward is not shutting down.",
+                    ),
+                    &["database"],
+                )
+                .unwrap(),
+            ),
             credential_rejected_total: counter(
                 "dbward_credential_rejected_total",
                 "Credentials the upstream refused (28P01) although Vault issued them.",
@@ -137,7 +184,17 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
-            vault_logins_total: counter("dbward_vault_logins_total", "Vault logins by result.", &["result"]),
+            vault_token_expires_in_seconds: reg(
+                &registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "dbward_vault_token_expires_in_seconds",
+                        "Seconds until the current Vault token expires (absent before the first login and for tokens without expiry).",
+                    ),
+                    &[],
+                )
+                .unwrap(),
+            ),
             cancel_requests_total: counter(
                 "dbward_cancel_requests_total",
                 "Cancel requests by result: routed, unknown_key or failed.",
@@ -160,14 +217,85 @@ impl Metrics {
             ),
             registry,
         };
-        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         m
     }
 
     /// The text exposition format for `/metrics`.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
         String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_info_is_exported_with_the_crate_version() {
+        let m = Metrics::new();
+        let text = m.render();
+        let want = format!(
+            "dbward_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&want), "{text}");
+    }
+
+    #[test]
+    fn every_family_is_named_dbward_and_labelled_by_allowed_names_only() {
+        let m = Metrics::new();
+        // Touch every labelled family once so that it is rendered.
+        m.client_connections_total.with_label_values(&["db"]).inc();
+        m.credential_expires_in_seconds
+            .with_label_values(&["db"])
+            .set(1.0);
+        m.vault_token_expires_in_seconds
+            .with_label_values::<&str>(&[])
+            .set(1.0);
+        m.upstream_connect_seconds
+            .with_label_values(&["db"])
+            .observe(0.01);
+        let allowed = [
+            "database",
+            "reason",
+            "sqlstate_class",
+            "direction",
+            "result",
+            "operation",
+            "status",
+            "version",
+        ];
+        for family in m.registry.gather() {
+            assert!(family.name().starts_with("dbward_"), "{}", family.name());
+            assert!(!family.help().is_empty(), "{} has no help", family.name());
+            for metric in family.get_metric() {
+                for label in metric.get_label() {
+                    assert!(
+                        allowed.contains(&label.name()),
+                        "{}: label {}",
+                        family.name(),
+                        label.name()
+                    );
+                }
+            }
+        }
+        let text = m.render();
+        assert!(
+            text.contains("dbward_vault_token_expires_in_seconds 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_token_gauge_is_absent_until_set() {
+        let m = Metrics::new();
+        assert!(!m.render().contains("dbward_vault_token_expires_in_seconds"));
     }
 }
