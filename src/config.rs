@@ -192,7 +192,7 @@ impl AuthConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the /metrics, /healthz, /readyz server; absent: no admin server.
@@ -201,12 +201,6 @@ pub struct AdminConfig {
     /// non-loopback address must be asked for.
     #[serde(default)]
     pub allow_remote: bool,
-}
-
-impl Default for AdminConfig {
-    fn default() -> Self {
-        AdminConfig { listen: None, allow_remote: false }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

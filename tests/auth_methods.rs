@@ -1,6 +1,10 @@
 //! The Vault auth methods other than jwt, against a real OpenBao: approle (role_id and
 //! secret_id files) and token (a token file, its TTL and policies from lookup-self).
 
+// The shared/exclusive guard of the servers is held for a whole test, across awaits, on
+// the test's own single-threaded runtime: that is its purpose.
+#![allow(clippy::await_holding_lock)]
+
 mod common;
 
 use common::*;

@@ -2,6 +2,10 @@
 //! with no password and lands on Postgres as the Vault-issued user; every failure it can meet
 //! names what failed and what to check.
 
+// The shared/exclusive guard of the servers is held for a whole test, across awaits, on
+// the test's own single-threaded runtime: that is its purpose.
+#![allow(clippy::await_holding_lock)]
+
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
@@ -118,7 +122,7 @@ async fn wrong_database_name_gets_the_servers_3d000() {
         .config_toml("static", &[format!("127.0.0.1:{port}")])
         .replace(&format!("dbname = {}\n", toml_str(&app.dbname)), "");
     let _d = Dbward::start(&cfg);
-    let err = try_connect(port, "no_such_db", "x").await.err().expect("connect must fail");
+    let err = try_connect(port, "no_such_db", "x").await.expect_err("connect must fail");
     let (code, msg) = db_error(&err);
     assert_eq!(code, "3D000");
     assert!(msg.contains("no_such_db"), "{msg}");
@@ -149,7 +153,7 @@ async fn moved_secret_with_stale_policy_names_the_path_and_recovers_when_fixed()
     );
     let mut d = Dbward::start(&format!("{moved}{other}"));
 
-    let err = try_connect(moved_port, &app.dbname, "x").await.err().expect("must be denied");
+    let err = try_connect(moved_port, &app.dbname, "x").await.expect_err("must be denied");
     let db = err.as_db_error().unwrap();
     assert_eq!(db.code().code(), "28000");
     assert_eq!(db.message(), format!("dbward: Vault denied read of {new_path} (403 permission denied)"));
@@ -177,7 +181,7 @@ async fn expired_workload_jwt_is_named_not_sent() {
     app.write_jwt(&app.jwt_subject, JWT_AUDIENCE, -60);
     let port = free_port();
     let _d = Dbward::start(&app.config_toml("static", &[format!("127.0.0.1:{port}")]));
-    let err = try_connect(port, &app.dbname, "x").await.err().expect("must fail");
+    let err = try_connect(port, &app.dbname, "x").await.expect_err("must fail");
     let (code, msg) = db_error(&err);
     assert_eq!(code, "28000");
     assert!(msg.contains("the JWT expired at"), "{msg}");
@@ -195,7 +199,7 @@ async fn jwt_with_wrong_subject_reports_the_claims() {
     app.write_jwt("system:serviceaccount:someone-else", JWT_AUDIENCE, 3600);
     let port = free_port();
     let d = Dbward::start(&app.config_toml("static", &[format!("127.0.0.1:{port}")]));
-    let err = try_connect(port, &app.dbname, "x").await.err().expect("must fail");
+    let err = try_connect(port, &app.dbname, "x").await.expect_err("must fail");
     let (code, msg) = db_error(&err);
     assert_eq!(code, "28000");
     assert!(msg.contains("Vault login of auth/jwt/login failed"), "{msg}");
@@ -231,7 +235,7 @@ async fn cancel_reaches_the_right_backend() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     token.cancel_query(tokio_postgres::NoTls).await.expect("send cancel");
-    let err = sleeper.await.unwrap().err().expect("the query must be cancelled");
+    let err = sleeper.await.unwrap().expect_err("the query must be cancelled");
     assert_eq!(db_error(&err).0, "57014");
     assert!(started.elapsed() < Duration::from_secs(20));
     // The bystander's query was not touched.
@@ -267,7 +271,7 @@ async fn postgres_down_gives_08001_naming_the_upstream() {
         .config_toml("static", &[format!("127.0.0.1:{port}")])
         .replace(&format!("127.0.0.1:{}", s.pg_port()), &format!("127.0.0.1:{dead}"));
     let _d = Dbward::start(&cfg);
-    let err = try_connect(port, &app.dbname, "x").await.err().expect("must fail");
+    let err = try_connect(port, &app.dbname, "x").await.expect_err("must fail");
     let (code, msg) = db_error(&err);
     assert_eq!(code, "08001");
     assert!(msg.contains(&format!("127.0.0.1:{dead}")), "{msg}");

@@ -1,6 +1,10 @@
 //! Tests of the test harness itself (tests/common), against the real servers: if these fail,
 //! every other integration test's failure is suspect. Nothing here runs dbward.
 
+// The shared/exclusive guard of the servers is held for a whole test, across awaits, on
+// the test's own single-threaded runtime: that is its purpose.
+#![allow(clippy::await_holding_lock)]
+
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -70,8 +74,7 @@ async fn dynamic_credentials_log_in_to_postgres() {
 
     let err = connect_with_password(s.pg_port(), &app.dbname, &user, "wrong")
         .await
-        .err()
-        .expect("wrong password must fail");
+        .expect_err("wrong password must fail");
     assert_eq!(
         err.as_db_error().map(|e| e.code().code()),
         Some("28P01"),

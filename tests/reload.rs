@@ -1,6 +1,10 @@
 //! SIGHUP reload against real servers: database entries and listeners are added, changed and
 //! removed without dropping established sessions; a bad config is refused and the old one kept.
 
+// The shared/exclusive guard of the servers is held for a whole test, across awaits, on
+// the test's own single-threaded runtime: that is its purpose.
+#![allow(clippy::await_holding_lock)]
+
 mod common;
 
 use std::time::Duration;
