@@ -430,7 +430,15 @@ impl CredentialStore {
                 if e.error.is_denied() {
                     self.metrics.vault_denied_total.with_label_values(&[database]).inc();
                 }
-                tracing::warn!(database, path = %e.path, policies = e.policies.as_deref().unwrap_or("-"), error = %e.error, "credential fetch failed");
+                tracing::warn!(
+                    database,
+                    path = %e.path,
+                    capability = if e.error.is_denied() { "read (missing)" } else { "read" },
+                    policies = e.policies.as_deref().unwrap_or("-"),
+                    login = %e.login,
+                    error = %e.error,
+                    "credential fetch failed"
+                );
                 Err(e)
             }
         }
