@@ -25,6 +25,9 @@ pub struct Database {
     pub upstream: Arc<UpstreamSettings>,
     /// One permit per client connection: `max_client_connections`.
     pub slots: Arc<Semaphore>,
+    /// The certificate served to clients (`client_tls`), loaded with the config so that a bad
+    /// file fails the start or the reload, not the first client.
+    pub client_tls: Option<Arc<crate::pg::tls::ClientTls>>,
 }
 
 pub struct App {
@@ -54,6 +57,7 @@ fn build_database(index: usize, cfg: &DatabaseConfig) -> Result<Arc<Database>, S
         cfg: cfg.clone(),
         upstream: Arc::new(upstream),
         slots: Arc::new(Semaphore::new(cfg.max_client_connections)),
+        client_tls: crate::pg::tls::ClientTls::load(index, cfg)?,
     }))
 }
 

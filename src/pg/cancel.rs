@@ -1,6 +1,11 @@
-//! Cancel keys. dbward hands each client a BackendKeyData of its own (random, unrelated to the
-//! upstream's) and remembers which upstream backend it stands for, so a CancelRequest is routed
-//! to the right server and a client can never cancel a backend it was not given.
+//! Cancel keys. dbward hands each client a BackendKeyData of its own and remembers which
+//! upstream backend it stands for, so a CancelRequest is routed to the right server and a client
+//! can never cancel a backend it was not given.
+//!
+//! The process id is the backend's real one: clients compare it with the pid in NOTIFY messages
+//! (to skip their own notifications) and with `pg_backend_pid()`. The secret is fresh from the
+//! operating system's CSPRNG for every session and unrelated to the upstream's, so one key says
+//! nothing about another; 3.2 clients get 32 bytes of it, 3.0 clients the 4 they can carry.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,7 +23,10 @@ pub struct BackendKey {
 impl std::fmt::Debug for BackendKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The secret lets anyone cancel the backend's queries.
-        f.debug_struct("BackendKey").field("pid", &self.pid).field("secret", &"[REDACTED]").finish()
+        f.debug_struct("BackendKey")
+            .field("pid", &self.pid)
+            .field("secret", &"[REDACTED]")
+            .finish()
     }
 }
 
@@ -57,35 +65,53 @@ pub struct CancelMap<T> {
 
 impl<T: Clone> Default for CancelMap<T> {
     fn default() -> Self {
-        CancelMap { inner: Mutex::new(HashMap::new()) }
+        CancelMap {
+            inner: Mutex::new(HashMap::new()),
+        }
     }
 }
 
 impl<T: Clone> CancelMap<T> {
-    /// Registers an upstream backend and returns the random key to give the client; the mapping
-    /// lives as long as the returned guard.
-    pub fn register(self: &Arc<Self>, target: CancelTarget<T>) -> (BackendKey, CancelGuard<T>) {
-        let mut rng = rand::thread_rng();
-        let mut map = self.inner.lock().unwrap();
+    /// Registers an upstream backend and returns the key to give the client: the backend's pid
+    /// with a random secret of `secret_len` bytes. The mapping lives as long as the guard.
+    pub fn register(
+        self: &Arc<Self>,
+        target: CancelTarget<T>,
+        secret_len: usize,
+    ) -> (BackendKey, CancelGuard<T>) {
+        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let key = loop {
-            let mut secret = vec![0u8; 4];
-            rng.fill_bytes(&mut secret);
-            // Positive pids only: some drivers print or compare them as process ids.
-            let key = BackendKey { pid: (rng.next_u32() >> 1) as i32 | 1, secret };
-            if !map.contains_key(&key) {
+            let mut secret = vec![0u8; secret_len];
+            rand::rngs::OsRng.fill_bytes(&mut secret);
+            // Two servers can have backends with the same pid; the secret keeps keys apart.
+            let key = BackendKey {
+                pid: target.key.pid,
+                secret,
+            };
+            if !map.contains_key(&key) && key != target.key {
                 break key;
             }
         };
         map.insert(key.clone(), target);
-        (key.clone(), CancelGuard { map: Arc::clone(self), key })
+        (
+            key.clone(),
+            CancelGuard {
+                map: Arc::clone(self),
+                key,
+            },
+        )
     }
 
     pub fn lookup(&self, key: &BackendKey) -> Option<CancelTarget<T>> {
-        self.inner.lock().unwrap().get(key).cloned()
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
     }
 
     pub fn len(&self) -> usize {
-        self.inner.lock().unwrap().len()
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -101,7 +127,11 @@ pub struct CancelGuard<T: Clone> {
 
 impl<T: Clone> Drop for CancelGuard<T> {
     fn drop(&mut self) {
-        self.map.inner.lock().unwrap().remove(&self.key);
+        self.map
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
     }
 }
 
@@ -112,12 +142,23 @@ mod tests {
     #[test]
     fn keys_are_random_and_mapping_ends_with_the_session() {
         let map: Arc<CancelMap<u16>> = Arc::default();
-        let upstream_key = BackendKey { pid: 4242, secret: vec![9, 9, 9, 9] };
-        let target = CancelTarget { database: "payments".into(), upstream: 5432u16, key: upstream_key.clone() };
-        let (k1, g1) = map.register(target.clone());
-        let (k2, g2) = map.register(target);
+        let upstream_key = BackendKey {
+            pid: 4242,
+            secret: vec![9, 9, 9, 9],
+        };
+        let target = CancelTarget {
+            database: "payments".into(),
+            upstream: 5432u16,
+            key: upstream_key.clone(),
+        };
+        let (k1, g1) = map.register(target.clone(), 4);
+        let (k2, g2) = map.register(target, 32);
         assert_ne!(k1, k2);
-        assert_ne!(k1, upstream_key, "the upstream key must not be handed to clients");
+        assert_eq!((k1.pid, k1.secret.len(), k2.secret.len()), (4242, 4, 32));
+        assert_ne!(
+            k1, upstream_key,
+            "the upstream key must not be handed to clients"
+        );
         assert_eq!(map.lookup(&k1).unwrap().key, upstream_key);
         drop(g1);
         assert!(map.lookup(&k1).is_none());
@@ -127,10 +168,46 @@ mod tests {
     }
 
     #[test]
+    fn secrets_are_unpredictable() {
+        let map: Arc<CancelMap<u16>> = Arc::default();
+        let target = CancelTarget {
+            database: "d".into(),
+            upstream: 1u16,
+            key: BackendKey {
+                pid: 1,
+                secret: vec![0; 4],
+            },
+        };
+        let guards: Vec<_> = (0..2000).map(|_| map.register(target.clone(), 4)).collect();
+        let secrets: std::collections::HashSet<_> =
+            guards.iter().map(|(k, _)| k.secret.clone()).collect();
+        assert_eq!(secrets.len(), guards.len());
+        // Consecutive keys share no structure: no byte position is constant across them.
+        for i in 0..4 {
+            let values: std::collections::HashSet<u8> =
+                guards.iter().map(|(k, _)| k.secret[i]).collect();
+            assert!(
+                values.len() > 200,
+                "byte {i} takes only {} values",
+                values.len()
+            );
+        }
+        assert_eq!(map.len(), 2000);
+        drop(guards);
+        assert!(map.is_empty());
+    }
+
+    #[test]
     fn cancel_request_layout() {
-        let k = BackendKey { pid: 7, secret: vec![1, 2, 3, 4] };
+        let k = BackendKey {
+            pid: 7,
+            secret: vec![1, 2, 3, 4],
+        };
         let b = k.cancel_request();
-        assert_eq!(&b[..], &[0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e, 0, 0, 0, 7, 1, 2, 3, 4]);
+        assert_eq!(
+            &b[..],
+            &[0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e, 0, 0, 0, 7, 1, 2, 3, 4]
+        );
         assert!(!format!("{k:?}").contains("[1, 2, 3, 4]"));
     }
 }

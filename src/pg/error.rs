@@ -38,7 +38,13 @@ pub struct PgError {
 
 impl PgError {
     pub fn fatal(code: &'static str, message: impl Into<String>) -> Self {
-        PgError { severity: "FATAL", code, message: message.into(), detail: None, hint: None }
+        PgError {
+            severity: "FATAL",
+            code,
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
     }
 
     pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
@@ -104,14 +110,22 @@ mod tests {
 
     #[test]
     fn encoded_error_parses_as_postgres_error_response() {
-        let e = PgError::fatal(sqlstate::INVALID_AUTHORIZATION, "Vault denied read of secret/data/x (403 permission denied)")
-            .with_hint("check the policy");
+        let e = PgError::fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            "Vault denied read of secret/data/x (403 permission denied)",
+        )
+        .with_hint("check the policy");
         let mut buf = e.to_bytes();
         match Message::parse(&mut buf).unwrap().unwrap() {
             Message::ErrorResponse(body) => {
                 let fields: Vec<(u8, String)> = body
                     .fields()
-                    .map(|f| Ok((f.type_(), String::from_utf8_lossy(f.value_bytes()).into_owned())))
+                    .map(|f| {
+                        Ok((
+                            f.type_(),
+                            String::from_utf8_lossy(f.value_bytes()).into_owned(),
+                        ))
+                    })
                     .collect()
                     .unwrap();
                 assert!(fields.contains(&(b'C', "28000".into())));

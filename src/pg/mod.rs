@@ -1,9 +1,11 @@
 //! The client-facing side of the Postgres wire protocol that dbward itself speaks: startup
-//! packets, error responses, and cancel keys. After authentication dbward does not parse
-//! messages; the session relays bytes.
+//! packets, TLS towards clients, error responses, and cancel keys. After authentication dbward
+//! does not parse messages; the session relays bytes, only following where messages end.
 
 pub mod cancel;
 pub mod error;
+pub mod frame;
 pub mod startup;
+pub mod tls;
 
 pub use error::PgError;

@@ -14,8 +14,14 @@ pub const SSL_REQUEST_CODE: u32 = 80877103;
 pub const GSSENC_REQUEST_CODE: u32 = 80877104;
 pub const CANCEL_REQUEST_CODE: u32 = 80877102;
 
-/// The newest protocol minor version dbward speaks to clients.
-pub const NEWEST_MINOR: u16 = 0;
+/// The newest protocol minor version dbward speaks to clients. 3.2 (Postgres 18) differs from
+/// 3.0 only in the length of the cancel key, which dbward makes up itself, so a 3.2 client can
+/// be served in front of any server.
+pub const NEWEST_MINOR: u16 = 2;
+
+/// Secret length of the cancel keys dbward hands to 3.2 clients (Postgres 18 uses 32 too); 3.0
+/// clients expect exactly 4 bytes.
+pub const LONG_SECRET_LEN: usize = 32;
 
 /// A parsed startup-phase packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,7 +45,24 @@ pub struct StartupMessage {
 
 impl StartupMessage {
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The minor version the session runs with: the client's, capped at the newest we speak.
+    pub fn effective_minor(&self) -> u16 {
+        self.minor.min(NEWEST_MINOR)
+    }
+
+    /// Length of the cancel key secret this client expects in BackendKeyData.
+    pub fn secret_len(&self) -> usize {
+        if self.effective_minor() >= 2 {
+            LONG_SECRET_LEN
+        } else {
+            4
+        }
     }
 
     /// Whether the client must be sent NegotiateProtocolVersion before authentication.
@@ -47,13 +70,14 @@ impl StartupMessage {
         self.minor > NEWEST_MINOR || !self.protocol_options.is_empty()
     }
 
-    /// NegotiateProtocolVersion ('v'): the newest minor we speak, and every option we do not know.
+    /// NegotiateProtocolVersion ('v'): the version the session will use (never above what the
+    /// client asked for), and every protocol option we do not know, which is all of them.
     pub fn negotiate_protocol_version(&self) -> BytesMut {
         let mut b = BytesMut::new();
         b.put_u8(b'v');
         let at = b.len();
         b.put_i32(0);
-        b.put_i32(((3u32 << 16) | NEWEST_MINOR as u32) as i32);
+        b.put_i32(((3u32 << 16) | self.effective_minor() as u32) as i32);
         b.put_i32(self.protocol_options.len() as i32);
         for o in &self.protocol_options {
             b.put_slice(o.as_bytes());
@@ -72,14 +96,16 @@ fn protocol_error(message: impl Into<String>) -> PgError {
 /// Parses the packet body (everything after the 4-byte length).
 pub fn parse(body: &[u8]) -> Result<StartupPacket, PgError> {
     if body.len() < 4 {
-        return Err(protocol_error("invalid startup packet: shorter than its protocol code"));
+        return Err(protocol_error(
+            "invalid startup packet: shorter than its protocol code",
+        ));
     }
     let code = u32::from_be_bytes(body[..4].try_into().unwrap());
     let rest = &body[4..];
     match code {
-        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE if !rest.is_empty() => {
-            Err(protocol_error("invalid startup packet: SSL/GSSENC request with a body"))
-        }
+        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE if !rest.is_empty() => Err(protocol_error(
+            "invalid startup packet: SSL/GSSENC request with a body",
+        )),
         SSL_REQUEST_CODE => Ok(StartupPacket::SslRequest),
         GSSENC_REQUEST_CODE => Ok(StartupPacket::GssEncRequest),
         CANCEL_REQUEST_CODE => {
@@ -88,7 +114,10 @@ pub fn parse(body: &[u8]) -> Result<StartupPacket, PgError> {
                 return Err(protocol_error("invalid cancel request length"));
             }
             let pid = i32::from_be_bytes(rest[..4].try_into().unwrap());
-            Ok(StartupPacket::Cancel { pid, secret: rest[4..].to_vec() })
+            Ok(StartupPacket::Cancel {
+                pid,
+                secret: rest[4..].to_vec(),
+            })
         }
         _ => {
             let major = (code >> 16) as u16;
@@ -96,17 +125,25 @@ pub fn parse(body: &[u8]) -> Result<StartupPacket, PgError> {
             if major != 3 {
                 return Err(PgError::fatal(
                     sqlstate::FEATURE_NOT_SUPPORTED,
-                    format!("unsupported frontend protocol {major}.{minor}: dbward speaks protocol 3.0"),
+                    format!("unsupported frontend protocol {major}.{minor}: dbward supports 3.0 to 3.{NEWEST_MINOR}"),
                 ));
             }
             parse_params(rest).map(|(params, protocol_options)| {
-                StartupPacket::Startup(StartupMessage { major, minor, params, protocol_options })
+                StartupPacket::Startup(StartupMessage {
+                    major,
+                    minor,
+                    params,
+                    protocol_options,
+                })
             })
         }
     }
 }
 
-fn parse_params(mut rest: &[u8]) -> Result<(Vec<(String, String)>, Vec<String>), PgError> {
+/// Parameters in order, and the `_pq_.*` option names.
+type Params = (Vec<(String, String)>, Vec<String>);
+
+fn parse_params(mut rest: &[u8]) -> Result<Params, PgError> {
     let mut params = Vec::new();
     let mut options = Vec::new();
     loop {
@@ -115,7 +152,9 @@ fn parse_params(mut rest: &[u8]) -> Result<(Vec<(String, String)>, Vec<String>),
         };
         if nul == 0 {
             if rest.len() != 1 {
-                return Err(protocol_error("invalid startup packet: bytes after the terminator"));
+                return Err(protocol_error(
+                    "invalid startup packet: bytes after the terminator",
+                ));
             }
             break;
         }
@@ -124,14 +163,18 @@ fn parse_params(mut rest: &[u8]) -> Result<(Vec<(String, String)>, Vec<String>),
             .to_string();
         rest = &rest[nul + 1..];
         let Some(vnul) = rest.iter().position(|b| *b == 0) else {
-            return Err(protocol_error(format!("invalid startup packet: no value for parameter {name:?}")));
+            return Err(protocol_error(format!(
+                "invalid startup packet: no value for parameter {name:?}"
+            )));
         };
         let value = String::from_utf8_lossy(&rest[..vnul]).into_owned();
         rest = &rest[vnul + 1..];
         if name.starts_with("_pq_.") {
             options.push(name);
         } else if params.iter().any(|(k, _): &(String, String)| *k == name) {
-            return Err(protocol_error(format!("invalid startup packet: parameter {name:?} given twice")));
+            return Err(protocol_error(format!(
+                "invalid startup packet: parameter {name:?} given twice"
+            )));
         } else {
             params.push((name, value));
         }
@@ -153,6 +196,25 @@ pub enum ReadError {
     Io(std::io::Error),
     /// Tell the client and close.
     Protocol(PgError),
+}
+
+/// Takes one whole packet off the front of `buf` and parses it; `Ok(None)` while more bytes are
+/// needed. Anything after the packet stays in `buf`.
+pub fn take_packet(buf: &mut BytesMut) -> Result<Option<StartupPacket>, PgError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
+    if !(8..=MAX_STARTUP_LEN).contains(&len) {
+        return Err(protocol_error(format!(
+            "invalid startup packet length {len} (allowed 8 to {MAX_STARTUP_LEN} bytes)"
+        )));
+    }
+    if buf.len() < len {
+        return Ok(None);
+    }
+    let packet = buf.split_to(len);
+    parse(&packet[4..]).map(Some)
 }
 
 /// Reads one length-prefixed startup packet and parses it.
@@ -208,9 +270,14 @@ mod tests {
 
     #[tokio::test]
     async fn parses_startup_message_params_in_order() {
-        let bytes = packet(196608, b"user\0app\0database\0payments\0application_name\0psql\0\0");
+        let bytes = packet(
+            196608,
+            b"user\0app\0database\0payments\0application_name\0psql\0\0",
+        );
         let p = read(&mut &bytes[..]).await.unwrap();
-        let StartupPacket::Startup(m) = p else { panic!() };
+        let StartupPacket::Startup(m) = p else {
+            panic!()
+        };
         assert_eq!(m.get("database"), Some("payments"));
         assert_eq!(m.params[2], ("application_name".into(), "psql".into()));
         assert!(!m.needs_negotiation());
@@ -218,10 +285,26 @@ mod tests {
 
     #[tokio::test]
     async fn ssl_gss_cancel() {
-        assert_eq!(read(&mut &packet(SSL_REQUEST_CODE, b"")[..]).await.unwrap(), StartupPacket::SslRequest);
-        assert_eq!(read(&mut &packet(GSSENC_REQUEST_CODE, b"")[..]).await.unwrap(), StartupPacket::GssEncRequest);
-        let c = read(&mut &packet(CANCEL_REQUEST_CODE, &[0, 0, 0, 7, 1, 2, 3, 4])[..]).await.unwrap();
-        assert_eq!(c, StartupPacket::Cancel { pid: 7, secret: vec![1, 2, 3, 4] });
+        assert_eq!(
+            read(&mut &packet(SSL_REQUEST_CODE, b"")[..]).await.unwrap(),
+            StartupPacket::SslRequest
+        );
+        assert_eq!(
+            read(&mut &packet(GSSENC_REQUEST_CODE, b"")[..])
+                .await
+                .unwrap(),
+            StartupPacket::GssEncRequest
+        );
+        let c = read(&mut &packet(CANCEL_REQUEST_CODE, &[0, 0, 0, 7, 1, 2, 3, 4])[..])
+            .await
+            .unwrap();
+        assert_eq!(
+            c,
+            StartupPacket::Cancel {
+                pid: 7,
+                secret: vec![1, 2, 3, 4]
+            }
+        );
     }
 
     #[tokio::test]
@@ -234,7 +317,9 @@ mod tests {
         }
         let unterminated = packet(196608, b"user\0app");
         match read(&mut &unterminated[..]).await {
-            Err(ReadError::Protocol(e)) => assert!(e.message.contains("missing terminator") || e.message.contains("no value")),
+            Err(ReadError::Protocol(e)) => {
+                assert!(e.message.contains("missing terminator") || e.message.contains("no value"))
+            }
             other => panic!("{other:?}"),
         }
         assert!(matches!(read(&mut &b""[..]).await, Err(ReadError::Closed)));
@@ -242,15 +327,83 @@ mod tests {
 
     #[test]
     fn newer_minor_and_pq_options_get_negotiation() {
-        let body = [&(3u32 << 16 | 9999).to_be_bytes()[..], b"user\0u\0_pq_.bogus\0x\0\0"].concat();
-        let StartupPacket::Startup(m) = parse(&body).unwrap() else { panic!() };
+        let body = [
+            &(3u32 << 16 | 9999).to_be_bytes()[..],
+            b"user\0u\0_pq_.bogus\0x\0\0",
+        ]
+        .concat();
+        let StartupPacket::Startup(m) = parse(&body).unwrap() else {
+            panic!()
+        };
         assert!(m.needs_negotiation());
         assert_eq!(m.protocol_options, vec!["_pq_.bogus".to_string()]);
         let v = m.negotiate_protocol_version();
         assert_eq!(v[0], b'v');
-        assert_eq!(&v[5..9], &196608i32.to_be_bytes());
+        assert_eq!(&v[1..5], &((v.len() - 1) as i32).to_be_bytes());
+        assert_eq!(
+            &v[5..9],
+            &((3i32 << 16) | 2).to_be_bytes(),
+            "the newest version we speak"
+        );
         assert_eq!(&v[9..13], &1i32.to_be_bytes());
         assert_eq!(&v[13..], b"_pq_.bogus\0");
+        assert_eq!(m.secret_len(), LONG_SECRET_LEN);
+    }
+
+    #[test]
+    fn negotiation_never_offers_more_than_the_client_asked() {
+        let body = [
+            &196608u32.to_be_bytes()[..],
+            b"user\0u\0_pq_.a\0x\0_pq_.b\0y\0\0",
+        ]
+        .concat();
+        let StartupPacket::Startup(m) = parse(&body).unwrap() else {
+            panic!()
+        };
+        let v = m.negotiate_protocol_version();
+        assert_eq!(&v[5..9], &196608i32.to_be_bytes());
+        assert_eq!(&v[9..13], &2i32.to_be_bytes());
+        assert_eq!(&v[13..], b"_pq_.a\0_pq_.b\0");
+        assert_eq!(m.secret_len(), 4);
+
+        for (minor, negotiate, secret) in
+            [(0, false, 4), (1, false, 4), (2, false, 32), (3, true, 32)]
+        {
+            let body = [&((3u32 << 16) | minor).to_be_bytes()[..], b"user\0u\0\0"].concat();
+            let StartupPacket::Startup(m) = parse(&body).unwrap() else {
+                panic!()
+            };
+            assert_eq!(
+                (m.needs_negotiation(), m.secret_len()),
+                (negotiate, secret),
+                "3.{minor}"
+            );
+        }
+    }
+
+    #[test]
+    fn take_packet_leaves_what_follows() {
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&packet(SSL_REQUEST_CODE, b""));
+        buf.extend_from_slice(b"\x16\x03");
+        assert_eq!(
+            take_packet(&mut buf).unwrap(),
+            Some(StartupPacket::SslRequest)
+        );
+        assert_eq!(&buf[..], b"\x16\x03");
+
+        let whole = packet(196608, b"user\0u\0\0");
+        let mut buf = BytesMut::from(&whole[..whole.len() - 1]);
+        assert_eq!(take_packet(&mut buf).unwrap(), None);
+        buf.extend_from_slice(&whole[whole.len() - 1..]);
+        assert!(matches!(
+            take_packet(&mut buf).unwrap(),
+            Some(StartupPacket::Startup(_))
+        ));
+        assert!(buf.is_empty());
+
+        let mut bad = BytesMut::from(&[0u8, 0, 0, 3][..]);
+        assert_eq!(take_packet(&mut bad).unwrap_err().code, "08P01");
     }
 
     #[test]

@@ -120,7 +120,7 @@ fn read_file(key: &str, path: &Path) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("{key}: cannot read {:?}: {e}", path.display().to_string()))
 }
 
-fn load_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn load_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let pem = read_file(key, path)?;
     let certs = rustls_pemfile::certs(&mut &pem[..])
         .collect::<Result<Vec<_>, _>>()
@@ -147,7 +147,7 @@ fn load_roots(key: &str, path: &Path) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
-fn load_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+pub(crate) fn load_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
     let pem = read_file(key, path)?;
     match rustls_pemfile::private_key(&mut &pem[..]) {
         Ok(Some(k)) => Ok(k),

@@ -1,0 +1,101 @@
+//! Message boundaries in the relayed server-to-client stream. The relay does not parse
+//! messages, but it must know where one ends: an ErrorResponse dbward adds (57P01 at shutdown)
+//! has to go between two server messages, not into the middle of a DataRow.
+
+/// Follows a stream of typed messages (type byte, 4-byte length that counts itself, body).
+#[derive(Debug, Default, Clone)]
+pub struct Boundaries {
+    header: [u8; 5],
+    header_len: usize,
+    body_left: usize,
+}
+
+impl Boundaries {
+    /// Accounts for bytes that passed.
+    pub fn advance(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.body_left > 0 {
+                let n = self.body_left.min(data.len());
+                self.body_left -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (5 - self.header_len).min(data.len());
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&data[..n]);
+            self.header_len += n;
+            data = &data[n..];
+            if self.header_len == 5 {
+                let len = u32::from_be_bytes(self.header[1..5].try_into().expect("4 bytes"));
+                // A length below 4 is a broken stream; counting it as an empty body keeps
+                // the tracker moving instead of wedging it.
+                self.body_left = (len as usize).saturating_sub(4);
+                self.header_len = 0;
+            }
+        }
+    }
+
+    /// True between two messages.
+    pub fn at_boundary(&self) -> bool {
+        self.header_len == 0 && self.body_left == 0
+    }
+
+    /// How many more bytes belong to the current message as far as is known yet (the rest of
+    /// its header, then the rest of its body); 0 at a boundary.
+    pub fn to_boundary(&self) -> usize {
+        if self.header_len > 0 {
+            5 - self.header_len
+        } else {
+            self.body_left
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn boundaries_in_any_chunking() {
+        let stream = [
+            msg(b'D', &[1; 300]),
+            msg(b'C', b"SELECT 1\0"),
+            msg(b'Z', b"I"),
+        ]
+        .concat();
+        let ends = [305usize, 305 + 14, 305 + 14 + 6];
+        for chunk in 1..=stream.len() {
+            let mut b = Boundaries::default();
+            let mut at = 0;
+            let mut seen = Vec::new();
+            while at < stream.len() {
+                // Never step over a boundary, so every one of them is observed.
+                let step = match b.to_boundary() {
+                    0 => 5,
+                    n => n,
+                }
+                .min(chunk)
+                .min(stream.len() - at);
+                b.advance(&stream[at..at + step]);
+                at += step;
+                if b.at_boundary() {
+                    seen.push(at);
+                }
+            }
+            assert_eq!(seen, ends, "chunk size {chunk}");
+        }
+    }
+
+    #[test]
+    fn broken_lengths_do_not_wedge() {
+        let mut b = Boundaries::default();
+        b.advance(&[b'X', 0, 0, 0, 0, b'Y', 0, 0, 0, 4]);
+        assert!(b.at_boundary());
+    }
+}
