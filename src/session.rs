@@ -423,7 +423,7 @@ async fn open_upstream<S: AsyncWrite + Unpin>(
         let params = upstream_params(db, msg, &cred.username);
         let started = Instant::now();
         let result = tokio::select! {
-            r = upstream::connect(&db.upstream, &params, &cred.password) => r,
+            r = upstream::connect_with_keys(&db.upstream, &params, &cred.password, cred.scram_keys()) => r,
             _ = app.shutdown.terminating() => {
                 send_error(client, &shutting_down()).await;
                 return None;
@@ -537,8 +537,10 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
         .with_label_values(&[&db.name]);
     active.inc();
     let started = Instant::now();
-    let to_upstream = AtomicU64::new(0);
-    let to_client = AtomicU64::new(0);
+    // Counted into the metric as the bytes move, so long-lived sessions show up in
+    // dbward_relayed_bytes_total before they end.
+    let to_upstream = ByteCount::new(app.metrics.bytes_total.with_label_values(&[&db.name, "to_upstream"]));
+    let to_client = ByteCount::new(app.metrics.bytes_total.with_label_values(&[&db.name, "to_client"]));
     let (mut client_rd, mut client_wr) = tokio::io::split(client);
     let (mut up_rd, mut up_wr) = tokio::io::split(upstream);
     let mut down = DownState {
@@ -553,7 +555,7 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
         let upward = async {
             if !pending.is_empty() {
                 up_wr.write_all(&pending).await.map_err(PumpError::Write)?;
-                to_upstream.fetch_add(pending.len() as u64, Ordering::Relaxed);
+                to_upstream.add(pending.len() as u64);
             }
             pump(&mut client_rd, &mut up_wr, &to_upstream).await?;
             // Pass the client's half-close on: the server ends the session when it reads the
@@ -619,18 +621,7 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
         let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, client_wr.shutdown()).await;
     }
     active.dec();
-    let (up, down) = (
-        to_upstream.load(Ordering::Relaxed),
-        to_client.load(Ordering::Relaxed),
-    );
-    app.metrics
-        .bytes_total
-        .with_label_values(&[&db.name, "to_upstream"])
-        .inc_by(up);
-    app.metrics
-        .bytes_total
-        .with_label_values(&[&db.name, "to_client"])
-        .inc_by(down);
+    let (up, down) = (to_upstream.get(), to_client.get());
     tracing::info!(
         duration = ?started.elapsed(),
         bytes_to_upstream = up,
@@ -660,7 +651,28 @@ fn termination_signal(app: &Arc<App>) -> tokio::sync::oneshot::Receiver<()> {
 }
 
 /// Copies client bytes upstream until the client's EOF.
-async fn pump<R, W>(r: &mut R, w: &mut W, count: &AtomicU64) -> Result<(), PumpError>
+/// Bytes moved one way: the session's total (for its end-of-session log line) and the metric.
+struct ByteCount {
+    total: AtomicU64,
+    metric: prometheus::IntCounter,
+}
+
+impl ByteCount {
+    fn new(metric: prometheus::IntCounter) -> Self {
+        ByteCount { total: AtomicU64::new(0), metric }
+    }
+
+    fn add(&self, n: u64) {
+        self.total.fetch_add(n, Ordering::Relaxed);
+        self.metric.inc_by(n);
+    }
+
+    fn get(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+async fn pump<R, W>(r: &mut R, w: &mut W, count: &ByteCount) -> Result<(), PumpError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -673,7 +685,7 @@ where
         }
         w.write_all(&buf[..n]).await.map_err(PumpError::Write)?;
         w.flush().await.map_err(PumpError::Write)?;
-        count.fetch_add(n as u64, Ordering::Relaxed);
+        count.add(n as u64);
     }
 }
 
@@ -693,7 +705,7 @@ async fn pump_down<R, W>(
     r: &mut R,
     w: &mut W,
     st: &mut DownState,
-    count: &AtomicU64,
+    count: &ByteCount,
 ) -> Result<(), PumpError>
 where
     R: AsyncRead + Unpin,
@@ -710,7 +722,7 @@ where
             }
             st.boundaries.advance(&st.buf[st.start..st.start + n]);
             st.start += n;
-            count.fetch_add(n as u64, Ordering::Relaxed);
+            count.add(n as u64);
         }
         w.flush().await.map_err(PumpError::Write)?;
         let n = r.read(&mut st.buf).await.map_err(PumpError::Read)?;
@@ -724,7 +736,7 @@ where
 
 /// At shutdown: passes on the rest of the server message the client is in the middle of, and
 /// nothing after it, so that dbward's 57P01 can follow. False if that could not be done.
-async fn finish_message<R, W>(r: &mut R, w: &mut W, st: &mut DownState, count: &AtomicU64) -> bool
+async fn finish_message<R, W>(r: &mut R, w: &mut W, st: &mut DownState, count: &ByteCount) -> bool
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -750,7 +762,7 @@ where
             Ok(n) => {
                 st.boundaries.advance(&st.buf[st.start..st.start + n]);
                 st.start += n;
-                count.fetch_add(n as u64, Ordering::Relaxed);
+                count.add(n as u64);
             }
         }
     }

@@ -521,8 +521,16 @@ async fn admin_endpoints_report_health_readiness_and_startup() {
         "{m}"
     );
 
+    // Bytes are counted while a session is open, not only when it ends.
     let c = connect(port, &app.dbname, "app").await;
-    c.simple_query("select 1").await.unwrap();
+    c.simple_query("select repeat('x', 100000)").await.unwrap();
+    let to_client = sample_value(
+        &scrape(admin),
+        "dbward_relayed_bytes_total",
+        &[("database", &app.tag), ("direction", "to_client")],
+    )
+    .unwrap_or(0.0);
+    assert!(to_client > 100_000.0, "{to_client} bytes counted with the session still open");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
