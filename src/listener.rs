@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio::net::{TcpListener, UnixListener};
 use tracing::Instrument;
@@ -172,62 +173,18 @@ pub async fn accept_loop(app: Arc<App>, name: String, listener: Listener, stop: 
 }
 
 /// A client connection from either kind of listener.
-pub enum ClientStream {
-    Tcp(tokio::net::TcpStream),
-    Unix(tokio::net::UnixStream),
-}
+pub type ClientStream = Either<tokio::net::TcpStream, tokio::net::UnixStream>;
 
 async fn accept(l: &Listener) -> io::Result<(ClientStream, String)> {
     match l {
         Listener::Tcp(l) => {
             let (s, peer) = l.accept().await?;
             let _ = s.set_nodelay(true);
-            Ok((ClientStream::Tcp(s), peer.to_string()))
+            Ok((Either::Left(s), peer.to_string()))
         }
         Listener::Unix(l, path) => {
             let (s, _) = l.accept().await?;
-            Ok((ClientStream::Unix(s), format!("unix:{}", path.0.display())))
+            Ok((Either::Right(s), format!("unix:{}", path.0.display())))
         }
     }
 }
-
-macro_rules! delegate_io {
-    ($ty:ident { $($variant:ident),+ }) => {
-        impl tokio::io::AsyncRead for $ty {
-            fn poll_read(
-                self: std::pin::Pin<&mut Self>,
-                cx: &mut std::task::Context<'_>,
-                buf: &mut tokio::io::ReadBuf<'_>,
-            ) -> std::task::Poll<io::Result<()>> {
-                match self.get_mut() { $($ty::$variant(s) => std::pin::Pin::new(s).poll_read(cx, buf)),+ }
-            }
-        }
-        impl tokio::io::AsyncWrite for $ty {
-            fn poll_write(
-                self: std::pin::Pin<&mut Self>,
-                cx: &mut std::task::Context<'_>,
-                buf: &[u8],
-            ) -> std::task::Poll<io::Result<usize>> {
-                match self.get_mut() { $($ty::$variant(s) => std::pin::Pin::new(s).poll_write(cx, buf)),+ }
-            }
-            fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
-                match self.get_mut() { $($ty::$variant(s) => std::pin::Pin::new(s).poll_flush(cx)),+ }
-            }
-            fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
-                match self.get_mut() { $($ty::$variant(s) => std::pin::Pin::new(s).poll_shutdown(cx)),+ }
-            }
-            fn poll_write_vectored(
-                self: std::pin::Pin<&mut Self>,
-                cx: &mut std::task::Context<'_>,
-                bufs: &[io::IoSlice<'_>],
-            ) -> std::task::Poll<io::Result<usize>> {
-                match self.get_mut() { $($ty::$variant(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs)),+ }
-            }
-            fn is_write_vectored(&self) -> bool {
-                match self { $($ty::$variant(s) => s.is_write_vectored()),+ }
-            }
-        }
-    };
-}
-
-delegate_io!(ClientStream { Tcp, Unix });

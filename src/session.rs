@@ -8,14 +8,13 @@
 //!    followed, so that the 57P01 dbward sends at shutdown lands between two of them.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::either::Either;
 
 use crate::app::{App, Database};
 use crate::credentials::InUse;
@@ -37,71 +36,8 @@ const SHUTDOWN_MESSAGE_WAIT: Duration = Duration::from_secs(1);
 /// session (and its credential) alive.
 const ERROR_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The client's connection: as accepted, or inside TLS.
-pub enum ClientIo<S> {
-    Plain(S),
-    Tls(Box<tokio_rustls::server::TlsStream<Rewind<S>>>),
-}
-
-impl<S> ClientIo<S> {
-    fn is_tls(&self) -> bool {
-        matches!(self, ClientIo::Tls(_))
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            ClientIo::Plain(s) => s.is_write_vectored(),
-            ClientIo::Tls(s) => s.is_write_vectored(),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            ClientIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+/// The client's connection: as accepted (Left), or inside TLS (Right).
+pub type ClientIo<S> = Either<S, Box<tokio_rustls::server::TlsStream<Rewind<S>>>>;
 
 /// Sends dbward's own error and closes: the client learns why in its own error message.
 async fn send_error<W: AsyncWrite + Unpin>(client: &mut W, e: &PgError) {
@@ -202,7 +138,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     tracing::debug!(
         ?connect_time,
         tls = upstream.tls,
-        client_tls = client.is_tls(),
+        client_tls = matches!(client, Either::Right(_)),
         "session established"
     );
 
@@ -250,7 +186,7 @@ async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Option<(ClientIo<S>, Opening, BytesMut)> {
     let startup_timeout = app.config().proxy.startup_timeout.0;
     let deadline = tokio::time::Instant::now() + startup_timeout;
-    let mut io = ClientIo::Plain(client);
+    let mut io = Either::Left(client);
     let mut buf = BytesMut::with_capacity(1024);
     let mut first = true;
     let mut ssl_asked = false;
@@ -294,7 +230,7 @@ async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                     tracing::info!("client started TLS directly (sslnegotiation=direct) but client_tls is not configured; closing");
                     return None;
                 };
-                let ClientIo::Plain(plain) = io else {
+                let Either::Left(plain) = io else {
                     unreachable!("direct TLS is only looked for first")
                 };
                 io = accept_tls(acceptor, Rewind::new(buf.split(), plain), true, deadline).await?;
@@ -325,7 +261,7 @@ async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                     return None;
                 }
                 if let Some(acceptor) = acceptor {
-                    let ClientIo::Plain(plain) = io else {
+                    let Either::Left(plain) = io else {
                         unreachable!("ssl_asked guards a second TLS")
                     };
                     io = accept_tls(
@@ -384,7 +320,7 @@ async fn accept_tls<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(Ok(tls)) => tls,
     };
     let alpn = tls.get_ref().1.alpn_protocol() == Some(ALPN_POSTGRESQL);
-    let mut io = ClientIo::Tls(Box::new(tls));
+    let mut io = Either::Right(Box::new(tls));
     // Without SSLRequest, ALPN is the only sign the client meant to speak Postgres here (rustls
     // already refused a client that offered only other protocols).
     if direct && !alpn {
