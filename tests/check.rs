@@ -445,14 +445,7 @@ fn token_max_ttl_shorter_than_lease_max_ttl_is_a_warning() {
     let s = servers();
     let _g = s.shared();
     let app = s.new_app("chk_tokttl");
-    s.vault_write(
-        &format!("auth/jwt/role/{}", app.jwt_role),
-        &json!({
-            "role_type": "jwt", "bound_audiences": [JWT_AUDIENCE], "user_claim": "sub",
-            "bound_subject": app.jwt_subject, "token_policies": [app.policy],
-            "token_ttl": "10m", "token_max_ttl": "30m",
-        }),
-    );
+    app.set_jwt_role_ttls("10m", Some("30m"));
     let cfg = config(&app, "database");
     let out = check(&app, "tokttl", &cfg, &[]);
     assert_eq!(out.code, 0, "warnings alone pass: {}", out.all());

@@ -15,22 +15,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
-/// Gives the app's JWT role short token TTLs (the harness default is 1 h).
-fn short_token_ttls(app: &TestApp, ttl: &str, max_ttl: &str) {
-    app.vault_write(
-        &format!("auth/jwt/role/{}", app.jwt_role),
-        &json!({
-            "role_type": "jwt",
-            "bound_audiences": [JWT_AUDIENCE],
-            "user_claim": "sub",
-            "bound_subject": app.jwt_subject,
-            "token_policies": [app.policy],
-            "token_ttl": ttl,
-            "token_max_ttl": max_ttl,
-        }),
-    );
-}
-
 /// A dynamic role with short TTLs that the app's policy may read; returns its name.
 fn short_dynamic_role(app: &TestApp, default_ttl: &str, max_ttl: &str) -> String {
     let role = format!("{}-short", app.tag);
@@ -60,7 +44,7 @@ async fn forty_seconds_of_connections_across_lease_and_token_expiry() {
     let s = servers();
     let _g = s.shared();
     let app = s.new_app("life_steady");
-    short_token_ttls(&app, "8s", "16s");
+    app.set_jwt_role_ttls("8s", Some("16s"));
     let role = short_dynamic_role(&app, "6s", "18s");
     let port = free_port();
     let d = Dbward::start(&config_for_role(&app, &role, port));

@@ -869,17 +869,7 @@ impl Servers {
         );
         app.write_kv(&app.kv_username, &app.kv_password);
         app.set_policy(&app.default_policy_hcl());
-        self.vault_write(
-            &format!("auth/jwt/role/{}", app.jwt_role),
-            &json!({
-                "role_type": "jwt",
-                "bound_audiences": [JWT_AUDIENCE],
-                "user_claim": "sub",
-                "bound_subject": app.jwt_subject,
-                "token_policies": [app.policy],
-                "token_ttl": "1h",
-            }),
-        );
+        app.set_jwt_role_ttls("1h", None);
         app.write_jwt(&app.jwt_subject, JWT_AUDIENCE, 3600);
         app
     }
@@ -1254,6 +1244,23 @@ impl TestApp {
              path \"sys/leases/revoke\" {{ capabilities = [\"update\"] }}\n",
             self.dynamic_role, self.static_role, self.kv_path
         )
+    }
+
+    /// (Re)writes the app's jwt role: bound to its subject and the `vault` audience, issuing
+    /// tokens with its policy, `token_ttl` and (optionally) `token_max_ttl`.
+    pub fn set_jwt_role_ttls(&self, token_ttl: &str, token_max_ttl: Option<&str>) {
+        let mut role = json!({
+            "role_type": "jwt",
+            "bound_audiences": [JWT_AUDIENCE],
+            "user_claim": "sub",
+            "bound_subject": self.jwt_subject,
+            "token_policies": [self.policy],
+            "token_ttl": token_ttl,
+        });
+        if let Some(max) = token_max_ttl {
+            role["token_max_ttl"] = json!(max);
+        }
+        self.servers.vault_write(&format!("auth/jwt/role/{}", self.jwt_role), &role);
     }
 
     /// Replaces this app's policy (takes effect for existing tokens at once). An empty `hcl`
