@@ -361,7 +361,7 @@ impl Auth {
                 let claims = read_claims(jwt.expose_secret(), file)?;
                 check_jwt_times(&claims, file, SystemTime::now())?;
                 let role = self.cfg.role.as_deref().unwrap_or_default();
-                let body = json!({ "role": role, "jwt": jwt.expose_secret() });
+                let body = JwtLogin { role, jwt: jwt.expose_secret() };
                 let resp = self.client.write("login", &path, None, &body).await.map_err(|e| {
                     tracing::warn!(role, claims = %claims.describe(), error = %e, "Vault login failed");
                     match e {
@@ -381,7 +381,7 @@ impl Auth {
                 let role_id = read_secret_file("role_id_file", self.cfg.role_id_file.as_deref().expect("validated"))?;
                 let secret_id =
                     read_secret_file("secret_id_file", self.cfg.secret_id_file.as_deref().expect("validated"))?;
-                let body = json!({ "role_id": role_id.expose_secret(), "secret_id": secret_id.expose_secret() });
+                let body = AppRoleLogin { role_id: role_id.expose_secret(), secret_id: secret_id.expose_secret() };
                 let resp = self.client.write("login", &path, None, &body).await?;
                 token_from_auth(&resp.body, &path)
             }
@@ -402,6 +402,19 @@ impl Auth {
             }
         }
     }
+}
+
+/// Login bodies borrow the secret: no owned copy is left behind to outlive the request.
+#[derive(serde::Serialize)]
+struct JwtLogin<'a> {
+    role: &'a str,
+    jwt: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct AppRoleLogin<'a> {
+    role_id: &'a str,
+    secret_id: &'a str,
 }
 
 fn string_list(v: &serde_json::Value) -> Vec<String> {

@@ -213,10 +213,11 @@ impl VaultClient {
         op: &'static str,
         path: &str,
         token: Option<&SecretString>,
-        body: &serde_json::Value,
+        body: &(impl serde::Serialize + ?Sized),
     ) -> Result<VaultResponse, VaultError> {
-        // Login bodies carry the JWT or secret_id: the serialized copy is wiped after sending.
-        let bytes = zeroize::Zeroizing::new(serde_json::to_vec(body).expect("JSON values serialize"));
+        // Login bodies carry the JWT or secret_id: they are serialized from borrowed fields
+        // straight into a buffer that is wiped after sending.
+        let bytes = zeroize::Zeroizing::new(serde_json::to_vec(body).expect("request bodies serialize"));
         self.call(op, Method::PUT, path, token, Some(Bytes::copy_from_slice(&bytes))).await
     }
 
