@@ -113,11 +113,33 @@ fn clean_errors(errors: Vec<String>) -> Vec<String> {
 }
 
 /// A successful response: the JSON body and the server's `Date` header (for clock-skew checks).
-#[derive(Debug)]
+/// Every string in the body is wiped when the response is dropped: credentials and tokens pass
+/// through it. Its Debug shows the status only.
 pub struct VaultResponse {
     pub status: u16,
     pub body: serde_json::Value,
     pub date: Option<String>,
+}
+
+impl std::fmt::Debug for VaultResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VaultResponse").field("status", &self.status).finish_non_exhaustive()
+    }
+}
+
+impl Drop for VaultResponse {
+    fn drop(&mut self) {
+        fn wipe(v: &mut serde_json::Value) {
+            use zeroize::Zeroize;
+            match v {
+                serde_json::Value::String(s) => s.zeroize(),
+                serde_json::Value::Array(a) => a.iter_mut().for_each(wipe),
+                serde_json::Value::Object(o) => o.values_mut().for_each(wipe),
+                _ => {}
+            }
+        }
+        wipe(&mut self.body);
+    }
 }
 
 impl VaultResponse {
@@ -297,6 +319,8 @@ impl VaultClient {
             after: self.timeout,
         })??;
 
+        // The body may hold a password or token: the raw bytes are wiped once parsed.
+        let body = zeroize::Zeroizing::new(Vec::<u8>::from(body));
         if !(200..300).contains(&status) {
             let errors = serde_json::from_slice::<ErrorBody>(&body).map(|b| clean_errors(b.errors)).unwrap_or_default();
             return Err(VaultError::Status { op, path: path.to_string(), status, errors });
