@@ -100,11 +100,7 @@ async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>>
         "/healthz" => text(StatusCode::OK, "ok\n".into(), PLAIN),
         "/startupz" => match app.credentials.auth().current() {
             Some(_) => text(StatusCode::OK, "logged in to Vault\n".into(), PLAIN),
-            None => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no Vault login yet\n".into(),
-                PLAIN,
-            ),
+            None => text(StatusCode::SERVICE_UNAVAILABLE, "no Vault login yet\n".into(), PLAIN),
         },
         "/readyz" => {
             let (ready, body) = readiness(app).await;
@@ -135,16 +131,12 @@ pub async fn refresh_scrape_gauges(app: &App) {
     forget_removed_databases(m, &names);
     for db in &databases {
         let held = app.credentials.peek(&db.name).await;
-        let left = m
-            .credential_expires_in_seconds
-            .with_label_values(&[&db.name]);
+        let left = m.credential_expires_in_seconds.with_label_values(&[&db.name]);
         match held.as_ref().map(|h| h.expires_at()) {
             Some(Some(at)) => left.set(at.saturating_duration_since(now).as_secs_f64()),
             // A KV secret does not expire: no value is more honest than a huge one.
             Some(None) => {
-                let _ = m
-                    .credential_expires_in_seconds
-                    .remove_label_values(&[&db.name]);
+                let _ = m.credential_expires_in_seconds.remove_label_values(&[&db.name]);
             }
             // Nothing valid is cached: as good as expired.
             None => left.set(0.0),
@@ -153,11 +145,7 @@ pub async fn refresh_scrape_gauges(app: &App) {
             .with_label_values(&[&db.name])
             .set(i64::from(held.is_some() && !stopping));
     }
-    let token_left = app
-        .credentials
-        .auth()
-        .current()
-        .and_then(|t| t.remaining(now));
+    let token_left = app.credentials.auth().current().and_then(|t| t.remaining(now));
     match token_left {
         Some(left) => {
             m.vault_token_expires_in_seconds
@@ -218,9 +206,7 @@ pub async fn readiness(app: &Arc<App>) -> (bool, String) {
         };
         match got {
             Ok(Ok(c)) => {
-                let left = c
-                    .expires_at()
-                    .map(|e| e.saturating_duration_since(Instant::now()));
+                let left = c.expires_at().map(|e| e.saturating_duration_since(Instant::now()));
                 body.push_str(&format!(
                     "{}: ready (credential {} from {}{})\n",
                     db.name,
@@ -256,16 +242,11 @@ mod tests {
         let m = Metrics::new();
         for db in ["kept", "removed"] {
             m.database_ready.with_label_values(&[db]).set(0);
-            m.credential_expires_in_seconds
-                .with_label_values(&[db])
-                .set(10.0);
+            m.credential_expires_in_seconds.with_label_values(&[db]).set(10.0);
         }
         forget_removed_databases(&m, &["kept"]);
         let text = m.render();
-        assert!(
-            text.contains("dbward_database_ready{database=\"kept\"} 0"),
-            "{text}"
-        );
+        assert!(text.contains("dbward_database_ready{database=\"kept\"} 0"), "{text}");
         assert!(
             text.contains("dbward_credential_expires_in_seconds{database=\"kept\"} 10"),
             "{text}"

@@ -202,9 +202,13 @@ impl App {
             .filter(|d| !next.contains_key(&d.name))
             .map(|d| d.name.clone())
             .collect();
-        let fresh = self.bind_missing(&new, &mut crate::systemd::ActivatedSockets::none()).await?;
+        let fresh = self
+            .bind_missing(&new, &mut crate::systemd::ActivatedSockets::none())
+            .await?;
         // From here on nothing can fail: switch over.
-        self.credentials.update_entries(new.databases.iter().map(|d| (d.name.clone(), d.credentials.clone()))).await;
+        self.credentials
+            .update_entries(new.databases.iter().map(|d| (d.name.clone(), d.credentials.clone())))
+            .await;
         *self.databases.write().unwrap() = next;
         *self.config.write().unwrap() = Arc::new(new.clone());
         self.swap_listeners(&new, fresh).await;
@@ -228,7 +232,9 @@ impl App {
                 removed = ?s.removed,
                 "configuration reloaded"
             ),
-            Err(e) => tracing::error!(config = %path.display(), error = %e, "reload refused; the old configuration stays in force"),
+            Err(e) => {
+                tracing::error!(config = %path.display(), error = %e, "reload refused; the old configuration stays in force")
+            }
         }
     }
 }
@@ -246,7 +252,10 @@ pub async fn run(app: Arc<App>, stop: impl std::future::Future<Output = ()>) -> 
     let config = app.config();
     // Socket activation: adopt the sockets systemd passed (matched by address), bind the rest.
     let mut activated = crate::systemd::ActivatedSockets::from_env();
-    let fresh = app.bind_missing(&config, &mut activated).await.map_err(RunError::Bind)?;
+    let fresh = app
+        .bind_missing(&config, &mut activated)
+        .await
+        .map_err(RunError::Bind)?;
     let admin = match &config.admin.listen {
         Some(addr) => Some(
             crate::admin::bind_or_take(addr, &mut activated)

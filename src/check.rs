@@ -144,12 +144,7 @@ impl Report {
 
     /// One line per check, `fix:` lines indented below, and a summary.
     pub fn render_text(&self, strict: bool) -> String {
-        let width = self
-            .checks
-            .iter()
-            .map(|c| c.scope.chars().count())
-            .max()
-            .unwrap_or(0);
+        let width = self.checks.iter().map(|c| c.scope.chars().count()).max().unwrap_or(0);
         let mut out = String::new();
         for c in &self.checks {
             out.push_str(&format!(
@@ -174,10 +169,7 @@ impl Report {
             parts.insert(0, format!("{fail} failed"));
         }
         if warn > 0 {
-            parts.push(format!(
-                "{warn} warning{}",
-                if warn == 1 { "" } else { "s" }
-            ));
+            parts.push(format!("{warn} warning{}", if warn == 1 { "" } else { "s" }));
         }
         if skip > 0 {
             parts.push(format!("{skip} skipped"));
@@ -189,11 +181,7 @@ impl Report {
         } else {
             "dbward check FAILED: fix the above before deploying"
         };
-        out.push_str(&format!(
-            "\n{verdict} ({}; {})\n",
-            parts.join(", "),
-            self.config
-        ));
+        out.push_str(&format!("\n{verdict} ({}; {})\n", parts.join(", "), self.config));
         out
     }
 
@@ -304,17 +292,8 @@ pub async fn run(config: &Config, opts: &Options) -> Result<Report, SetupError> 
         }
     };
     for (i, db) in config.databases.iter().enumerate() {
-        run.database(
-            &mut r,
-            i,
-            db,
-            &upstreams[i],
-            &token,
-            &info,
-            &reqs,
-            caps.as_ref(),
-        )
-        .await;
+        run.database(&mut r, i, db, &upstreams[i], &token, &info, &reqs, caps.as_ref())
+            .await;
     }
     if config.vault.auth.method != AuthMethod::Token {
         r.push(run.revoke_token(&token).await);
@@ -337,11 +316,7 @@ pub fn describe_login(a: &AuthConfig) -> String {
     let mount = a.mount().trim_matches('/');
     match a.method {
         AuthMethod::Jwt | AuthMethod::Kubernetes => {
-            format!(
-                "{} role {} at auth/{mount}",
-                a.method,
-                a.role.as_deref().unwrap_or("")
-            )
+            format!("{} role {} at auth/{mount}", a.method, a.role.as_deref().unwrap_or(""))
         }
         AuthMethod::Approle => format!("approle at auth/{mount}"),
         AuthMethod::Token => format!(
@@ -535,10 +510,7 @@ impl Run<'_> {
             vault::auth::read_claims(text.trim(), f).ok()
         });
         let aud = claims.as_ref().map(|c| c.aud.join(",")).unwrap_or_default();
-        let sub = claims
-            .as_ref()
-            .and_then(|c| c.sub.clone())
-            .unwrap_or_default();
+        let sub = claims.as_ref().and_then(|c| c.sub.clone()).unwrap_or_default();
         let file = a
             .token_file
             .as_deref()
@@ -635,11 +607,7 @@ impl Run<'_> {
         };
         let mut period = 0;
         let mut explicit_max = 0;
-        match self
-            .client
-            .read(&token.token, "auth/token/lookup-self")
-            .await
-        {
+        match self.client.read(&token.token, "auth/token/lookup-self").await {
             Ok(resp) => {
                 // Only names and numbers are taken from the answer: it also holds the token.
                 let data = &resp.body["data"];
@@ -654,10 +622,7 @@ impl Run<'_> {
                 }
                 // The TTL the login granted reads better than what is left of it a moment later.
                 if info.ttl.is_none() {
-                    info.ttl = data["ttl"]
-                        .as_u64()
-                        .filter(|t| *t > 0)
-                        .map(Duration::from_secs);
+                    info.ttl = data["ttl"].as_u64().filter(|t| *t > 0).map(Duration::from_secs);
                 }
                 info.renewable = data["renewable"].as_bool().unwrap_or(info.renewable);
                 period = data["period"].as_u64().unwrap_or(0);
@@ -679,12 +644,7 @@ impl Run<'_> {
             let body = json!({ "increment": PROBE_INCREMENT_SECS });
             match self
                 .client
-                .write(
-                    "renew-self",
-                    "auth/token/renew-self",
-                    Some(&token.token),
-                    &body,
-                )
+                .write("renew-self", "auth/token/renew-self", Some(&token.token), &body)
                 .await
             {
                 Ok(resp) => resp
@@ -699,11 +659,7 @@ impl Run<'_> {
 
     fn login_line(&self, info: &TokenInfo) -> Check {
         let ttl = info.ttl.map(fmt_duration).unwrap_or_else(|| "none".into());
-        let renewable = if info.renewable {
-            "renewable"
-        } else {
-            "not renewable"
-        };
+        let renewable = if info.renewable { "renewable" } else { "not renewable" };
         let mut c = Check::new(
             VAULT_SCOPE,
             "login",
@@ -769,9 +725,7 @@ impl Run<'_> {
     ) {
         let path = db.credentials.vault_path();
         let upstream_title = format!("upstream {}", upstream.addr());
-        let missing_read = caps
-            .and_then(|c| c.get(&path))
-            .is_some_and(|c| !allows(c, "read"));
+        let missing_read = caps.and_then(|c| c.get(&path)).is_some_and(|c| !allows(c, "read"));
         let cred = if missing_read {
             r.push(self.missing_capability(index, db, &path, "read", info, None));
             None
@@ -815,9 +769,7 @@ impl Run<'_> {
                         .is_some_and(|c| !allows(c, q.capability))
                 })
                 .collect();
-            can_renew = lease_reqs
-                .iter()
-                .any(|q| q.path == policy::LEASE_RENEW_PATH)
+            can_renew = lease_reqs.iter().any(|q| q.path == policy::LEASE_RENEW_PATH)
                 && !missing.iter().any(|q| q.path == policy::LEASE_RENEW_PATH);
             can_revoke = !missing.iter().any(|q| q.path == policy::LEASE_REVOKE_PATH);
             if missing.is_empty() {
@@ -832,7 +784,9 @@ impl Run<'_> {
                     let alternative = if q.path == policy::LEASE_RENEW_PATH {
                         format!("databases[{index}].credentials.renew_in_use = false")
                     } else {
-                        format!("databases[{index}].credentials.revoke_unused = false and vault.revoke_on_shutdown = false")
+                        format!(
+                            "databases[{index}].credentials.revoke_unused = false and vault.revoke_on_shutdown = false"
+                        )
                     };
                     r.push(
                         self.missing_capability(index, db, &q.path, q.capability, info, None)
@@ -931,16 +885,10 @@ impl Run<'_> {
             _ if e.is_unavailable() => Some("check that Vault is up, unsealed and reachable".into()),
             _ => None,
         };
-        Check::new(
-            &db.name,
-            "read",
-            format!("read {path}"),
-            Verdict::Fail,
-            e.to_string(),
-        )
-        .fix_opt(fix)
-        .detail("path", path)
-        .detail("issued_by", self.login.clone())
+        Check::new(&db.name, "read", format!("read {path}"), Verdict::Fail, e.to_string())
+            .fix_opt(fix)
+            .detail("path", path)
+            .detail("issued_by", self.login.clone())
     }
 
     /// One upstream connection with the credential, and `SELECT 1` on it.
@@ -972,9 +920,7 @@ impl Run<'_> {
         match upstream::connect(settings, &params, &cred.password).await {
             Ok(mut conn) => {
                 let tls = if conn.tls { "TLS" } else { "no TLS" };
-                match tokio::time::timeout(settings.connect_timeout, select_one(&mut conn.stream))
-                    .await
-                {
+                match tokio::time::timeout(settings.connect_timeout, select_one(&mut conn.stream)).await {
                     Ok(Ok(())) => Check::new(
                         &db.name,
                         "upstream",
@@ -984,9 +930,7 @@ impl Run<'_> {
                     )
                     .detail("user", cred.username.clone())
                     .detail("tls", conn.tls),
-                    Ok(Err(e)) => {
-                        fail(e).fix("the login works; see the server's message about the query")
-                    }
+                    Ok(Err(e)) => fail(e).fix("the login works; see the server's message about the query"),
                     Err(_) => fail(format!(
                         "SELECT 1 got no answer within {}",
                         fmt_duration(settings.connect_timeout)
@@ -1164,23 +1108,12 @@ impl Run<'_> {
         out
     }
 
-    async fn revoke_lease(
-        &self,
-        db: &DatabaseConfig,
-        token: &VaultToken,
-        lease: &vault::Lease,
-        needed: bool,
-    ) -> Check {
+    async fn revoke_lease(&self, db: &DatabaseConfig, token: &VaultToken, lease: &vault::Lease, needed: bool) -> Check {
         let title = format!("cleanup: revoke test lease {}", lease.id);
         let body = json!({ "lease_id": lease.id });
         match self
             .client
-            .write(
-                "revoke",
-                policy::LEASE_REVOKE_PATH,
-                Some(&token.token),
-                &body,
-            )
+            .write("revoke", policy::LEASE_REVOKE_PATH, Some(&token.token), &body)
             .await
         {
             Ok(_) => Check::new(&db.name, "revoke_lease", title, Verdict::Pass, "revoked")
@@ -1241,16 +1174,7 @@ impl Run<'_> {
                     ),
                     _ => "check that Vault is reachable".into(),
                 };
-                r.push(
-                    Check::new(
-                        &scope,
-                        "policy",
-                        format!("read {path}"),
-                        Verdict::Fail,
-                        e.to_string(),
-                    )
-                    .fix(fix),
-                );
+                r.push(Check::new(&scope, "policy", format!("read {path}"), Verdict::Fail, e.to_string()).fix(fix));
                 return;
             }
         };
@@ -1328,10 +1252,16 @@ impl Run<'_> {
         }
         for rule in &d.unused {
             r.push(
-                Check::new(&scope, "policy_unused", format!("path {:?}", rule.path), Verdict::Warn, format!(
-                    "not used by this config (capabilities [{}])",
-                    rule.capabilities.join(", ")
-                ))
+                Check::new(
+                    &scope,
+                    "policy_unused",
+                    format!("path {:?}", rule.path),
+                    Verdict::Warn,
+                    format!(
+                        "not used by this config (capabilities [{}])",
+                        rule.capabilities.join(", ")
+                    ),
+                )
                 .fix("remove it once no deployed config reads it (a path this config moved away from?)")
                 .detail("path", rule.path.clone()),
             );
@@ -1345,11 +1275,7 @@ fn read_ok(db: &DatabaseConfig, c: &Credential) -> Check {
         (Some(l), _) => message.push_str(&format!(
             ", lease {} ({})",
             fmt_duration(l.duration),
-            if l.renewable {
-                "renewable"
-            } else {
-                "not renewable"
-            }
+            if l.renewable { "renewable" } else { "not renewable" }
         )),
         (None, CredentialKind::Static) => {
             if let Some(v) = c.valid_for {
@@ -1358,15 +1284,9 @@ fn read_ok(db: &DatabaseConfig, c: &Credential) -> Check {
         }
         _ => {}
     }
-    Check::new(
-        &db.name,
-        "read",
-        format!("read {}", c.path),
-        Verdict::Pass,
-        message,
-    )
-    .detail("path", c.path.clone())
-    .detail("user", c.username.clone())
+    Check::new(&db.name, "read", format!("read {}", c.path), Verdict::Pass, message)
+        .detail("path", c.path.clone())
+        .detail("user", c.username.clone())
 }
 
 fn allows(caps: &[String], capability: &str) -> bool {
@@ -1375,11 +1295,7 @@ fn allows(caps: &[String], capability: &str) -> bool {
 
 fn string_list(v: &Value) -> Vec<String> {
     v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| p.as_str().map(str::to_string))
-                .collect()
-        })
+        .map(|a| a.iter().filter_map(|p| p.as_str().map(str::to_string)).collect())
         .unwrap_or_default()
 }
 
@@ -1463,9 +1379,7 @@ async fn select_one(stream: &mut UpstreamStream) -> Result<(), String> {
     let mut buf = BytesMut::with_capacity(4096);
     let mut error = None;
     loop {
-        while let Some(msg) =
-            backend::Message::parse(&mut buf).map_err(|e| format!("bad answer to SELECT 1: {e}"))?
-        {
+        while let Some(msg) = backend::Message::parse(&mut buf).map_err(|e| format!("bad answer to SELECT 1: {e}"))? {
             match msg {
                 backend::Message::ErrorResponse(body) => {
                     let mut fields = body.fields();
@@ -1514,10 +1428,7 @@ mod tests {
     #[test]
     fn http_dates_parse() {
         let t = parse_http_date("Thu, 26 Nov 2026 01:18:08 GMT").unwrap();
-        assert_eq!(
-            t.duration_since(UNIX_EPOCH).unwrap().as_secs(),
-            1_795_655_888
-        );
+        assert_eq!(t.duration_since(UNIX_EPOCH).unwrap().as_secs(), 1_795_655_888);
         assert!(parse_http_date("Thu, 26 Nov 2026 01:18:08 CET").is_none());
         assert!(parse_http_date("yesterday").is_none());
     }
@@ -1525,17 +1436,10 @@ mod tests {
     #[test]
     fn clock_skew_is_graded() {
         let now = SystemTime::now();
-        assert_eq!(
-            clock_check(now, now + Duration::from_secs(2)).verdict,
-            Verdict::Pass
-        );
+        assert_eq!(clock_check(now, now + Duration::from_secs(2)).verdict, Verdict::Pass);
         let warn = clock_check(now + Duration::from_secs(30), now);
         assert_eq!(warn.verdict, Verdict::Warn);
-        assert!(
-            warn.message.contains("30s ahead of Vault's"),
-            "{}",
-            warn.message
-        );
+        assert!(warn.message.contains("30s ahead of Vault's"), "{}", warn.message);
         let fail = clock_check(now, now + Duration::from_secs(600));
         assert_eq!(fail.verdict, Verdict::Fail);
         assert!(fail.message.contains("600s behind"), "{}", fail.message);
@@ -1576,10 +1480,7 @@ mod tests {
             .fix("add it"),
         );
         let text = r.render_text(false);
-        assert!(
-            text.contains("ok   vault     vault http://v: reachable\n"),
-            "{text}"
-        );
+        assert!(text.contains("ok   vault     vault http://v: reachable\n"), "{text}");
         assert!(
             text.contains("FAIL payments  read secret/data/x: missing capability \"read\"\n"),
             "{text}"
@@ -1596,11 +1497,7 @@ mod tests {
     #[test]
     fn tls_errors_are_recognized() {
         assert!(is_tls_error("invalid peer certificate: UnknownIssuer"));
-        assert!(is_tls_error(
-            "received corrupt message of type InvalidContentType"
-        ));
-        assert!(!is_tls_error(
-            "tcp connect error: Connection refused (os error 111)"
-        ));
+        assert!(is_tls_error("received corrupt message of type InvalidContentType"));
+        assert!(!is_tls_error("tcp connect error: Connection refused (os error 111)"));
     }
 }

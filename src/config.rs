@@ -30,7 +30,10 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 fn err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError { key: key.into(), message: message.into() }
+    ConfigError {
+        key: key.into(),
+        message: message.into(),
+    }
 }
 
 /// Declares a string-valued enum whose parse error lists the accepted values, as
@@ -128,7 +131,9 @@ impl TryFrom<String> for FileMode {
     fn try_from(s: String) -> Result<Self, String> {
         match u32::from_str_radix(s.trim_start_matches("0o"), 8) {
             Ok(m) if m <= 0o777 => Ok(FileMode(m)),
-            _ => Err(format!("invalid mode {s:?}, expected octal permission bits such as \"0660\"")),
+            _ => Err(format!(
+                "invalid mode {s:?}, expected octal permission bits such as \"0660\""
+            )),
         }
     }
 }
@@ -487,7 +492,10 @@ impl Config {
             }
         }
         if !(1..=256).contains(&self.proxy.worker_threads) {
-            return Err(err("proxy.worker_threads", format!("{} is out of range: use 1 to 256", self.proxy.worker_threads)));
+            return Err(err(
+                "proxy.worker_threads",
+                format!("{} is out of range: use 1 to 256", self.proxy.worker_threads),
+            ));
         }
         if self.databases.is_empty() {
             return Err(err("databases", "at least one [[databases]] entry is required"));
@@ -496,16 +504,20 @@ impl Config {
         let mut listens = std::collections::HashMap::new();
         for (i, db) in self.databases.iter().enumerate() {
             let key = |k: &str| format!("databases[{i}].{k}");
-            if db.name.is_empty()
-                || !db.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
+            if db.name.is_empty() || !db.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
                 return Err(err(
                     key("name"),
-                    format!("{:?} must be non-empty and use only letters, digits, '-', '_', '.'", db.name),
+                    format!(
+                        "{:?} must be non-empty and use only letters, digits, '-', '_', '.'",
+                        db.name
+                    ),
                 ));
             }
             if !names.insert(db.name.clone()) {
-                return Err(err(key("name"), format!("{:?} is used by another database entry", db.name)));
+                return Err(err(
+                    key("name"),
+                    format!("{:?} is used by another database entry", db.name),
+                ));
             }
             if db.listen.is_empty() {
                 return Err(err(key("listen"), "at least one address or socket path is required"));
@@ -550,25 +562,41 @@ impl Config {
             if db.max_client_connections == 0 {
                 return Err(err(key("max_client_connections"), "must be at least 1"));
             }
-            for (k, p) in [("ca_file", &db.ca_file), ("cert_file", &db.cert_file), ("key_file", &db.key_file)] {
+            for (k, p) in [
+                ("ca_file", &db.ca_file),
+                ("cert_file", &db.cert_file),
+                ("key_file", &db.key_file),
+            ] {
                 if let Some(p) = p {
                     if !p.is_file() {
-                        return Err(err(key(k), format!("{:?} does not exist or is not a file", p.display().to_string())));
+                        return Err(err(
+                            key(k),
+                            format!("{:?} does not exist or is not a file", p.display().to_string()),
+                        ));
                     }
                 }
             }
             if let Some(t) = &db.client_tls {
                 for (k, p) in [("cert_file", &t.cert_file), ("key_file", &t.key_file)] {
                     if !p.is_file() {
-                        return Err(err(key(&format!("client_tls.{k}")), format!("{:?} does not exist or is not a file", p.display().to_string())));
+                        return Err(err(
+                            key(&format!("client_tls.{k}")),
+                            format!("{:?} does not exist or is not a file", p.display().to_string()),
+                        ));
                     }
                 }
             }
             if db.cert_file.is_some() != db.key_file.is_some() {
-                return Err(err(key("cert_file"), "cert_file and key_file go together: set both or neither"));
+                return Err(err(
+                    key("cert_file"),
+                    "cert_file and key_file go together: set both or neither",
+                ));
             }
             if db.sslmode == SslMode::Disable && (db.ca_file.is_some() || db.cert_file.is_some()) {
-                return Err(err(key("sslmode"), "\"disable\" but ca_file/cert_file are set; use \"verify-full\" or remove them"));
+                return Err(err(
+                    key("sslmode"),
+                    "\"disable\" but ca_file/cert_file are set; use \"verify-full\" or remove them",
+                ));
             }
             self.validate_credentials(i, &db.credentials)?;
         }
@@ -621,7 +649,13 @@ impl Config {
                     None => return Err(err(key("role"), format!("is required for kind = \"{}\"", c.kind))),
                 }
                 if c.path.is_some() {
-                    return Err(err(key("path"), format!("is only for kind = \"kv\"; kind = \"{}\" reads <mount>/.../<role>", c.kind)));
+                    return Err(err(
+                        key("path"),
+                        format!(
+                            "is only for kind = \"kv\"; kind = \"{}\" reads <mount>/.../<role>",
+                            c.kind
+                        ),
+                    ));
                 }
                 if let Some(m) = &c.mount {
                     if !valid_segment(m.trim_matches('/')) {
@@ -649,7 +683,13 @@ impl Config {
             }
         }
         if !(c.refresh_fraction > 0.05 && c.refresh_fraction < 0.95) {
-            return Err(err(key("refresh_fraction"), format!("{} is out of range: use a fraction between 0.05 and 0.95 (default 0.667)", c.refresh_fraction)));
+            return Err(err(
+                key("refresh_fraction"),
+                format!(
+                    "{} is out of range: use a fraction between 0.05 and 0.95 (default 0.667)",
+                    c.refresh_fraction
+                ),
+            ));
         }
         if c.refresh_interval.0 < Duration::from_secs(1) {
             return Err(err(key("refresh_interval"), "must be at least 1s"));
@@ -730,14 +770,20 @@ role = "payments"
     fn unknown_key_is_rejected_with_its_path() {
         let bad = GOOD.replace("role = \"payments\"", "role = \"payments\"\nrenew = true");
         let e = Config::parse(&bad).unwrap_err().to_string();
-        assert!(e.starts_with("databases[0].credentials.renew: unknown field `renew`, expected one of `kind`"), "{e}");
+        assert!(
+            e.starts_with("databases[0].credentials.renew: unknown field `renew`, expected one of `kind`"),
+            "{e}"
+        );
     }
 
     #[test]
     fn remote_listener_needs_opt_in() {
         let bad = GOOD.replace("127.0.0.1:6432", "0.0.0.0:6432");
         let e = Config::parse(&bad).unwrap_err().to_string();
-        assert!(e.starts_with("databases[0].listen[0]: \"0.0.0.0:6432\" is not a loopback address"), "{e}");
+        assert!(
+            e.starts_with("databases[0].listen[0]: \"0.0.0.0:6432\" is not a loopback address"),
+            "{e}"
+        );
         let ok = bad.replace("upstream =", "allow_remote_clients = true\nupstream =");
         Config::parse(&ok).unwrap();
     }
@@ -749,7 +795,10 @@ role = "payments"
             "kind = \"kv\"\npath = \"secret/apps/payments/db\"",
         );
         let e = Config::parse(&kv).unwrap_err().to_string();
-        assert!(e.starts_with("databases[0].credentials.path: \"secret/apps/payments/db\" is not a KV v2 API path"), "{e}");
+        assert!(
+            e.starts_with("databases[0].credentials.path: \"secret/apps/payments/db\" is not a KV v2 API path"),
+            "{e}"
+        );
         let fixed = kv.replace("secret/apps", "secret/data/apps");
         let c = Config::parse(&fixed).unwrap();
         assert_eq!(c.databases[0].credentials.vault_path(), "secret/data/apps/payments/db");
@@ -775,9 +824,17 @@ role = "payments"
     fn duplicate_names_and_listeners_are_rejected() {
         let two = format!("{GOOD}\n{}", &GOOD[GOOD.find("[[databases]]").unwrap()..]);
         let e = Config::parse(&two).unwrap_err().to_string();
-        assert!(e.starts_with("databases[1].name: \"payments\" is used by another"), "{e}");
-        let two = two.replacen("name = \"payments\"\nlisten", "name = \"orders\"\nlisten", 2).replacen("name = \"orders\"", "name = \"payments\"", 1);
+        assert!(
+            e.starts_with("databases[1].name: \"payments\" is used by another"),
+            "{e}"
+        );
+        let two = two
+            .replacen("name = \"payments\"\nlisten", "name = \"orders\"\nlisten", 2)
+            .replacen("name = \"orders\"", "name = \"payments\"", 1);
         let e = Config::parse(&two).unwrap_err().to_string();
-        assert!(e.starts_with("databases[1].listen[0]: \"127.0.0.1:6432\" is also a listener of database \"payments\""), "{e}");
+        assert!(
+            e.starts_with("databases[1].listen[0]: \"127.0.0.1:6432\" is also a listener of database \"payments\""),
+            "{e}"
+        );
     }
 }

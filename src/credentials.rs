@@ -60,7 +60,10 @@ impl CredentialError {
         }
         if is_login {
             return PgError::fatal(sqlstate::INVALID_AUTHORIZATION, format!("dbward: {e}"))
-                .with_detail(format!("database entry {:?} could not log in to Vault as {}", self.database, self.login))
+                .with_detail(format!(
+                    "database entry {:?} could not log in to Vault as {}",
+                    self.database, self.login
+                ))
                 .with_hint("check the auth role's bound claims and the workload token file");
         }
         if e.is_unavailable() {
@@ -75,8 +78,10 @@ impl CredentialError {
             Some(400..=499) => sqlstate::INVALID_AUTHORIZATION,
             _ => sqlstate::CONNECTION_FAILURE,
         };
-        PgError::fatal(code, format!("dbward: {e}"))
-            .with_detail(format!("database entry {:?} reads {} as {}", self.database, self.path, self.login))
+        PgError::fatal(code, format!("dbward: {e}")).with_detail(format!(
+            "database entry {:?} reads {} as {}",
+            self.database, self.path, self.login
+        ))
     }
 }
 
@@ -116,7 +121,10 @@ impl std::ops::Deref for Held {
 
 impl std::fmt::Debug for Held {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Held").field("cred", &self.cred).field("in_use", &self.in_use()).finish()
+        f.debug_struct("Held")
+            .field("cred", &self.cred)
+            .field("in_use", &self.in_use())
+            .finish()
     }
 }
 
@@ -252,7 +260,10 @@ impl CredentialStore {
         error_ttl: Duration,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        let entries = databases.into_iter().map(|(name, cfg)| (name, Arc::new(Entry::new(cfg)))).collect();
+        let entries = databases
+            .into_iter()
+            .map(|(name, cfg)| (name, Arc::new(Entry::new(cfg))))
+            .collect();
         let cache = Cache::builder().expire_after(LeaseExpiry).build();
         Arc::new(CredentialStore {
             vault,
@@ -281,16 +292,25 @@ impl CredentialStore {
     /// The cached credential, or one fetched now (one fetch however many callers wait).
     pub async fn get(&self, database: &str) -> Result<Arc<Held>, CredentialError> {
         if let Some(c) = self.cache.get(database).await {
-            self.metrics.credential_cache_total.with_label_values(&[database, "hit"]).inc();
+            self.metrics
+                .credential_cache_total
+                .with_label_values(&[database, "hit"])
+                .inc();
             return Ok(c);
         }
-        self.metrics.credential_cache_total.with_label_values(&[database, "miss"]).inc();
+        self.metrics
+            .credential_cache_total
+            .with_label_values(&[database, "miss"])
+            .inc();
         if let Some((at, e)) = self.recent_errors.lock().unwrap().get(database) {
             if at.elapsed() < self.error_ttl {
                 return Err(e.clone());
             }
         }
-        let result = self.cache.try_get_with(database.to_string(), self.fetch(database)).await;
+        let result = self
+            .cache
+            .try_get_with(database.to_string(), self.fetch(database))
+            .await;
         match result {
             Ok(c) => {
                 self.recent_errors.lock().unwrap().remove(database);
@@ -298,7 +318,10 @@ impl CredentialStore {
             }
             Err(e) => {
                 let e = CredentialError::clone(&e);
-                self.recent_errors.lock().unwrap().insert(database.to_string(), (Instant::now(), e.clone()));
+                self.recent_errors
+                    .lock()
+                    .unwrap()
+                    .insert(database.to_string(), (Instant::now(), e.clone()));
                 Err(e)
             }
         }
@@ -311,12 +334,19 @@ impl CredentialStore {
 
     /// Drops a credential the upstream refused (28P01), unless a newer one already replaced it.
     pub async fn rejected(&self, database: &str, generation: u64) {
-        self.metrics.credential_rejected_total.with_label_values(&[database]).inc();
+        self.metrics
+            .credential_rejected_total
+            .with_label_values(&[database])
+            .inc();
         if let Some(e) = self.entry(database) {
             if !e.warned_rejected.swap(true, Ordering::SeqCst) {
                 let role = match e.cfg.kind {
                     CredentialKind::Kv => format!("the KV secret at {}", e.cfg.vault_path()),
-                    _ => format!("Vault role {:?} ({})", e.cfg.role.as_deref().unwrap_or(""), e.cfg.vault_path()),
+                    _ => format!(
+                        "Vault role {:?} ({})",
+                        e.cfg.role.as_deref().unwrap_or(""),
+                        e.cfg.vault_path()
+                    ),
                 };
                 tracing::warn!(
                     database,
@@ -347,7 +377,9 @@ impl CredentialStore {
             return Err(CredentialError {
                 database: database.to_string(),
                 path: String::new(),
-                error: VaultError::Local { detail: format!("database entry {database:?} was removed by a reload") },
+                error: VaultError::Local {
+                    detail: format!("database entry {database:?} was removed by a reload"),
+                },
                 policies: None,
                 login: self.login_description(),
             });
@@ -380,7 +412,9 @@ impl CredentialStore {
                         None => Err(wrap(e, Some(token.policies_text()))),
                     }
                 }
-                other => other.map(|c| (c, token.generation)).map_err(|e| wrap(e, Some(token.policies_text()))),
+                other => other
+                    .map(|c| (c, token.generation))
+                    .map_err(|e| wrap(e, Some(token.policies_text()))),
             }
         }
         .await;
@@ -391,9 +425,15 @@ impl CredentialStore {
                     *g += 1;
                     *g
                 };
-                self.metrics.credential_fetch_total.with_label_values(&[database, "ok"]).inc();
+                self.metrics
+                    .credential_fetch_total
+                    .with_label_values(&[database, "ok"])
+                    .inc();
                 let expiry = cred.valid_for.map(|v| unix_now() + v.as_secs_f64()).unwrap_or(0.0);
-                self.metrics.credential_expiry_timestamp_seconds.with_label_values(&[database]).set(expiry);
+                self.metrics
+                    .credential_expiry_timestamp_seconds
+                    .with_label_values(&[database])
+                    .set(expiry);
                 tracing::info!(
                     database,
                     path = %cred.path,
@@ -404,7 +444,10 @@ impl CredentialStore {
                     "fetched credential from Vault"
                 );
                 let jitter = rand::thread_rng().gen_range(0.95..=1.0);
-                let Schedule { refresh_after, cache_for } = schedule(cfg, cred.valid_for, jitter);
+                let Schedule {
+                    refresh_after,
+                    cache_for,
+                } = schedule(cfg, cred.valid_for, jitter);
                 let lease = LeaseClock {
                     renewed_at: cred.fetched_at,
                     duration: cred.lease.as_ref().map(|l| l.duration).unwrap_or_default(),
@@ -426,7 +469,10 @@ impl CredentialStore {
                 Ok(held)
             }
             Err(e) => {
-                self.metrics.credential_fetch_total.with_label_values(&[database, "error"]).inc();
+                self.metrics
+                    .credential_fetch_total
+                    .with_label_values(&[database, "error"])
+                    .inc();
                 if e.error.is_denied() {
                     self.metrics.vault_denied_total.with_label_values(&[database]).inc();
                 }
@@ -481,8 +527,13 @@ impl CredentialStore {
             }
             // Each entry refreshes in a task of its own: a Vault call hanging for one entry
             // must not hold up the others or the lease bookkeeping.
-            let entries: Vec<(String, Arc<Entry>)> =
-                self.entries.read().unwrap().iter().map(|(n, e)| (n.clone(), e.clone())).collect();
+            let entries: Vec<(String, Arc<Entry>)> = self
+                .entries
+                .read()
+                .unwrap()
+                .iter()
+                .map(|(n, e)| (n.clone(), e.clone()))
+                .collect();
             for (name, entry) in entries {
                 if entry.refreshing.swap(true, Ordering::SeqCst) {
                     continue;
@@ -522,7 +573,10 @@ impl CredentialStore {
             },
         };
         let outcome = if result.is_ok() { "ok" } else { "error" };
-        self.metrics.credential_refreshes_total.with_label_values(&[database, outcome]).inc();
+        self.metrics
+            .credential_refreshes_total
+            .with_label_values(&[database, outcome])
+            .inc();
         match result {
             Ok(()) => {
                 entry.backoff.lock().unwrap().succeeded();
@@ -554,8 +608,10 @@ impl CredentialStore {
         for (database, h) in held {
             let Some(lease) = &h.cred.lease else { continue };
             // An entry removed by a reload: its leases get the default treatment.
-            let (renew_in_use, revoke_unused) =
-                self.entry(&database).map(|e| (e.cfg.renew_in_use, e.cfg.revoke_unused)).unwrap_or((true, true));
+            let (renew_in_use, revoke_unused) = self
+                .entry(&database)
+                .map(|e| (e.cfg.renew_in_use, e.cfg.revoke_unused))
+                .unwrap_or((true, true));
             let current = self.cache.get(&database).await.is_some_and(|c| Arc::ptr_eq(&c, &h));
             let clock = *h.lease.lock().unwrap();
             let expired = h.lease_end().is_some_and(|end| end <= now);
@@ -589,18 +645,28 @@ impl CredentialStore {
         let lease = h.cred.lease.as_ref().expect("only leases are renewed");
         let Some(token) = self.auth.current() else { return };
         let body = json!({ "lease_id": lease.id, "increment": lease.duration.as_secs() });
-        match self.vault.write("renew", "sys/leases/renew", Some(&token.token), &body).await {
+        match self
+            .vault
+            .write("renew", "sys/leases/renew", Some(&token.token), &body)
+            .await
+        {
             Ok(resp) => {
                 let granted = Duration::from_secs(resp.u64_field("/lease_duration").unwrap_or(0));
                 let mut c = h.lease.lock().unwrap();
                 c.renewed_at = Instant::now();
                 c.duration = granted;
                 c.at_max = granted + Duration::from_secs(1) < lease.duration;
-                self.metrics.lease_renewals_total.with_label_values(&[database, "ok"]).inc();
+                self.metrics
+                    .lease_renewals_total
+                    .with_label_values(&[database, "ok"])
+                    .inc();
                 tracing::info!(database, lease = %lease.id, in_use = h.in_use(), granted = ?granted, at_max = c.at_max, "renewed lease still in use");
             }
             Err(e) => {
-                self.metrics.lease_renewals_total.with_label_values(&[database, "error"]).inc();
+                self.metrics
+                    .lease_renewals_total
+                    .with_label_values(&[database, "error"])
+                    .inc();
                 // 400 "lease not found"/"lease expired": nothing left to renew.
                 if matches!(e.status(), Some(400) | Some(404)) {
                     h.lease.lock().unwrap().gone = true;
@@ -614,15 +680,25 @@ impl CredentialStore {
         let lease = h.cred.lease.as_ref().expect("only leases are revoked");
         let Some(token) = self.auth.current() else { return };
         let body = json!({ "lease_id": lease.id });
-        match self.vault.write("revoke", "sys/leases/revoke", Some(&token.token), &body).await {
+        match self
+            .vault
+            .write("revoke", "sys/leases/revoke", Some(&token.token), &body)
+            .await
+        {
             Ok(_) => {
-                self.metrics.lease_revocations_total.with_label_values(&[database, "ok"]).inc();
+                self.metrics
+                    .lease_revocations_total
+                    .with_label_values(&[database, "ok"])
+                    .inc();
                 tracing::info!(database, lease = %lease.id, username = %h.cred.username, why, "revoked lease");
                 h.lease.lock().unwrap().gone = true;
                 self.forget(h);
             }
             Err(e) => {
-                self.metrics.lease_revocations_total.with_label_values(&[database, "error"]).inc();
+                self.metrics
+                    .lease_revocations_total
+                    .with_label_values(&[database, "error"])
+                    .inc();
                 if matches!(e.status(), Some(400) | Some(404)) {
                     self.forget(h);
                 }
@@ -662,24 +738,34 @@ pub struct Schedule {
 pub fn schedule(cfg: &CredentialsConfig, valid_for: Option<Duration>, jitter: f64) -> Schedule {
     match (cfg.kind, valid_for) {
         // KV secrets have no lease: re-read on the interval, handed out until replaced.
-        (CredentialKind::Kv, _) | (_, None) => Schedule { refresh_after: Some(cfg.refresh_interval.0), cache_for: None },
+        (CredentialKind::Kv, _) | (_, None) => Schedule {
+            refresh_after: Some(cfg.refresh_interval.0),
+            cache_for: None,
+        },
         // The password changes at rotation: fetched again just after; until then it is valid
         // (a login refused right at the rotation fetches the new one).
-        (CredentialKind::Static, Some(v)) => {
-            Schedule { refresh_after: Some(v + Duration::from_secs(1)), cache_for: Some(v) }
-        }
+        (CredentialKind::Static, Some(v)) => Schedule {
+            refresh_after: Some(v + Duration::from_secs(1)),
+            cache_for: Some(v),
+        },
         // Replaced at refresh_fraction, and always before the cache drops it (expiry_margin
         // before the lease ends), so no client waits for Vault once the first credential is in.
         (CredentialKind::Database, Some(v)) => {
             let cache_for = v.saturating_sub(cfg.expiry_margin.0);
             let latest = cache_for.saturating_sub(Duration::from_millis(500));
-            Schedule { refresh_after: Some(v.mul_f64(cfg.refresh_fraction * jitter).min(latest)), cache_for: Some(cache_for) }
+            Schedule {
+                refresh_after: Some(v.mul_f64(cfg.refresh_fraction * jitter).min(latest)),
+                cache_for: Some(cache_for),
+            }
         }
     }
 }
 
 fn unix_now() -> f64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
 }
 
 #[cfg(test)]
@@ -688,7 +774,11 @@ mod tests {
     use crate::config::Config;
 
     fn creds(kind: &str, extra: &str) -> CredentialsConfig {
-        let what = if kind == "kv" { "path = \"secret/data/a/db\"" } else { "role = \"r\"" };
+        let what = if kind == "kv" {
+            "path = \"secret/data/a/db\""
+        } else {
+            "role = \"r\""
+        };
         let text = format!(
             "[vault]\naddress = \"http://127.0.0.1:1\"\n[vault.auth]\nmethod = \"token\"\ntoken_file = \"/t\"\n\
              [[databases]]\nname = \"d\"\nlisten = [\"127.0.0.1:1\"]\nupstream = \"h:5432\"\n\
@@ -744,17 +834,37 @@ mod tests {
     fn a_refreshed_credential_gets_its_own_lifetime_not_the_replaced_ones() {
         let fresh = held(Some(S(40)));
         // The replaced credential had half a second left; the new one must get its full 40 s.
-        let left = LeaseExpiry.expire_after_update(&"d".to_string(), &fresh, Instant::now(), Some(Duration::from_millis(500)));
+        let left = LeaseExpiry.expire_after_update(
+            &"d".to_string(),
+            &fresh,
+            Instant::now(),
+            Some(Duration::from_millis(500)),
+        );
         assert!(left.unwrap() > S(39), "{left:?}");
         let kv = held(None);
-        assert_eq!(LeaseExpiry.expire_after_update(&"d".to_string(), &kv, Instant::now(), Some(S(1))), None);
+        assert_eq!(
+            LeaseExpiry.expire_after_update(&"d".to_string(), &kv, Instant::now(), Some(S(1))),
+            None
+        );
     }
 
     #[test]
     fn static_role_is_refetched_after_rotation_and_kv_on_its_interval() {
         let st = schedule(&creds("static", ""), Some(S(90)), 0.97);
-        assert_eq!(st, Schedule { refresh_after: Some(S(91)), cache_for: Some(S(90)) });
+        assert_eq!(
+            st,
+            Schedule {
+                refresh_after: Some(S(91)),
+                cache_for: Some(S(90))
+            }
+        );
         let kv = schedule(&creds("kv", "refresh_interval = \"30s\""), None, 0.97);
-        assert_eq!(kv, Schedule { refresh_after: Some(S(30)), cache_for: None });
+        assert_eq!(
+            kv,
+            Schedule {
+                refresh_after: Some(S(30)),
+                cache_for: None
+            }
+        );
     }
 }

@@ -4,18 +4,18 @@
 //! The binary (`main.rs`) only parses the command line; everything else lives here so that tests
 //! can drive it. State is passed down explicitly in an [`app::App`]; there are no global statics.
 
+pub mod admin;
 pub mod app;
 pub mod backoff;
+pub mod check;
 pub mod config;
 pub mod credentials;
 pub mod listener;
 pub mod metrics;
 pub mod pg;
+pub mod policy;
 pub mod session;
 pub mod shutdown;
+pub mod systemd;
 pub mod upstream;
 pub mod vault;
-pub mod admin;
-pub mod systemd;
-pub mod check;
-pub mod policy;

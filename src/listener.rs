@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, UnixListener};
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
-use tokio::net::{TcpListener, UnixListener};
 use tracing::Instrument;
 
 use crate::app::App;
@@ -129,7 +129,10 @@ pub async fn accept_loop(app: Arc<App>, name: String, listener: Listener, stop: 
             }
         };
         let Some(db) = app.database(&name) else { break };
-        app.metrics.client_connections_total.with_label_values(&[&db.name]).inc();
+        app.metrics
+            .client_connections_total
+            .with_label_values(&[&db.name])
+            .inc();
         let span = tracing::info_span!(
             "session",
             database = %db.name,
@@ -138,7 +141,10 @@ pub async fn accept_loop(app: Arc<App>, name: String, listener: Listener, stop: 
             credential = tracing::field::Empty,
         );
         let Ok(permit) = db.slots.clone().try_acquire_owned() else {
-            app.metrics.client_connections_rejected_total.with_label_values(&[&db.name, "too_many_connections"]).inc();
+            app.metrics
+                .client_connections_rejected_total
+                .with_label_values(&[&db.name, "too_many_connections"])
+                .inc();
             let limit = db.cfg.max_client_connections;
             let name = db.name.clone();
             tokio::spawn(

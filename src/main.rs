@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "dbward", version, about = "Postgres connections with short-lived credentials from Vault/OpenBao")]
+#[command(
+    name = "dbward",
+    version,
+    about = "Postgres connections with short-lived credentials from Vault/OpenBao"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -97,9 +101,13 @@ async fn stop_signal() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config, json, strict, dbname, diff_policy } => {
-            check_command(config, json, strict, dbname, diff_policy)
-        }
+        Command::Check {
+            config,
+            json,
+            strict,
+            dbname,
+            diff_policy,
+        } => check_command(config, json, strict, dbname, diff_policy),
         Command::Policy { config } => match load(&config) {
             Ok(cfg) => {
                 print!("{}", dbward::policy::render_hcl(&cfg, &config.display().to_string()));
@@ -180,8 +188,16 @@ fn check_command(
             .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()))
             .map(|t| secrecy::SecretString::from(t.trim().to_string()))
     });
-    let opts = dbward::check::Options { config_path: config.clone(), dbname, diff_policy, policy_reader_token };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let opts = dbward::check::Options {
+        config_path: config.clone(),
+        dbname,
+        diff_policy,
+        policy_reader_token,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let report = match rt.block_on(dbward::check::run(&cfg, &opts)) {
         Ok(r) => r,
         Err(e) => {
@@ -190,7 +206,10 @@ fn check_command(
         }
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&report.to_json(strict)).expect("JSON values serialize"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report.to_json(strict)).expect("JSON values serialize")
+        );
     } else {
         print!("{}", report.render_text(strict));
     }

@@ -8,8 +8,8 @@
 //! the clock runs, and tokens are renewed in places that do not know about metrics.
 
 use prometheus::{
-    exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -56,8 +56,7 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
-            r.register(Box::new(c.clone()))
-                .expect("metric names are unique");
+            r.register(Box::new(c.clone())).expect("metric names are unique");
             c
         }
         let counter = |name: &str, help: &str, labels: &[&str]| {
@@ -217,9 +216,7 @@ impl Metrics {
             ),
             registry,
         };
-        m.build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
+        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         m
     }
 
@@ -241,10 +238,7 @@ mod tests {
     fn build_info_is_exported_with_the_crate_version() {
         let m = Metrics::new();
         let text = m.render();
-        let want = format!(
-            "dbward_build_info{{version=\"{}\"}} 1",
-            env!("CARGO_PKG_VERSION")
-        );
+        let want = format!("dbward_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
         assert!(text.contains(&want), "{text}");
     }
 
@@ -253,15 +247,9 @@ mod tests {
         let m = Metrics::new();
         // Touch every labelled family once so that it is rendered.
         m.client_connections_total.with_label_values(&["db"]).inc();
-        m.credential_expires_in_seconds
-            .with_label_values(&["db"])
-            .set(1.0);
-        m.vault_token_expires_in_seconds
-            .with_label_values::<&str>(&[])
-            .set(1.0);
-        m.upstream_connect_seconds
-            .with_label_values(&["db"])
-            .observe(0.01);
+        m.credential_expires_in_seconds.with_label_values(&["db"]).set(1.0);
+        m.vault_token_expires_in_seconds.with_label_values::<&str>(&[]).set(1.0);
+        m.upstream_connect_seconds.with_label_values(&["db"]).observe(0.01);
         let allowed = [
             "database",
             "reason",
@@ -287,10 +275,7 @@ mod tests {
             }
         }
         let text = m.render();
-        assert!(
-            text.contains("dbward_vault_token_expires_in_seconds 1"),
-            "{text}"
-        );
+        assert!(text.contains("dbward_vault_token_expires_in_seconds 1"), "{text}");
     }
 
     #[test]

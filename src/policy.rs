@@ -88,7 +88,8 @@ pub fn requirements(config: &Config) -> Vec<Requirement> {
             path: LEASE_REVOKE_PATH.into(),
             capability: "update",
             databases: revoking,
-            purpose: "revoke leases once replaced and unused, and at shutdown (revoke_unused, revoke_on_shutdown)".into(),
+            purpose: "revoke leases once replaced and unused, and at shutdown (revoke_unused, revoke_on_shutdown)"
+                .into(),
         });
     }
     out
@@ -96,11 +97,7 @@ pub fn requirements(config: &Config) -> Vec<Requirement> {
 
 /// `"payments"` or `"payments", "orders"`: database entry names for messages.
 pub fn entry_names(names: &[String]) -> String {
-    names
-        .iter()
-        .map(|n| format!("{n:?}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
 }
 
 /// The minimal policy for `config`: one `path` block per requirement, each with a comment naming
@@ -162,10 +159,7 @@ impl Rule {
     /// Whether the rule allows `capability` (`deny` wins over everything, `root` allows all).
     pub fn allows(&self, capability: &str) -> bool {
         !self.capabilities.iter().any(|c| c == "deny")
-            && self
-                .capabilities
-                .iter()
-                .any(|c| c == capability || c == "root")
+            && self.capabilities.iter().any(|c| c == capability || c == "root")
     }
 }
 
@@ -206,8 +200,7 @@ fn legacy_policy(word: &str) -> Vec<String> {
 }
 
 fn parse_json_policy(text: &str) -> Result<Vec<Rule>, String> {
-    let v: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
     let mut out = Vec::new();
     // `"path"` is an object of paths, or (HCL's JSON form) a list of such objects.
     let groups: Vec<&serde_json::Value> = match &v["path"] {
@@ -227,11 +220,7 @@ fn parse_json_policy(text: &str) -> Result<Vec<Rule>, String> {
             for b in bodies {
                 let mut caps: Vec<String> = b["capabilities"]
                     .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|c| c.as_str().map(str::to_string))
-                            .collect()
-                    })
+                    .map(|a| a.iter().filter_map(|c| c.as_str().map(str::to_string)).collect())
                     .unwrap_or_default();
                 if let Some(p) = b["policy"].as_str() {
                     caps.extend(legacy_policy(p));
@@ -299,9 +288,7 @@ fn tokenize(text: &str) -> Result<Vec<(Tok, usize)>, String> {
                                 Some('n') => s.push('\n'),
                                 Some('t') => s.push('\t'),
                                 Some(&o) => s.push(o),
-                                None => {
-                                    return Err(format!("line {start_line}: unterminated string"))
-                                }
+                                None => return Err(format!("line {start_line}: unterminated string")),
                             }
                             i += 2;
                         }
@@ -348,11 +335,7 @@ impl Hcl {
     }
 
     fn line(&self) -> usize {
-        self.toks
-            .get(self.pos)
-            .or(self.toks.last())
-            .map(|t| t.1)
-            .unwrap_or(1)
+        self.toks.get(self.pos).or(self.toks.last()).map(|t| t.1).unwrap_or(1)
     }
 
     fn next(&mut self) -> Option<Tok> {
@@ -367,12 +350,7 @@ impl Hcl {
 
     /// A body: up to its `}` when `nested`, else to the end of input. Top-level
     /// `path "..." { ... }` blocks become rules; `path` is the block being read, if any.
-    fn body(
-        &mut self,
-        nested: bool,
-        rules: &mut Vec<Rule>,
-        path: Option<&str>,
-    ) -> Result<(), String> {
+    fn body(&mut self, nested: bool, rules: &mut Vec<Rule>, path: Option<&str>) -> Result<(), String> {
         loop {
             match self.peek() {
                 None if nested => return self.err("missing '}'"),
@@ -407,18 +385,10 @@ impl Hcl {
                         Some(Tok::Punct('=')) | Some(Tok::Punct(':')) if labels.is_empty() => {
                             let value = self.value()?;
                             if let Some(p) = path {
-                                let rule = rules
-                                    .iter_mut()
-                                    .rev()
-                                    .find(|r| r.path == p)
-                                    .expect("pushed above");
+                                let rule = rules.iter_mut().rev().find(|r| r.path == p).expect("pushed above");
                                 match (key.as_str(), value) {
-                                    ("capabilities", Value::List(caps)) => {
-                                        rule.capabilities.extend(caps)
-                                    }
-                                    ("policy", Value::Str(p)) => {
-                                        rule.capabilities.extend(legacy_policy(&p))
-                                    }
+                                    ("capabilities", Value::List(caps)) => rule.capabilities.extend(caps),
+                                    ("policy", Value::Str(p)) => rule.capabilities.extend(legacy_policy(&p)),
                                     _ => {}
                                 }
                             }
@@ -495,11 +465,7 @@ pub fn path_matches(rule: &str, path: &str) -> bool {
         None => (rule, false),
     };
     if !base.contains('+') {
-        return if glob {
-            path.starts_with(base)
-        } else {
-            path == base
-        };
+        return if glob { path.starts_with(base) } else { path == base };
     }
     let rs: Vec<&str> = base.split('/').collect();
     let ps: Vec<&str> = path.split('/').collect();
@@ -688,7 +654,8 @@ path = "secret/data/apps/payments/db-v2"
     #[test]
     fn json_policies_parse() {
         let rules =
-            parse_policy(r#"{"path": {"secret/data/a": {"capabilities": ["read"]}, "b/*": {"policy": "write"}}}"#).unwrap();
+            parse_policy(r#"{"path": {"secret/data/a": {"capabilities": ["read"]}, "b/*": {"policy": "write"}}}"#)
+                .unwrap();
         assert_eq!(rules.len(), 2);
         assert!(rules.iter().any(|r| r.path == "b/*" && r.allows("update")));
     }
@@ -699,18 +666,9 @@ path = "secret/data/apps/payments/db-v2"
         assert!(!path_matches("secret/data/a", "secret/data/ab"));
         assert!(path_matches("secret/data/a*", "secret/data/ab/c"));
         assert!(path_matches("database/creds/+", "database/creds/payments"));
-        assert!(!path_matches(
-            "database/creds/+",
-            "database/creds/payments/x"
-        ));
-        assert!(path_matches(
-            "secret/+/apps/*",
-            "secret/data/apps/payments/db"
-        ));
-        assert!(!path_matches(
-            "secret/+/apps/*",
-            "secret/data/other/payments"
-        ));
+        assert!(!path_matches("database/creds/+", "database/creds/payments/x"));
+        assert!(path_matches("secret/+/apps/*", "secret/data/apps/payments/db"));
+        assert!(!path_matches("secret/+/apps/*", "secret/data/other/payments"));
     }
 
     #[test]
@@ -725,15 +683,11 @@ path = "secret/data/apps/payments/db-v2"
         )
         .unwrap();
         assert_eq!(
-            best_rule(&rules, "secret/data/apps/payments/db")
-                .unwrap()
-                .path,
+            best_rule(&rules, "secret/data/apps/payments/db").unwrap().path,
             "secret/data/apps/payments/db"
         );
         assert_eq!(
-            best_rule(&rules, "secret/data/apps/payments/db-v2")
-                .unwrap()
-                .path,
+            best_rule(&rules, "secret/data/apps/payments/db-v2").unwrap().path,
             "secret/data/apps/*"
         );
         assert_eq!(best_rule(&rules, "secret/other").unwrap().path, "secret/*");

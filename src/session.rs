@@ -63,11 +63,7 @@ enum Opening {
 }
 
 /// Serves one client from its first byte to the end.
-pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
-    app: &Arc<App>,
-    db: &Arc<Database>,
-    client: S,
-) {
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(app: &Arc<App>, db: &Arc<Database>, client: S) {
     let Some((mut client, opening, pending)) = negotiate(app, db, client).await else {
         return;
     };
@@ -85,7 +81,10 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         if !db.cfg.allow_replication {
             let e = PgError::fatal(
                 sqlstate::FEATURE_NOT_SUPPORTED,
-                format!("dbward: replication connections (replication={v}) are not relayed for database entry {:?}", db.name),
+                format!(
+                    "dbward: replication connections (replication={v}) are not relayed for database entry {:?}",
+                    db.name
+                ),
             )
             .with_hint("set allow_replication = true for this database entry to relay them");
             return send_error(&mut client, &e).await;
@@ -154,11 +153,7 @@ enum Incoming {
 }
 
 /// Reads the next startup-phase packet into `buf`, keeping whatever follows it there.
-async fn next_packet<R: AsyncRead + Unpin>(
-    r: &mut R,
-    buf: &mut BytesMut,
-    first: bool,
-) -> Result<Incoming, ReadError> {
+async fn next_packet<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut, first: bool) -> Result<Incoming, ReadError> {
     loop {
         if first && buf.first() == Some(&TLS_HANDSHAKE_BYTE) {
             return Ok(Incoming::DirectTls);
@@ -227,7 +222,9 @@ async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
             Incoming::DirectTls => {
                 let Some(acceptor) = db.client_tls.as_ref().map(|t| t.acceptor()) else {
                     // The client speaks TLS: a Postgres error would only be garbage to it.
-                    tracing::info!("client started TLS directly (sslnegotiation=direct) but client_tls is not configured; closing");
+                    tracing::info!(
+                        "client started TLS directly (sslnegotiation=direct) but client_tls is not configured; closing"
+                    );
                     return None;
                 };
                 let Either::Left(plain) = io else {
@@ -264,13 +261,7 @@ async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                     let Either::Left(plain) = io else {
                         unreachable!("ssl_asked guards a second TLS")
                     };
-                    io = accept_tls(
-                        acceptor,
-                        Rewind::new(BytesMut::new(), plain),
-                        false,
-                        deadline,
-                    )
-                    .await?;
+                    io = accept_tls(acceptor, Rewind::new(BytesMut::new(), plain), false, deadline).await?;
                     gss_asked = true;
                 }
             }
@@ -293,9 +284,7 @@ async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
             Incoming::Packet(StartupPacket::Cancel { pid, secret }) => {
                 return Some((io, Opening::Cancel(BackendKey { pid, secret }), buf));
             }
-            Incoming::Packet(StartupPacket::Startup(m)) => {
-                return Some((io, Opening::Startup(m), buf))
-            }
+            Incoming::Packet(StartupPacket::Startup(m)) => return Some((io, Opening::Startup(m), buf)),
         }
     }
 }
@@ -406,8 +395,7 @@ async fn open_upstream<S: AsyncWrite + Unpin>(
                         .await;
                     }
                     (None, _) => {
-                        let pg =
-                            PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("dbward: {e}"));
+                        let pg = PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("dbward: {e}"));
                         send_error(client, &pg).await
                     }
                 }
@@ -467,10 +455,7 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     pending: BytesMut,
     boundaries: Boundaries,
 ) {
-    let active = app
-        .metrics
-        .client_connections_active
-        .with_label_values(&[&db.name]);
+    let active = app.metrics.client_connections_active.with_label_values(&[&db.name]);
     active.inc();
     let started = Instant::now();
     // Counted into the metric as the bytes move, so long-lived sessions show up in
@@ -595,7 +580,10 @@ struct ByteCount {
 
 impl ByteCount {
     fn new(metric: prometheus::IntCounter) -> Self {
-        ByteCount { total: AtomicU64::new(0), metric }
+        ByteCount {
+            total: AtomicU64::new(0),
+            metric,
+        }
     }
 
     fn add(&self, n: u64) {
@@ -637,22 +625,14 @@ struct DownState {
 
 /// Copies server bytes to the client until the server's EOF. Each await is a single read or
 /// write, after which `st` is up to date.
-async fn pump_down<R, W>(
-    r: &mut R,
-    w: &mut W,
-    st: &mut DownState,
-    count: &ByteCount,
-) -> Result<(), PumpError>
+async fn pump_down<R, W>(r: &mut R, w: &mut W, st: &mut DownState, count: &ByteCount) -> Result<(), PumpError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     loop {
         while st.start < st.end {
-            let n = w
-                .write(&st.buf[st.start..st.end])
-                .await
-                .map_err(PumpError::Write)?;
+            let n = w.write(&st.buf[st.start..st.end]).await.map_err(PumpError::Write)?;
             if n == 0 {
                 return Err(PumpError::Write(io::ErrorKind::WriteZero.into()));
             }
@@ -711,17 +691,11 @@ async fn route_cancel(app: &Arc<App>, db: &Arc<Database>, key: BackendKey) {
     match app.cancels.lookup(&key).filter(|t| t.database == db.name) {
         Some(target) => match upstream::cancel(&target.upstream, &target.key).await {
             Ok(()) => {
-                app.metrics
-                    .cancel_requests_total
-                    .with_label_values(&["routed"])
-                    .inc();
+                app.metrics.cancel_requests_total.with_label_values(&["routed"]).inc();
                 tracing::info!(database = %target.database, backend_pid = target.key.pid, "cancel request routed");
             }
             Err(e) => {
-                app.metrics
-                    .cancel_requests_total
-                    .with_label_values(&["failed"])
-                    .inc();
+                app.metrics.cancel_requests_total.with_label_values(&["failed"]).inc();
                 tracing::warn!(database = %target.database, error = %e, "cancel request could not be delivered");
             }
         },

@@ -47,7 +47,10 @@ impl Shutdown {
             tracing::info!(open, ?grace, "shutting down: waiting for open sessions to finish");
         }
         if tokio::time::timeout(grace, self.sessions.wait()).await.is_err() {
-            tracing::info!(open = self.sessions.len(), "grace period over: closing open sessions with 57P01");
+            tracing::info!(
+                open = self.sessions.len(),
+                "grace period over: closing open sessions with 57P01"
+            );
         }
         self.terminate.cancel();
         self.sessions.wait().await;

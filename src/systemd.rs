@@ -287,13 +287,9 @@ impl ActivatedSockets {
     }
 
     /// The passed Unix listener at `path`, made non-blocking for tokio.
-    pub fn take_unix(
-        &mut self,
-        path: &Path,
-    ) -> Option<(std::os::unix::net::UnixListener, PathBuf)> {
+    pub fn take_unix(&mut self, path: &Path) -> Option<(std::os::unix::net::UnixListener, PathBuf)> {
         let same = |p: &Path| {
-            p == path
-                || matches!((std::fs::canonicalize(p), std::fs::canonicalize(path)), (Ok(a), Ok(b)) if a == b)
+            p == path || matches!((std::fs::canonicalize(p), std::fs::canonicalize(path)), (Ok(a), Ok(b)) if a == b)
         };
         let fd = self.take_where(|l| matches!(l, Local::Unix(p) if same(p)))?;
         let l = std::os::unix::net::UnixListener::from(fd);
@@ -341,10 +337,7 @@ mod tests {
         assert_eq!(listen_fds_from(None, None, None, 42), Ok(vec![]));
         assert_eq!(listen_fds_from(Some("41"), Some("2"), None, 42), Ok(vec![]));
         assert_eq!(listen_fds_from(Some("42"), None, None, 42), Ok(vec![]));
-        assert_eq!(
-            listen_fds_from(Some("42"), Some("2"), None, 42),
-            Ok(vec![None, None])
-        );
+        assert_eq!(listen_fds_from(Some("42"), Some("2"), None, 42), Ok(vec![None, None]));
         assert_eq!(
             listen_fds_from(Some("42"), Some("3"), Some("pg:admin"), 42),
             Ok(vec![Some("pg".into()), Some("admin".into()), None])

@@ -78,14 +78,25 @@ async fn token_method_learns_policies_from_lookup_self_and_names_them_on_denial(
     );
     let config = with_auth(
         &format!("{}{denied}", app.config_toml("static", &[format!("127.0.0.1:{port}")])),
-        &format!("[vault.auth]\nmethod = \"token\"\ntoken_file = {}", toml_str(file.to_str().unwrap())),
+        &format!(
+            "[vault.auth]\nmethod = \"token\"\ntoken_file = {}",
+            toml_str(file.to_str().unwrap())
+        ),
     );
     let d = Dbward::start(&config);
     assert_eq!(whoami(port, &app.dbname).await.unwrap(), app.static_pg_role);
     let err = whoami(denied_port, &app.dbname).await.unwrap_err();
     let db = err.as_db_error().unwrap();
     assert_eq!(db.code().code(), "28000");
-    assert!(db.message().contains("Vault denied read of secret/data/elsewhere/db"), "{}", db.message());
-    assert!(db.detail().unwrap_or_default().contains(&app.policy), "{:?}", db.detail());
+    assert!(
+        db.message().contains("Vault denied read of secret/data/elsewhere/db"),
+        "{}",
+        db.message()
+    );
+    assert!(
+        db.detail().unwrap_or_default().contains(&app.policy),
+        "{:?}",
+        db.detail()
+    );
     assert!(!d.log_contents().contains(&token), "the Vault token reached the log");
 }

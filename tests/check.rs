@@ -46,8 +46,7 @@ impl Out {
     }
 
     fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", self.all()))
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", self.all()))
     }
 }
 
@@ -110,11 +109,7 @@ fn leases_of(s: &Servers, role: &str) -> Vec<String> {
         404 => vec![],
         200 => body["data"]["keys"]
             .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|k| k.as_str().map(str::to_string))
-                    .collect()
-            })
+            .map(|a| a.iter().filter_map(|k| k.as_str().map(str::to_string)).collect())
             .unwrap_or_default(),
         other => panic!("LIST leases: HTTP {other} {body}"),
     }
@@ -156,18 +151,12 @@ fn moved_secret_fails_check_and_the_generated_policy_fixes_it() {
         "{line}"
     );
     assert!(
-        line.contains(&format!(
-            "fix: add path \"{new_path}\" {{ capabilities = [\"read\"] }}"
-        )),
+        line.contains(&format!("fix: add path \"{new_path}\" {{ capabilities = [\"read\"] }}")),
         "{line}"
     );
     assert!(line.contains("dbward policy --config"), "{line}");
     // The entry the policy does allow works all the way to Postgres.
-    assert!(
-        out.line("SELECT 1 ok").starts_with("ok   dyn"),
-        "{}",
-        out.all()
-    );
+    assert!(out.line("SELECT 1 ok").starts_with("ok   dyn"), "{}", out.all());
     assert!(out.stdout.contains("dbward check FAILED"), "{}", out.all());
 
     let j = check(&app, "seed", &cfg, &["--json"]).json();
@@ -210,11 +199,7 @@ fn moved_secret_fails_check_and_the_generated_policy_fixes_it() {
     app.set_policy(&hcl);
     let out = check(&app, "seed", &cfg, &[]);
     assert_eq!(out.code, 0, "{}", out.all());
-    assert!(
-        out.line(&format!("read {new_path}")).starts_with("ok"),
-        "{}",
-        out.all()
-    );
+    assert!(out.line(&format!("read {new_path}")).starts_with("ok"), "{}", out.all());
     assert!(
         out.line(&format!("SELECT 1 ok as {}", app.kv_username))
             .starts_with(&format!("ok   {}", app.tag)),
@@ -261,10 +246,7 @@ fn check_revokes_its_test_lease_and_its_token() {
     assert_eq!(
         s.pg_exec(
             "postgres",
-            &format!(
-                "select count(*) from pg_roles where rolname = {}",
-                pg_literal(&user)
-            )
+            &format!("select count(*) from pg_roles where rolname = {}", pg_literal(&user))
         ),
         "0"
     );
@@ -288,18 +270,9 @@ fn output_never_contains_secrets() {
         dynamic_entry(&app, "dyn", &app.dynamic_role)
     );
     let jwt = app.jwt();
-    for args in [
-        &[][..],
-        &["--json"][..],
-        &["--diff-policy", app.policy.as_str()][..],
-    ] {
+    for args in [&[][..], &["--json"][..], &["--diff-policy", app.policy.as_str()][..]] {
         let out = check(&app, "secrets", &cfg, args);
-        assert_eq!(
-            out.code,
-            if args.len() == 2 { 1 } else { 0 },
-            "{args:?}: {}",
-            out.all()
-        );
+        assert_eq!(out.code, if args.len() == 2 { 1 } else { 0 }, "{args:?}: {}", out.all());
         let all = out.all();
         if args.len() < 2 {
             assert!(
@@ -312,20 +285,12 @@ fn output_never_contains_secrets() {
             ("static password", &static_password),
             ("JWT", &jwt),
         ] {
-            assert!(
-                !all.contains(secret),
-                "{what} in the output of check {args:?}:\n{all}"
-            );
+            assert!(!all.contains(secret), "{what} in the output of check {args:?}:\n{all}");
         }
         // OpenBao service tokens: "s." and 24 characters.
         let bytes = all.as_bytes();
         for (i, w) in bytes.windows(2).enumerate() {
-            if w == b"s."
-                && bytes.len() >= i + 26
-                && bytes[i + 2..i + 26]
-                    .iter()
-                    .all(|b| b.is_ascii_alphanumeric())
-            {
+            if w == b"s." && bytes.len() >= i + 26 && bytes[i + 2..i + 26].iter().all(|b| b.is_ascii_alphanumeric()) {
                 panic!("something like a Vault token in the output:\n{all}");
             }
         }
@@ -348,8 +313,7 @@ fn expired_jwt_is_named_and_not_sent() {
     assert!(line.contains(app.jwt_path.to_str().unwrap()), "{line}");
     assert!(line.contains("fix: whatever writes"), "{line}");
     assert!(
-        out.line(&format!("read {}", app.kv_path))
-            .starts_with("skip"),
+        out.line(&format!("read {}", app.kv_path)).starts_with("skip"),
         "{}",
         out.all()
     );
@@ -364,10 +328,7 @@ fn jwt_not_yet_valid_is_named() {
     let _g = s.shared();
     let app = s.new_app("chk_jwt_nbf");
     // dbward reads the claims without verifying the signature (Vault verifies), so any key does.
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
     let jwt = jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         &json!({"iss": JWT_ISSUER, "sub": app.jwt_subject, "aud": JWT_AUDIENCE, "nbf": now + 3600, "exp": now + 7200}),
@@ -428,7 +389,10 @@ fn subject_not_bound_by_the_role_is_named() {
     let out = check(&app, "sub", &config(&app, "kv"), &[]);
     assert_eq!(out.code, 1, "{}", out.all());
     let line = out.line("login (jwt role");
-    assert!(line.contains("the JWT's sub (system:serviceaccount:intruder) does not match the role's bound subject"), "{line}");
+    assert!(
+        line.contains("the JWT's sub (system:serviceaccount:intruder) does not match the role's bound subject"),
+        "{line}"
+    );
     assert!(
         line.contains(&format!(
             "bound_subject (or bound_claims.sub) of auth/jwt/role/{}",
@@ -462,11 +426,7 @@ fn token_max_ttl_shorter_than_lease_max_ttl_is_a_warning() {
         )),
         "{line}"
     );
-    assert!(
-        out.line("login (jwt role").contains("max TTL 30m"),
-        "{}",
-        out.all()
-    );
+    assert!(out.line("login (jwt role").contains("max TTL 30m"), "{}", out.all());
 
     let strict = check(&app, "tokttl", &cfg, &["--strict"]);
     assert_eq!(strict.code, 1, "{}", strict.all());
@@ -501,15 +461,9 @@ fn very_short_lease_max_ttl_warns_of_constant_rotation() {
     let max = ttl["lease_max_ttl_seconds"].as_u64().unwrap();
     assert!((28..=30).contains(&max), "{ttl:#}");
     let msg = ttl["message"].as_str().unwrap();
+    assert!(msg.contains("dbward would replace the credential every ~13s"), "{msg}");
     assert!(
-        msg.contains("dbward would replace the credential every ~13s"),
-        "{msg}"
-    );
-    assert!(
-        ttl["fix"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("database/roles/{role}")),
+        ttl["fix"].as_str().unwrap().contains(&format!("database/roles/{role}")),
         "{ttl:#}"
     );
 }
@@ -530,8 +484,7 @@ fn unreachable_vault_is_named() {
     );
     assert!(line.contains("fix: check vault.address"), "{line}");
     assert!(
-        out.line(&format!("read {}", app.kv_path))
-            .starts_with("skip"),
+        out.line(&format!("read {}", app.kv_path)).starts_with("skip"),
         "{}",
         out.all()
     );
@@ -595,9 +548,7 @@ impl TlsBao {
                     .find(|p| p.to_string_lossy().ends_with("-ca.pem"))
             });
             if let Some(ca) = ca {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-                    && bao.bao(&ca, &["status"]).0 == 0
-                {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && bao.bao(&ca, &["status"]).0 == 0 {
                     bao.ca = ca;
                     return bao;
                 }
@@ -643,28 +594,15 @@ fn vault_tls_errors_and_a_sealed_vault_are_named() {
     assert_eq!(out.code, 1, "{}", out.all());
     let line = out.line("vault at https://");
     assert!(line.starts_with("FAIL vault"), "{line}");
-    assert!(
-        line.contains(&format!("TLS to {} failed", bao.addr)),
-        "{line}"
-    );
-    assert!(
-        line.contains("fix: vault.ca_file must hold the CA"),
-        "{line}"
-    );
+    assert!(line.contains(&format!("TLS to {} failed", bao.addr)), "{line}");
+    assert!(line.contains("fix: vault.ca_file must hold the CA"), "{line}");
 
     let trusted = base.replace(
         "[vault.auth]",
-        &format!(
-            "ca_file = {}\n\n[vault.auth]",
-            toml_str(&bao.ca.to_string_lossy())
-        ),
+        &format!("ca_file = {}\n\n[vault.auth]", toml_str(&bao.ca.to_string_lossy())),
     );
     let out = check(&app, "tls", &trusted, &[]);
-    assert!(
-        out.line("vault at https://").starts_with("ok   vault"),
-        "{}",
-        out.all()
-    );
+    assert!(out.line("vault at https://").starts_with("ok   vault"), "{}", out.all());
 
     let (code, said) = bao.bao(&bao.ca, &["operator", "seal"]);
     assert_eq!(code, 0, "{said}");
@@ -674,10 +612,7 @@ fn vault_tls_errors_and_a_sealed_vault_are_named() {
     let v = &j["checks"][0];
     assert_eq!(v["verdict"], "fail", "{j:#}");
     assert_eq!(v["problem"], "sealed", "{j:#}");
-    assert!(
-        v["message"].as_str().unwrap().contains("Vault is sealed"),
-        "{j:#}"
-    );
+    assert!(v["message"].as_str().unwrap().contains("Vault is sealed"), "{j:#}");
     assert!(v["fix"].as_str().unwrap().contains("unseal"), "{j:#}");
 }
 
@@ -739,10 +674,7 @@ fn missing_database_is_named() {
         "{up:#}"
     );
     assert!(
-        up["fix"]
-            .as_str()
-            .unwrap()
-            .contains("correct databases[0].dbname"),
+        up["fix"].as_str().unwrap().contains("correct databases[0].dbname"),
         "{up:#}"
     );
 }
@@ -776,10 +708,7 @@ fn clock_skew_against_vault_is_named() {
             let Ok(mut conn) = conn else { continue };
             let mut buf = [0u8; 8192];
             let _ = conn.read(&mut buf);
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_secs();
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
             let body = r#"{"initialized":true,"sealed":false,"standby":false,"version":"2.7.2"}"#;
             let _ = write!(
                 conn,
@@ -803,10 +732,7 @@ fn clock_skew_against_vault_is_named() {
     let skew = clock["skew_seconds"].as_i64().unwrap();
     assert!((595..=605).contains(&skew), "{clock:#}");
     assert!(
-        clock["message"]
-            .as_str()
-            .unwrap()
-            .contains("s ahead of Vault's"),
+        clock["message"].as_str().unwrap().contains("s ahead of Vault's"),
         "{clock:#}"
     );
     assert!(clock["fix"].as_str().unwrap().contains("NTP"), "{clock:#}");
@@ -821,8 +747,7 @@ fn bad_config_exits_64() {
         let out = dbward(&app.dir, "bad", &bad, args, &[]);
         assert_eq!(out.code, 64, "{args:?}: {}", out.all());
         assert!(
-            out.stderr
-                .contains("vault.auth.method: unknown value \"ldap\""),
+            out.stderr.contains("vault.auth.method: unknown value \"ldap\""),
             "{}",
             out.all()
         );
@@ -847,10 +772,7 @@ fn diff_policy_shows_missing_and_unused_paths() {
     let out = dbward(&app.dir, "diff", &cfg, &args, &root);
     assert_eq!(out.code, 1, "{}", out.all());
     let missing = out.line(&format!("read {new_path}"));
-    assert!(
-        missing.starts_with(&format!("FAIL policy {}", app.policy)),
-        "{missing}"
-    );
+    assert!(missing.starts_with(&format!("FAIL policy {}", app.policy)), "{missing}");
     assert!(
         missing.contains("missing: no path in the policy covers it"),
         "{missing}"
@@ -885,17 +807,7 @@ fn diff_policy_shows_missing_and_unused_paths() {
 
     let hcl = dbward(&app.dir, "diff", &cfg, &["policy"], &[]).stdout;
     app.set_policy(&hcl);
-    let out = dbward(
-        &app.dir,
-        "diff",
-        &cfg,
-        &[&args[..], &["--strict"]].concat(),
-        &root,
-    );
+    let out = dbward(&app.dir, "diff", &cfg, &[&args[..], &["--strict"]].concat(), &root);
     assert_eq!(out.code, 0, "{}", out.all());
-    assert!(
-        out.line(&format!("read {new_path}")).starts_with("ok"),
-        "{}",
-        out.all()
-    );
+    assert!(out.line(&format!("read {new_path}")).starts_with("ok"), "{}", out.all());
 }

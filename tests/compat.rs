@@ -121,11 +121,7 @@ fn psql_script_with_copy_and_meta_commands() {
     let mut csv = String::new();
     let mut cents = 0u64;
     for i in 1..=5000u64 {
-        csv.push_str(&format!(
-            "{i},\"name, with comma {i}\",{}.{:02}\n",
-            i * 3,
-            i % 100
-        ));
+        csv.push_str(&format!("{i},\"name, with comma {i}\",{}.{:02}\n", i * 3, i % 100));
         cents += i * 300 + i % 100;
     }
     std::fs::write(&input, &csv).unwrap();
@@ -180,9 +176,7 @@ fn psql_script_with_copy_and_meta_commands() {
 
 fn pgbench(args: &[&str], password: Option<&str>) -> Output {
     let mut cmd = Command::new(Path::new(PG_BIN).join("pgbench"));
-    cmd.args(args)
-        .env("PGCONNECT_TIMEOUT", "10")
-        .env_remove("PGPASSWORD");
+    cmd.args(args).env("PGCONNECT_TIMEOUT", "10").env_remove("PGPASSWORD");
     if let Some(p) = password {
         cmd.env("PGPASSWORD", p);
     }
@@ -206,10 +200,7 @@ fn pgbench_runs_through_dbward() {
     let d = start(&app, "");
     let port = d.port().to_string();
     let proxied = ["-h", "127.0.0.1", "-p", &port, "-U", "app"];
-    let out = pgbench(
-        &[&proxied[..], &["-i", "-s", "1", "-q", &app.dbname]].concat(),
-        None,
-    );
+    let out = pgbench(&[&proxied[..], &["-i", "-s", "1", "-q", &app.dbname]].concat(), None);
     assert!(out.status.success(), "{}", out_text(&out));
 
     let run = ["-c", "4", "-j", "2", "-t", "250", "-M", "prepared", "-n"];
@@ -226,10 +217,7 @@ fn pgbench_runs_through_dbward() {
     let (user, password, _) = app.read_creds("static");
     let pg_port = s.pg_port().to_string();
     let direct = ["-h", "127.0.0.1", "-p", &pg_port, "-U", &user];
-    let out = pgbench(
-        &[&direct[..], &run, &[app.dbname.as_str()]].concat(),
-        Some(&password),
-    );
+    let out = pgbench(&[&direct[..], &run, &[app.dbname.as_str()]].concat(), Some(&password));
     assert!(out.status.success(), "{}", out_text(&out));
     eprintln!(
         "pgbench -c 4 -t 250 -M prepared: {via:.0} tps through dbward, {:.0} tps direct",
@@ -337,16 +325,12 @@ async fn tokio_postgres_prepared_binary_pipelined_listen_notify_cancel() {
 
     // LISTEN/NOTIFY between two proxied connections; the pid is the sender's backend.
     let (listener, mut notes) = connect_listening(&config(d.port(), &app.dbname)).await;
-    listener
-        .batch_execute("listen compat_channel")
+    listener.batch_execute("listen compat_channel").await.unwrap();
+    let sender_pid: i32 = client.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
+    client
+        .batch_execute("notify compat_channel, 'payload one'; select pg_notify('compat_channel', 'payload two')")
         .await
         .unwrap();
-    let sender_pid: i32 = client
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    client.batch_execute("notify compat_channel, 'payload one'; select pg_notify('compat_channel', 'payload two')").await.unwrap();
     for expected in ["payload one", "payload two"] {
         let n = tokio::time::timeout(Duration::from_secs(10), notes.recv())
             .await
@@ -369,11 +353,7 @@ async fn tokio_postgres_prepared_binary_pipelined_listen_notify_cancel() {
     token.cancel_query(NoTls).await.expect("send cancel");
     let (r, took) = sleeper.await.unwrap();
     let e = r.expect_err("the sleep must be cancelled");
-    assert_eq!(
-        e.code(),
-        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
-        "{e}"
-    );
+    assert_eq!(e.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{e}");
     assert!(took < Duration::from_secs(10), "{took:?}");
 }
 
@@ -403,9 +383,7 @@ async fn copy_in_and_out_of_tens_of_megabytes() {
         chunk.push_str(&line(i));
         if chunk.len() > 256 * 1024 {
             expected += chunk.len();
-            sink.send(bytes::Bytes::from(std::mem::take(&mut chunk)))
-                .await
-                .unwrap();
+            sink.send(bytes::Bytes::from(std::mem::take(&mut chunk))).await.unwrap();
         }
     }
     expected += chunk.len();
@@ -464,23 +442,14 @@ async fn ssl_on_server_with_hostssl_only_and_verify_full() {
     let (ca, _, _) = pki.write(&ca_dir);
 
     // verify-full with the right CA: TLS all the way, checked on the server side.
-    let d = start_tls(
-        &app,
-        &format!("sslmode = \"verify-full\"\nca_file = {}", toml_str(&ca)),
-    );
+    let d = start_tls(&app, &format!("sslmode = \"verify-full\"\nca_file = {}", toml_str(&ca)));
     let client = connect(d.port(), &app.dbname, "app").await;
     let row = client
-        .query_one(
-            "select ssl, version from pg_stat_ssl where pid = pg_backend_pid()",
-            &[],
-        )
+        .query_one("select ssl, version from pg_stat_ssl where pid = pg_backend_pid()", &[])
         .await
         .unwrap();
     assert!(row.get::<_, bool>(0));
-    assert!(row
-        .get::<_, Option<String>>(1)
-        .unwrap()
-        .starts_with("TLSv1"));
+    assert!(row.get::<_, Option<String>>(1).unwrap().starts_with("TLSv1"));
 
     // The CancelRequest reaches the server with the entry's TLS settings (verify-full).
     let token = client.cancel_token();
@@ -492,11 +461,7 @@ async fn ssl_on_server_with_hostssl_only_and_verify_full() {
         .expect("cancelled in time")
         .unwrap()
         .unwrap_err();
-    assert_eq!(
-        e.code(),
-        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
-        "{e}"
-    );
+    assert_eq!(e.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{e}");
     drop(d);
 
     // Without TLS upstream, the server's own hostssl refusal reaches the client as sent.
@@ -513,10 +478,7 @@ async fn ssl_on_server_with_hostssl_only_and_verify_full() {
     let d = start_tls(&app, "sslmode = \"require\"");
     let client = connect(d.port(), &app.dbname, "app").await;
     assert!(client
-        .query_one(
-            "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
-            &[]
-        )
+        .query_one("select ssl from pg_stat_ssl where pid = pg_backend_pid()", &[])
         .await
         .unwrap()
         .get::<_, bool>(0));
@@ -527,10 +489,7 @@ async fn ssl_on_server_with_hostssl_only_and_verify_full() {
     let (wrong_ca, _, _) = wrong.write(&app.dir.join("wrong"));
     let d = start_tls(
         &app,
-        &format!(
-            "sslmode = \"verify-full\"\nca_file = {}",
-            toml_str(&wrong_ca)
-        ),
+        &format!("sslmode = \"verify-full\"\nca_file = {}", toml_str(&wrong_ca)),
     );
     let err = try_connect(d.port(), &app.dbname, "app")
         .await
@@ -583,34 +542,17 @@ async fn password_methods_that_leak_the_password_are_refused_with_08004() {
     ));
     let d = start(&app, "");
     let mut w = Wire::tcp(d.port()).await;
-    w.send(&startup(
-        V3_0,
-        &[("user", "app"), ("database", &app.dbname)],
-    ))
-    .await;
+    w.send(&startup(V3_0, &[("user", "app"), ("database", &app.dbname)]))
+        .await;
     let msgs = w.until_eof().await;
     let f = msgs[0].fields();
-    assert_eq!(
-        (f[&'S'].as_str(), f[&'C'].as_str()),
-        ("FATAL", "08004"),
-        "{f:?}"
-    );
+    assert_eq!((f[&'S'].as_str(), f[&'C'].as_str()), ("FATAL", "08004"), "{f:?}");
     assert!(f[&'M'].contains("cleartext password"), "{f:?}");
 
     // Over verified TLS it may be sent.
     let pki = server_tls();
     let (ca, _, _) = pki.write(&app.dir.join("ca"));
-    let d = start_tls(
-        &app,
-        &format!("sslmode = \"verify-full\"\nca_file = {}", toml_str(&ca)),
-    );
+    let d = start_tls(&app, &format!("sslmode = \"verify-full\"\nca_file = {}", toml_str(&ca)));
     let client = connect(d.port(), &app.dbname, "app").await;
-    assert_eq!(
-        client
-            .query_one("select 1", &[])
-            .await
-            .unwrap()
-            .get::<_, i32>(0),
-        1
-    );
+    assert_eq!(client.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0), 1);
 }

@@ -37,12 +37,22 @@ async fn dynamic_credentials_psql_and_tokio_postgres_without_password() {
     let out = psql(&[
         &format!("host=127.0.0.1 port={port} dbname={} user=anything", app.dbname),
         "-tAc",
-        &format!("select current_user || ' ' || pg_has_role(current_user, '{}', 'member')", app.owner_role),
+        &format!(
+            "select current_user || ' ' || pg_has_role(current_user, '{}', 'member')",
+            app.owner_role
+        ),
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "psql failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "psql failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (user, member) = stdout.trim().split_once(' ').unwrap();
-    assert!(user.starts_with("v-") && user.contains("dyn"), "not a Vault dynamic user: {user}");
+    assert!(
+        user.starts_with("v-") && user.contains("dyn"),
+        "not a Vault dynamic user: {user}"
+    );
     assert_eq!(member, "true", "the Vault-issued user is a member of the app role");
 
     // The same credential serves the next connection (one Vault read for both).
@@ -122,7 +132,9 @@ async fn wrong_database_name_gets_the_servers_3d000() {
         .config_toml("static", &[format!("127.0.0.1:{port}")])
         .replace(&format!("dbname = {}\n", toml_str(&app.dbname)), "");
     let _d = Dbward::start(&cfg);
-    let err = try_connect(port, "no_such_db", "x").await.expect_err("connect must fail");
+    let err = try_connect(port, "no_such_db", "x")
+        .await
+        .expect_err("connect must fail");
     let (code, msg) = db_error(&err);
     assert_eq!(code, "3D000");
     assert!(msg.contains("no_such_db"), "{msg}");
@@ -138,11 +150,15 @@ async fn moved_secret_with_stale_policy_names_the_path_and_recovers_when_fixed()
     let _g = s.shared();
     let app = s.new_app("e2e_3am");
     let new_path = app.kv_path.replace("/db", "/db-v2");
-    s.vault_write(&new_path, &json!({"data": {"username": app.kv_username, "password": app.kv_password}}));
+    s.vault_write(
+        &new_path,
+        &json!({"data": {"username": app.kv_username, "password": app.kv_password}}),
+    );
     let (moved_port, other_port) = (free_port(), free_port());
-    let moved = app
-        .config_toml("kv", &[format!("127.0.0.1:{moved_port}")])
-        .replace(&format!("path = {}", toml_str(&app.kv_path)), &format!("path = {}", toml_str(&new_path)));
+    let moved = app.config_toml("kv", &[format!("127.0.0.1:{moved_port}")]).replace(
+        &format!("path = {}", toml_str(&app.kv_path)),
+        &format!("path = {}", toml_str(&new_path)),
+    );
     // A second database entry in the same dbward, reading a path the policy does allow.
     let other = format!(
         "\n[[databases]]\nname = \"other\"\nlisten = [\"127.0.0.1:{other_port}\"]\nupstream = \"127.0.0.1:{}\"\n\
@@ -153,10 +169,15 @@ async fn moved_secret_with_stale_policy_names_the_path_and_recovers_when_fixed()
     );
     let mut d = Dbward::start(&format!("{moved}{other}"));
 
-    let err = try_connect(moved_port, &app.dbname, "x").await.expect_err("must be denied");
+    let err = try_connect(moved_port, &app.dbname, "x")
+        .await
+        .expect_err("must be denied");
     let db = err.as_db_error().unwrap();
     assert_eq!(db.code().code(), "28000");
-    assert_eq!(db.message(), format!("dbward: Vault denied read of {new_path} (403 permission denied)"));
+    assert_eq!(
+        db.message(),
+        format!("dbward: Vault denied read of {new_path} (403 permission denied)")
+    );
     let detail = db.detail().unwrap_or_default();
     assert!(detail.contains(&app.policy), "the token's policies are named: {detail}");
     assert!(db.hint().unwrap_or_default().contains("read"), "{:?}", db.hint());
@@ -166,7 +187,11 @@ async fn moved_secret_with_stale_policy_names_the_path_and_recovers_when_fixed()
     assert_eq!(current_user(other_port, &app.dbname).await, app.static_pg_role);
 
     // Fix the policy; the next connection succeeds (the Vault error is remembered for 2 s only).
-    app.set_policy(&format!("{}path {:?} {{ capabilities = [\"read\"] }}\n", app.default_policy_hcl(), new_path));
+    app.set_policy(&format!(
+        "{}path {:?} {{ capabilities = [\"read\"] }}\n",
+        app.default_policy_hcl(),
+        new_path
+    ));
     let c = connect_eventually(moved_port, &app.dbname, Duration::from_secs(20), "after the policy fix").await;
     let u: String = c.query_one("select current_user::text", &[]).await.unwrap().get(0);
     assert_eq!(u, app.kv_username);
@@ -224,7 +249,10 @@ async fn cancel_reaches_the_right_backend() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let n: i64 = bystander
-            .query_one("select count(*) from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'", &[])
+            .query_one(
+                "select count(*) from pg_stat_activity where query = 'select pg_sleep(30)' and state = 'active'",
+                &[],
+            )
             .await
             .unwrap()
             .get(0);
@@ -282,7 +310,9 @@ async fn postgres_down_gives_08001_naming_the_upstream() {
 fn bad_config_exits_64_naming_key_and_value() {
     let s = servers();
     let app = s.new_app("e2e_badcfg");
-    let cfg = app.config_toml("kv", &[format!("127.0.0.1:{}", free_port())]).replace("kind = \"kv\"", "kind = \"kvv\"");
+    let cfg = app
+        .config_toml("kv", &[format!("127.0.0.1:{}", free_port())])
+        .replace("kind = \"kv\"", "kind = \"kvv\"");
     let (code, out) = Dbward::start_expect_exit(&cfg);
     assert_eq!(code, Some(64), "{out}");
     assert!(
@@ -292,5 +322,8 @@ fn bad_config_exits_64_naming_key_and_value() {
     let cfg = app.config_toml("kv", &["0.0.0.0:6432"]);
     let (code, out) = Dbward::start_expect_exit(&cfg);
     assert_eq!(code, Some(64), "{out}");
-    assert!(out.contains("databases[0].listen[0]: \"0.0.0.0:6432\" is not a loopback address"), "{out}");
+    assert!(
+        out.contains("databases[0].listen[0]: \"0.0.0.0:6432\" is not a loopback address"),
+        "{out}"
+    );
 }

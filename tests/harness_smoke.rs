@@ -30,14 +30,9 @@ fn servers_start_and_answer() {
     assert_eq!(status, 200, "{health}");
     assert_eq!(health["sealed"], false);
 
-    assert!(s
-        .pg_exec("postgres", "show server_version_num")
-        .starts_with("15"));
+    assert!(s.pg_exec("postgres", "show server_version_num").starts_with("15"));
     assert_eq!(s.pg_exec("postgres", "show max_connections"), "300");
-    assert_eq!(
-        s.pg_exec("postgres", "show password_encryption"),
-        "scram-sha-256"
-    );
+    assert_eq!(s.pg_exec("postgres", "show password_encryption"), "scram-sha-256");
 }
 
 #[tokio::test]
@@ -75,11 +70,7 @@ async fn dynamic_credentials_log_in_to_postgres() {
     let err = connect_with_password(s.pg_port(), &app.dbname, &user, "wrong")
         .await
         .expect_err("wrong password must fail");
-    assert_eq!(
-        err.as_db_error().map(|e| e.code().code()),
-        Some("28P01"),
-        "{err}"
-    );
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("28P01"), "{err}");
 }
 
 #[tokio::test]
@@ -138,11 +129,8 @@ async fn jwt_login_token_reads_only_its_policy_paths() {
     let (status, creds) = s.vault_read_as(&token, &format!("database/creds/{}", app.dynamic_role));
     assert_eq!(status, 200, "{creds}");
     assert_eq!(
-        s.vault_read_as(
-            &token,
-            &format!("database/static-creds/{}", app.static_role)
-        )
-        .0,
+        s.vault_read_as(&token, &format!("database/static-creds/{}", app.static_role))
+            .0,
         200
     );
     let (status, kv) = s.vault_read_as(&token, &app.kv_path);
@@ -193,10 +181,7 @@ async fn jwt_login_token_reads_only_its_policy_paths() {
             "wrong subject",
             s.make_jwt("system:serviceaccount:someone-else", JWT_AUDIENCE, 3600),
         ),
-        (
-            "wrong audience",
-            s.make_jwt(&app.jwt_subject, "not-vault", 3600),
-        ),
+        ("wrong audience", s.make_jwt(&app.jwt_subject, "not-vault", 3600)),
         ("expired", s.make_jwt(&app.jwt_subject, JWT_AUDIENCE, -300)),
     ];
     for (what, jwt) in refused {
@@ -210,10 +195,7 @@ async fn jwt_login_token_reads_only_its_policy_paths() {
     app.login();
 
     // set_policy takes effect for the existing token.
-    app.set_policy(&format!(
-        "path \"{}\" {{ capabilities = [\"read\"] }}",
-        app.kv_path
-    ));
+    app.set_policy(&format!("path \"{}\" {{ capabilities = [\"read\"] }}", app.kv_path));
     assert_eq!(
         s.vault_read_as(&token, &format!("database/creds/{}", app.dynamic_role))
             .0,
@@ -251,21 +233,14 @@ fn config_toml_is_accepted_by_the_real_parser() {
     let listen = [format!("127.0.0.1:{}", free_port())];
     for (kind, path) in [
         ("database", format!("database/creds/{}", app.dynamic_role)),
-        (
-            "static",
-            format!("database/static-creds/{}", app.static_role),
-        ),
+        ("static", format!("database/static-creds/{}", app.static_role)),
         ("kv", app.kv_path.clone()),
     ] {
         let toml = app.config_toml(kind, &listen);
-        let c =
-            dbward::config::Config::parse(&toml).unwrap_or_else(|e| panic!("{kind}: {e}\n{toml}"));
+        let c = dbward::config::Config::parse(&toml).unwrap_or_else(|e| panic!("{kind}: {e}\n{toml}"));
         assert_eq!(c.databases[0].credentials.vault_path(), path);
         assert_eq!(c.vault.address, s.vault_addr());
-        assert_eq!(
-            c.vault.auth.token_file.as_deref(),
-            Some(app.jwt_path.as_path())
-        );
+        assert_eq!(c.vault.auth.token_file.as_deref(), Some(app.jwt_path.as_path()));
     }
     let admin = format!("127.0.0.1:{}", free_port());
     let toml = app.config_toml_with("database", &listen, "max_client_connections = 2")
@@ -279,8 +254,7 @@ fn config_toml_is_accepted_by_the_real_parser() {
 fn vault_answers_within(addr: &str, timeout: Duration) -> bool {
     let mut conn = TcpStream::connect(addr.trim_start_matches("http://")).unwrap();
     conn.set_read_timeout(Some(timeout)).unwrap();
-    conn.write_all(b"GET /v1/sys/health HTTP/1.0\r\n\r\n")
-        .unwrap();
+    conn.write_all(b"GET /v1/sys/health HTTP/1.0\r\n\r\n").unwrap();
     let mut buf = [0u8; 12];
     conn.read_exact(&mut buf).is_ok()
 }
@@ -341,10 +315,7 @@ fn probe_child_process() {
 /// True while `pid` exists and is not a zombie.
 fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit(") ")
-            .next()
-            .is_some_and(|rest| !rest.starts_with('Z')),
+        Ok(stat) => stat.rsplit(") ").next().is_some_and(|rest| !rest.starts_with('Z')),
         Err(_) => false,
     }
 }
@@ -366,12 +337,7 @@ fn wait_gone(pids: &[i32], timeout: Duration) -> Vec<i32> {
 fn servers_die_with_the_test_binary() {
     for mode in ["exit", "hang"] {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "probe_child_process",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .args(["--exact", "probe_child_process", "--nocapture", "--test-threads=1"])
             .env("DBWARD_HARNESS_PROBE", mode)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -391,15 +357,10 @@ fn servers_die_with_the_test_binary() {
             line.clear();
             if out.read_line(&mut line).unwrap() == 0 {
                 let _ = child.wait();
-                panic!(
-                    "{mode}: probe printed no pids; its stderr:\n{}",
-                    stderr.join().unwrap()
-                );
+                panic!("{mode}: probe printed no pids; its stderr:\n{}", stderr.join().unwrap());
             }
         }
-        let fields: Vec<&str> = line[line.find("PIDS ").unwrap()..]
-            .split_whitespace()
-            .collect();
+        let fields: Vec<&str> = line[line.find("PIDS ").unwrap()..].split_whitespace().collect();
         let pids: Vec<i32> = fields[1..3].iter().map(|p| p.parse().unwrap()).collect();
         let root = std::path::PathBuf::from(fields[3]);
         assert!(
@@ -413,10 +374,7 @@ fn servers_die_with_the_test_binary() {
         let status = child.wait().unwrap();
         let stderr = stderr.join().unwrap();
         if mode == "exit" {
-            assert!(
-                status.success(),
-                "probe failed: {status}; its stderr:\n{stderr}"
-            );
+            assert!(status.success(), "probe failed: {status}; its stderr:\n{stderr}");
             assert!(!root.exists(), "atexit left {}", root.display());
         }
         let left = wait_gone(&pids, Duration::from_secs(10));

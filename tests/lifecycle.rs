@@ -27,8 +27,10 @@ fn short_dynamic_role(app: &TestApp, default_ttl: &str, max_ttl: &str) -> String
 }
 
 fn config_for_role(app: &TestApp, role: &str, port: u16) -> String {
-    app.config_toml("database", &[format!("127.0.0.1:{port}")])
-        .replace(&format!("role = {}\n", toml_str(&app.dynamic_role)), &format!("role = {}\n", toml_str(role)))
+    app.config_toml("database", &[format!("127.0.0.1:{port}")]).replace(
+        &format!("role = {}\n", toml_str(&app.dynamic_role)),
+        &format!("role = {}\n", toml_str(role)),
+    )
 }
 
 async fn whoami(c: &tokio_postgres::Client) -> Result<String, tokio_postgres::Error> {
@@ -71,7 +73,10 @@ async fn forty_seconds_of_connections_across_lease_and_token_expiry() {
         connections += 1;
         if !long_checked && started.elapsed() > Duration::from_secs(10) {
             // Past the 6 s default TTL: the lease was renewed because this session uses it.
-            assert_eq!(whoami(&long).await.expect("the long-lived session still works"), first_user);
+            assert_eq!(
+                whoami(&long).await.expect("the long-lived session still works"),
+                first_user
+            );
             long_checked = true;
         }
         if !jwt_rotated && started.elapsed() > Duration::from_secs(12) {
@@ -81,20 +86,38 @@ async fn forty_seconds_of_connections_across_lease_and_token_expiry() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(failures.is_empty(), "{} of {connections} connections failed:\n{}\n--- log:\n{}", failures.len(), failures.join("\n"), d.log_contents());
+    assert!(
+        failures.is_empty(),
+        "{} of {connections} connections failed:\n{}\n--- log:\n{}",
+        failures.len(),
+        failures.join("\n"),
+        d.log_contents()
+    );
     assert!(long_checked);
     assert!(users.len() >= 2, "credentials were never replaced: {users:?}");
 
     let reads = s.count_audit_requests(&format!("database/creds/{role}"));
     // Every ~4 s by the lease, plus one per new login (~every 11 s): about 15 in 40 s.
-    assert!((5..=25).contains(&reads), "{reads} credential reads for {connections} connections");
+    assert!(
+        (5..=25).contains(&reads),
+        "{reads} credential reads for {connections} connections"
+    );
     let logins = s.count_audit_requests("auth/jwt/login");
-    assert!(logins >= 2, "the token was never replaced before its 16 s max TTL ({logins} logins)");
+    assert!(
+        logins >= 2,
+        "the token was never replaced before its 16 s max TTL ({logins} logins)"
+    );
     let log = d.log_contents();
     assert!(log.contains("renewed lease still in use"), "no renewal logged");
-    assert!(log.contains("renewed the Vault token") || logins >= 3, "token neither renewed nor replaced");
+    assert!(
+        log.contains("renewed the Vault token") || logins >= 3,
+        "token neither renewed nor replaced"
+    );
     let revokes = s.count_audit_requests("sys/leases/revoke");
-    assert!(revokes >= 3, "replaced leases are not revoked when unused ({revokes} revocations)");
+    assert!(
+        revokes >= 3,
+        "replaced leases are not revoked when unused ({revokes} revocations)"
+    );
 }
 
 /// Leases revoked with `sys/leases/revoke-prefix` behind dbward's back: the next client
@@ -107,8 +130,13 @@ async fn leases_revoked_behind_our_back_are_replaced_transparently() {
     let port = free_port();
     let d = Dbward::start(&app.config_toml("database", &[format!("127.0.0.1:{port}")]));
     let before = whoami(&connect(port, &app.dbname, "x").await).await.unwrap();
-    s.vault_write(&format!("sys/leases/revoke-prefix/database/creds/{}", app.dynamic_role), &json!({}));
-    let after = whoami(&connect(port, &app.dbname, "x").await).await.expect("the client must not notice");
+    s.vault_write(
+        &format!("sys/leases/revoke-prefix/database/creds/{}", app.dynamic_role),
+        &json!({}),
+    );
+    let after = whoami(&connect(port, &app.dbname, "x").await)
+        .await
+        .expect("the client must not notice");
     assert_ne!(before, after);
     d.wait_for_log("28P01", Duration::from_secs(5));
     let log = d.log_contents();
@@ -137,7 +165,11 @@ async fn frozen_vault_does_not_delay_connections_with_a_cached_credential() {
     let c = connect(port, &app.dbname, "x").await;
     assert_eq!(whoami(&c).await.unwrap(), user);
     // A path that asked Vault would wait for the 10 s request timeout.
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?} with Vault frozen", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?} with Vault frozen",
+        started.elapsed()
+    );
 }
 
 /// Vault gone and nothing cached: 08001 naming Vault's address and state.
@@ -155,7 +187,12 @@ async fn unreachable_vault_without_cache_is_08001() {
     let err = try_connect(port, &app.dbname, "x").await.expect_err("must fail");
     let db = err.as_db_error().expect("a Postgres error");
     assert_eq!(db.code().code(), "08001");
-    assert!(db.message().contains(&format!("Vault at http://127.0.0.1:{dead} is unreachable")), "{}", db.message());
+    assert!(
+        db.message()
+            .contains(&format!("Vault at http://127.0.0.1:{dead} is unreachable")),
+        "{}",
+        db.message()
+    );
     assert!(db.hint().unwrap_or_default().contains("Vault is up"), "{:?}", db.hint());
 }
 
@@ -168,13 +205,24 @@ fn clean_shutdown_revokes_held_leases() {
     let port = free_port();
     let mut d = Dbward::start(&app.config_toml("database", &[format!("127.0.0.1:{port}")]));
     // psql, a separate process, so the session is closed before the shutdown starts.
-    let out = psql(&[&format!("host=127.0.0.1 port={port} dbname={} user=x", app.dbname), "-tAc", "select current_user"]);
+    let out = psql(&[
+        &format!("host=127.0.0.1 port={port} dbname={} user=x", app.dbname),
+        "-tAc",
+        "select current_user",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let user = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let exists = |u: &str| app.pg_exec(&format!("select count(*) from pg_roles where rolname = '{u}'"));
     assert_eq!(exists(&user), "1");
     d.signal(libc::SIGTERM);
-    let status = d.wait_exit(Duration::from_secs(30)).expect("dbward exits after SIGTERM");
+    let status = d
+        .wait_exit(Duration::from_secs(30))
+        .expect("dbward exits after SIGTERM");
     assert!(status.success(), "{status:?}");
-    assert_eq!(exists(&user), "0", "the lease was not revoked at shutdown:\n{}", d.log_contents());
+    assert_eq!(
+        exists(&user),
+        "0",
+        "the lease was not revoked at shutdown:\n{}",
+        d.log_contents()
+    );
 }

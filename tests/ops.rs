@@ -41,9 +41,7 @@ fn config_with_admin(app: &TestApp, kind: &str, extra: &str) -> (String, u16, u1
 
 /// GET on the admin server: (status, body, content type). Never panics on 4xx/5xx.
 fn admin_get(port: u16, path: &str) -> Result<(u16, String, String), String> {
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(10))
-        .build();
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
     let resp = match agent.get(&format!("http://127.0.0.1:{port}{path}")).call() {
         Ok(r) => r,
         Err(ureq::Error::Status(_, r)) => r,
@@ -108,21 +106,14 @@ fn sample_names(exposition: &str) -> BTreeSet<String> {
 
 /// The value of the first sample of `name` whose labels include all of `labels`.
 fn sample_value(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    exposition
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-            if n != name
-                || !labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-            {
-                return None;
-            }
-            value.parse().ok()
-        })
+    exposition.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+        if n != name || !labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))) {
+            return None;
+        }
+        value.parse().ok()
+    })
 }
 
 /// Every `dbward_*` metric name a PromQL expression mentions (an identifier starting with
@@ -166,11 +157,8 @@ fn is_exported(name: &str, names: &BTreeSet<String>, types: &HashMap<String, Str
         return true;
     }
     ["_bucket", "_sum", "_count"].iter().any(|suffix| {
-        name.strip_suffix(suffix).is_some_and(|base| {
-            types
-                .get(base)
-                .is_some_and(|t| t == "histogram" || t == "summary")
-        })
+        name.strip_suffix(suffix)
+            .is_some_and(|base| types.get(base).is_some_and(|t| t == "histogram" || t == "summary"))
     })
 }
 
@@ -181,9 +169,7 @@ fn dashboard_exprs() -> Vec<String> {
             Value::Object(m) => {
                 for (k, v) in m {
                     match (k.as_str(), v) {
-                        ("expr", Value::String(s)) | ("definition", Value::String(s)) => {
-                            out.push(s.clone())
-                        }
+                        ("expr", Value::String(s)) | ("definition", Value::String(s)) => out.push(s.clone()),
                         _ => walk(v, out),
                     }
                 }
@@ -194,8 +180,7 @@ fn dashboard_exprs() -> Vec<String> {
     }
     let path = Path::new(REPO).join("dashboards/dbward.json");
     let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let dash: Value =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let dash: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut out = Vec::new();
     walk(&dash, &mut out);
     out
@@ -291,10 +276,7 @@ impl Prometheus {
         let out = fs::File::create(&log).unwrap();
         let mut cmd = Command::new("prometheus");
         cmd.arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .current_dir(dir.path())
             .stdin(Stdio::null())
@@ -311,11 +293,7 @@ impl Prometheus {
             let r = ureq::get(&format!("http://127.0.0.1:{port}/-/ready")).call();
             match r {
                 Ok(r) if r.status() == 200 => Ok(()),
-                other => Err(format!(
-                    "{:?}\n{}",
-                    other.map(|r| r.status()),
-                    log_tail(&p.log, 20)
-                )),
+                other => Err(format!("{:?}\n{}", other.map(|r| r.status()), log_tail(&p.log, 20))),
             }
         });
         p
@@ -327,11 +305,9 @@ impl Prometheus {
             .query("query", q)
             .call();
         let body: Value = match r {
-            Ok(r) => serde_json::from_str(&r.into_string().map_err(|e| e.to_string())?)
-                .map_err(|e| e.to_string())?,
+            Ok(r) => serde_json::from_str(&r.into_string().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?,
             Err(ureq::Error::Status(_, r)) => {
-                serde_json::from_str(&r.into_string().map_err(|e| e.to_string())?)
-                    .map_err(|e| e.to_string())?
+                serde_json::from_str(&r.into_string().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?
             }
             Err(e) => return Err(e.to_string()),
         };
@@ -404,16 +380,10 @@ async fn exercise_everything(app: &TestApp) -> (Dbward, u16, tokio_postgres::Cli
 
     // Bytes are counted when a session ends: end one.
     let short = connect(port, &app.dbname, "app").await;
-    short
-        .simple_query("select 1")
-        .await
-        .expect("query through dbward");
+    short.simple_query("select 1").await.expect("query through dbward");
     drop(short);
     let client = connect(port, &app.dbname, "app").await;
-    client
-        .simple_query("select 1")
-        .await
-        .expect("query through dbward");
+    client.simple_query("select 1").await.expect("query through dbward");
     client
         .cancel_token()
         .cancel_query(tokio_postgres::NoTls)
@@ -423,37 +393,28 @@ async fn exercise_everything(app: &TestApp) -> (Dbward, u16, tokio_postgres::Cli
         .await
         .expect_err("dead upstream must fail");
     assert!(
-        down.as_db_error()
-            .is_some_and(|e| e.code().code().starts_with("08")),
+        down.as_db_error().is_some_and(|e| e.code().code().starts_with("08")),
         "{down}"
     );
     let denied = try_connect(denied_port, &app.dbname, "app")
         .await
         .expect_err("denied role must fail");
-    assert_eq!(
-        denied.as_db_error().map(|e| e.code().code()),
-        Some("28000"),
-        "{denied}"
-    );
+    assert_eq!(denied.as_db_error().map(|e| e.code().code()), Some("28000"), "{denied}");
 
     // The open session's lease is renewed once replaced; the next, unused one is revoked.
-    wait_until_async(
-        Duration::from_secs(40),
-        "lease renewal and revocation",
-        move || {
-            let m = scrape(admin);
-            let names = sample_names(&m);
-            if names.contains("dbward_lease_renewals_total")
-                && names.contains("dbward_lease_revocations_total")
-                && names.contains("dbward_cancel_requests_total")
-                && names.contains("dbward_relayed_bytes_total")
-            {
-                Ok(())
-            } else {
-                Err(m)
-            }
-        },
-    )
+    wait_until_async(Duration::from_secs(40), "lease renewal and revocation", move || {
+        let m = scrape(admin);
+        let names = sample_names(&m);
+        if names.contains("dbward_lease_renewals_total")
+            && names.contains("dbward_lease_revocations_total")
+            && names.contains("dbward_cancel_requests_total")
+            && names.contains("dbward_relayed_bytes_total")
+        {
+            Ok(())
+        } else {
+            Err(m)
+        }
+    })
     .await;
     (d, admin, client)
 }
@@ -495,9 +456,7 @@ async fn admin_endpoints_report_health_readiness_and_startup() {
     assert_eq!(admin_get(admin, "/nope").unwrap().0, 404);
 
     // Probes must not distort the client cache statistics: /readyz looks without a cache hit.
-    let hits = |m: &str| {
-        sample_value(m, "dbward_credential_cache_total", &[("result", "hit")]).unwrap_or(0.0)
-    };
+    let hits = |m: &str| sample_value(m, "dbward_credential_cache_total", &[("result", "hit")]).unwrap_or(0.0);
     let before = hits(&scrape(admin));
     for _ in 0..5 {
         assert_eq!(admin_get(admin, "/readyz").unwrap().0, 200);
@@ -506,12 +465,7 @@ async fn admin_endpoints_report_health_readiness_and_startup() {
 
     // Scrape-time gauges: the credential has most of its hour left, the token some of its TTL.
     let m = scrape(admin);
-    let left = sample_value(
-        &m,
-        "dbward_credential_expires_in_seconds",
-        &[("database", &app.tag)],
-    )
-    .expect(&m);
+    let left = sample_value(&m, "dbward_credential_expires_in_seconds", &[("database", &app.tag)]).expect(&m);
     assert!((3000.0..=3600.0).contains(&left), "{left}\n{m}");
     let token = sample_value(&m, "dbward_vault_token_expires_in_seconds", &[]).expect(&m);
     assert!(token > 0.0, "{m}");
@@ -530,7 +484,10 @@ async fn admin_endpoints_report_health_readiness_and_startup() {
         &[("database", &app.tag), ("direction", "to_client")],
     )
     .unwrap_or(0.0);
-    assert!(to_client > 100_000.0, "{to_client} bytes counted with the session still open");
+    assert!(
+        to_client > 100_000.0,
+        "{to_client} bytes counted with the session still open"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -555,11 +512,7 @@ async fn readyz_names_the_database_that_is_not_ready_and_why() {
         "{m}"
     );
     assert_eq!(
-        sample_value(
-            &m,
-            "dbward_credential_expires_in_seconds",
-            &[("database", &app.tag)]
-        ),
+        sample_value(&m, "dbward_credential_expires_in_seconds", &[("database", &app.tag)]),
         Some(0.0),
         "{m}"
     );
@@ -582,23 +535,18 @@ async fn prometheus_scrapes_the_connection_count() {
     let prom = std::sync::Arc::new(Prometheus::start(&format!("127.0.0.1:{admin}")));
 
     let p = prom.clone();
-    wait_until_async(
-        Duration::from_secs(60),
-        "prometheus sees dbward up",
-        move || match p.scalar("up{job=\"dbward\"}") {
+    wait_until_async(Duration::from_secs(60), "prometheus sees dbward up", move || {
+        match p.scalar("up{job=\"dbward\"}") {
             Ok(1.0) => Ok(()),
             other => Err(format!("{other:?}")),
-        },
-    )
+        }
+    })
     .await;
 
     let client = connect(port, &app.dbname, "app").await;
     client.simple_query("select 1").await.unwrap();
     let p = prom.clone();
-    let q = format!(
-        "dbward_client_connections_active{{database=\"{}\"}}",
-        app.tag
-    );
+    let q = format!("dbward_client_connections_active{{database=\"{}\"}}", app.tag);
     wait_until_async(
         Duration::from_secs(60),
         "prometheus reports 1 active connection",
@@ -635,10 +583,7 @@ async fn prometheus_scrapes_the_connection_count() {
 
     drop(client);
     let p = prom.clone();
-    let q = format!(
-        "dbward_client_connections_active{{database=\"{}\"}}",
-        app.tag
-    );
+    let q = format!("dbward_client_connections_active{{database=\"{}\"}}", app.tag);
     wait_until_async(
         Duration::from_secs(60),
         "prometheus reports 0 active connections",
@@ -703,11 +648,7 @@ async fn live_metrics_pass_promtool_and_cover_the_dashboard_and_alerts() {
         assert!(names.contains(want), "{want} missing from /metrics:\n{m}");
     }
     assert_eq!(
-        sample_value(
-            &m,
-            "dbward_client_connections_active",
-            &[("database", &app.tag)]
-        ),
+        sample_value(&m, "dbward_client_connections_active", &[("database", &app.tag)]),
         Some(1.0)
     );
     assert_eq!(
@@ -783,10 +724,7 @@ async fn live_metrics_pass_promtool_and_cover_the_dashboard_and_alerts() {
 fn metric_names_are_found_in_promql() {
     let e = r#"histogram_quantile(0.99, sum by (le) (rate(dbward_upstream_connect_seconds_bucket{job="dbward_x"}[5m]))) / notdbward_y + dbward_a:b"#;
     let got: Vec<String> = metric_names_in(e).into_iter().collect();
-    assert_eq!(
-        got,
-        ["dbward_a:b", "dbward_upstream_connect_seconds_bucket"]
-    );
+    assert_eq!(got, ["dbward_a:b", "dbward_upstream_connect_seconds_bucket"]);
 }
 
 #[test]
@@ -799,11 +737,7 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
         ["check", "rules", "dashboards/dbward-alerts.yml"],
         ["test", "rules", "dashboards/dbward-alerts.test.yml"],
     ] {
-        let out = Command::new("promtool")
-            .args(args)
-            .current_dir(REPO)
-            .output()
-            .unwrap();
+        let out = Command::new("promtool").args(args).current_dir(REPO).output().unwrap();
         assert!(
             out.status.success(),
             "promtool {}:\n{}{}",
@@ -824,11 +758,7 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
 fn systemd_units_are_hardened_and_verify_clean() {
     let service = fs::read_to_string(Path::new(REPO).join("config/dbward.service")).unwrap();
     let socket = fs::read_to_string(Path::new(REPO).join("config/dbward.socket")).unwrap();
-    let settings: Vec<&str> = service
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.starts_with('#'))
-        .collect();
+    let settings: Vec<&str> = service.lines().map(str::trim).filter(|l| !l.starts_with('#')).collect();
     for want in [
         "Type=notify",
         "ExecReload=/bin/kill -HUP $MAINPID",
@@ -924,8 +854,7 @@ fn refused(port: u16) -> bool {
 async fn sigterm_drains_then_ends_open_sessions_with_57p01_and_exits_0() {
     let s = servers();
     let app = s.new_app("ops_drain");
-    let (cfg, port, admin) =
-        config_with_admin(&app, "database", "[proxy]\nshutdown_grace = \"2s\"\n");
+    let (cfg, port, admin) = config_with_admin(&app, "database", "[proxy]\nshutdown_grace = \"2s\"\n");
     let mut d = Dbward::start(&cfg);
     let (client, conn) = connect_watched(port, &app.dbname).await;
     client.simple_query("select 1").await.unwrap();
@@ -933,29 +862,19 @@ async fn sigterm_drains_then_ends_open_sessions_with_57p01_and_exits_0() {
     let sent = Instant::now();
     d.signal(libc::SIGTERM);
     // Listeners close at once; the admin server keeps answering through the drain, not ready.
-    wait_until_async(
-        Duration::from_secs(10),
-        "client listener closed",
-        move || {
-            if refused(port) {
-                Ok(())
-            } else {
-                Err("still accepting".into())
-            }
-        },
-    )
+    wait_until_async(Duration::from_secs(10), "client listener closed", move || {
+        if refused(port) {
+            Ok(())
+        } else {
+            Err("still accepting".into())
+        }
+    })
     .await;
     let (status, body, _) = admin_get(admin, "/readyz").expect("admin answers during the drain");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("shutting down"), "{body}");
     assert_eq!(admin_get(admin, "/healthz").unwrap().0, 200);
-    assert!(
-        sample_value(
-            &scrape(admin),
-            "dbward_database_ready",
-            &[("database", &app.tag)]
-        ) == Some(0.0)
-    );
+    assert!(sample_value(&scrape(admin), "dbward_database_ready", &[("database", &app.tag)]) == Some(0.0));
 
     // The idle session is told 57P01 once the grace period is over.
     let ended = tokio::time::timeout(Duration::from_secs(20), conn)
@@ -964,11 +883,7 @@ async fn sigterm_drains_then_ends_open_sessions_with_57p01_and_exits_0() {
         .unwrap();
     let waited = sent.elapsed();
     let err = ended.expect_err("the session ends with an error");
-    assert_eq!(
-        err.as_db_error().map(|e| e.code().code()),
-        Some("57P01"),
-        "{err}"
-    );
+    assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("57P01"), "{err}");
     assert!(
         waited >= Duration::from_millis(1900),
         "57P01 after {waited:?}, before the 2s grace"
@@ -985,8 +900,7 @@ async fn sigterm_drains_then_ends_open_sessions_with_57p01_and_exits_0() {
 async fn sigterm_exits_as_soon_as_the_last_session_ends() {
     let s = servers();
     let app = s.new_app("ops_drain_early");
-    let (cfg, port, _admin) =
-        config_with_admin(&app, "database", "[proxy]\nshutdown_grace = \"60s\"\n");
+    let (cfg, port, _admin) = config_with_admin(&app, "database", "[proxy]\nshutdown_grace = \"60s\"\n");
     let mut d = Dbward::start(&cfg);
     let (client, conn) = connect_watched(port, &app.dbname).await;
     client
@@ -995,17 +909,13 @@ async fn sigterm_exits_as_soon_as_the_last_session_ends() {
         .unwrap();
 
     d.signal(libc::SIGTERM);
-    wait_until_async(
-        Duration::from_secs(10),
-        "client listener closed",
-        move || {
-            if refused(port) {
-                Ok(())
-            } else {
-                Err("still accepting".into())
-            }
-        },
-    )
+    wait_until_async(Duration::from_secs(10), "client listener closed", move || {
+        if refused(port) {
+            Ok(())
+        } else {
+            Err("still accepting".into())
+        }
+    })
     .await;
     // The session is not cut: it keeps working during the drain.
     let rows = client
@@ -1037,10 +947,7 @@ async fn json_logs_have_a_session_end_line_and_no_secrets() {
     let app = s.new_app("ops_json");
     let (cfg, port, _admin) = config_with_admin(&app, "static", "");
     // Everything every crate logs, at every level.
-    let d = Dbward::start_with_env(
-        &cfg,
-        &[("DBWARD_LOG_FORMAT", "json"), ("RUST_LOG", "trace")],
-    );
+    let d = Dbward::start_with_env(&cfg, &[("DBWARD_LOG_FORMAT", "json"), ("RUST_LOG", "trace")]);
     let client = connect(port, &app.dbname, "app").await;
     client.simple_query("select 'hello'").await.unwrap();
     drop(client);
@@ -1060,12 +967,8 @@ async fn json_logs_have_a_session_end_line_and_no_secrets() {
     let log = d.log_contents();
     let mut ended = None;
     for line in log.lines().filter(|l| !l.trim().is_empty()) {
-        let v: Value =
-            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-        assert!(
-            v["timestamp"].is_string() && v["level"].is_string(),
-            "{line}"
-        );
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["timestamp"].is_string() && v["level"].is_string(), "{line}");
         if v["message"] == "session ended" {
             ended = Some(v);
         }
@@ -1076,10 +979,7 @@ async fn json_logs_have_a_session_end_line_and_no_secrets() {
     assert!(ended["bytes_to_client"].as_u64().unwrap() > 0, "{ended}");
     let span = &ended["span"];
     assert_eq!(span["database"], app.tag.as_str(), "{ended}");
-    assert!(
-        span["peer"].as_str().unwrap().starts_with("127.0.0.1:"),
-        "{ended}"
-    );
+    assert!(span["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{ended}");
     assert!(span["backend_pid"].as_u64().is_some(), "{ended}");
     assert_eq!(span["credential"], 1, "{ended}");
 
@@ -1112,15 +1012,10 @@ fn systemd_is_notified_ready_watchdog_and_stopping() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("notify");
     let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let (cfg, port, _admin) =
-        config_with_admin(&app, "database", "[proxy]\nshutdown_grace = \"1s\"\n");
+    sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let (cfg, port, _admin) = config_with_admin(&app, "database", "[proxy]\nshutdown_grace = \"1s\"\n");
     let notify = path.to_str().unwrap();
-    let mut d = Dbward::spawn(
-        &cfg,
-        &[("NOTIFY_SOCKET", notify), ("WATCHDOG_USEC", "500000")],
-    );
+    let mut d = Dbward::spawn(&cfg, &[("NOTIFY_SOCKET", notify), ("WATCHDOG_USEC", "500000")]);
     let recv = || {
         let mut buf = [0u8; 4096];
         let n = sock.recv(&mut buf).expect("a notification within 30 s");
@@ -1156,9 +1051,7 @@ fn systemd_is_notified_ready_watchdog_and_stopping() {
     };
     assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
     assert!(
-        stopping
-            .lines()
-            .any(|l| l.starts_with("EXTEND_TIMEOUT_USEC=")),
+        stopping.lines().any(|l| l.starts_with("EXTEND_TIMEOUT_USEC=")),
         "{stopping:?}"
     );
     let status = d.wait_exit(Duration::from_secs(20)).expect("dbward exits");
@@ -1167,11 +1060,7 @@ fn systemd_is_notified_ready_watchdog_and_stopping() {
 
 /// Runs dbward with `fds` passed as systemd would (descriptors 3.., LISTEN_FDS, LISTEN_PID).
 fn spawn_socket_activated(config: &Path, log: &Path, fds: &[std::os::fd::RawFd]) -> KillOnDrop {
-    let out = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
+    let out = fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     let mut cmd = Command::new("/bin/sh");
     // LISTEN_PID must be dbward's own pid: the shell's, which exec keeps.
     cmd.args([
@@ -1240,31 +1129,24 @@ async fn socket_activated_listeners_survive_a_restart() {
     let mut first = spawn_socket_activated(&config, &log, &fds);
     // Answering on the passed admin socket means the sockets were adopted (binding them
     // anew fails: they are in use) and nothing waits forever on a backlog nobody accepts.
-    wait_until(
-        Duration::from_secs(30),
-        "dbward serves the passed sockets",
-        || {
-            if let Some(status) = first.0.try_wait().unwrap() {
-                panic!(
-                    "dbward exited ({status}):\n{}",
-                    fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            match admin_get(admin_port, "/healthz") {
-                Ok((200, _, _)) => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    );
+    wait_until(Duration::from_secs(30), "dbward serves the passed sockets", || {
+        if let Some(status) = first.0.try_wait().unwrap() {
+            panic!(
+                "dbward exited ({status}):\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        match admin_get(admin_port, "/healthz") {
+            Ok((200, _, _)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
     let c = connect(port, &app.dbname, "app").await;
     c.simple_query("select 1").await.unwrap();
     drop(c);
     signal_and_wait(&mut first);
     // dbward is gone, but the socket is systemd's (here: ours): it stays, and so does the file.
-    assert!(
-        unix_path.exists(),
-        "dbward removed the socket file it was handed"
-    );
+    assert!(unix_path.exists(), "dbward removed the socket file it was handed");
     let log_text = fs::read_to_string(&log).unwrap();
     assert!(
         !log_text.contains("no listen address in the config matches"),
@@ -1295,10 +1177,7 @@ fn signal_and_wait(p: &mut KillOnDrop) {
             assert!(status.success(), "{status}");
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "dbward did not exit after SIGTERM"
-        );
+        assert!(Instant::now() < deadline, "dbward did not exit after SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     }
 }

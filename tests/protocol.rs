@@ -74,12 +74,7 @@ fn client_tls_serves_sslmode_require_and_verify_full() {
         app.dbname
     );
     let out = psql_conn(&require, "\\conninfo");
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        stderr(&out),
-        d.log_contents()
-    );
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log_contents());
     assert!(
         stdout(&out).contains("SSL connection (protocol: TLSv1.3"),
         "{}",
@@ -105,14 +100,13 @@ fn client_tls_serves_sslmode_require_and_verify_full() {
     // And a client trusting another CA refuses dbward's certificate itself.
     let other = Pki::new(&["localhost"]);
     let (other_ca, _, _) = other.write(&app.dir.join("other"));
-    let wrong = format!("host=localhost hostaddr=127.0.0.1 port={port} dbname={} user=app sslmode=verify-full sslrootcert={other_ca}", app.dbname);
+    let wrong = format!(
+        "host=localhost hostaddr=127.0.0.1 port={port} dbname={} user=app sslmode=verify-full sslrootcert={other_ca}",
+        app.dbname
+    );
     let out = psql_conn(&wrong, "select 1");
     assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("certificate verify failed"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("certificate verify failed"), "{}", stderr(&out));
 }
 
 #[test]
@@ -121,11 +115,7 @@ fn without_client_tls_sslmode_require_fails_with_libpqs_message() {
     let _g = s.shared();
     let app = s.new_app("proto_no_tls");
     let d = start(&app, "static", "", "");
-    let base = format!(
-        "host=127.0.0.1 port={} dbname={} user=app",
-        d.port(),
-        app.dbname
-    );
+    let base = format!("host=127.0.0.1 port={} dbname={} user=app", d.port(), app.dbname);
     let out = psql_conn(&format!("{base} sslmode=require"), "select 1");
     assert!(!out.status.success());
     assert!(
@@ -153,11 +143,7 @@ async fn direct_tls_requires_alpn_postgresql() {
         .into_tls(pki.client_config(&[b"postgresql"]), "localhost")
         .await;
     let greeting = w.startup(V3_0, &params).await;
-    assert_eq!(
-        greeting[0].raw(),
-        [b'R', 0, 0, 0, 8, 0, 0, 0, 0],
-        "{greeting:?}"
-    );
+    assert_eq!(greeting[0].raw(), [b'R', 0, 0, 0, 8, 0, 0, 0, 0], "{greeting:?}");
     assert_eq!(
         Wire::first_column(&w.simple("select current_user").await),
         std::slice::from_ref(&app.static_pg_role)
@@ -174,14 +160,9 @@ async fn direct_tls_requires_alpn_postgresql() {
 
     // Offering only another protocol fails the handshake.
     let connector = tokio_rustls::TlsConnector::from(pki.client_config(&[b"http/1.1"]));
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let err = connector
-        .connect(name, tcp)
-        .await
-        .expect_err("handshake must fail");
+    let err = connector.connect(name, tcp).await.expect_err("handshake must fail");
     assert!(err.to_string().contains("NoApplicationProtocol"), "{err}");
 
     d.wait_for_log("client TLS handshake failed", Duration::from_secs(5));
@@ -195,9 +176,7 @@ async fn direct_tls_without_client_tls_is_closed() {
     let d = start(&app, "static", "", "");
     let pki = Pki::new(&["localhost"]);
     let connector = tokio_rustls::TlsConnector::from(pki.client_config(&[b"postgresql"]));
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", d.port()))
-        .await
-        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", d.port())).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
     assert!(connector.connect(name, tcp).await.is_err());
     d.wait_for_log("client_tls is not configured", Duration::from_secs(5));
@@ -213,11 +192,8 @@ async fn gssenc_is_declined_then_tls_and_startup_work() {
     let mut w = Wire::tcp(d.port()).await;
     w.send(&gssenc_request()).await;
     assert_eq!(w.recv_byte().await, Some(b'N'));
-    let mut w = w
-        .start_tls(pki.client_config(&[b"postgresql"]), "localhost")
-        .await;
-    w.startup(V3_0, &[("user", "app"), ("database", &app.dbname)])
-        .await;
+    let mut w = w.start_tls(pki.client_config(&[b"postgresql"]), "localhost").await;
+    w.startup(V3_0, &[("user", "app"), ("database", &app.dbname)]).await;
     assert_eq!(Wire::first_column(&w.simple("select 7").await), ["7"]);
 
     // Without client_tls, GSSENC and SSL both get 'N' and the session goes on in plaintext.
@@ -227,8 +203,7 @@ async fn gssenc_is_declined_then_tls_and_startup_work() {
     assert_eq!(w.recv_byte().await, Some(b'N'));
     w.send(&ssl_request()).await;
     assert_eq!(w.recv_byte().await, Some(b'N'));
-    w.startup(V3_0, &[("user", "app"), ("database", &app.dbname)])
-        .await;
+    w.startup(V3_0, &[("user", "app"), ("database", &app.dbname)]).await;
     assert_eq!(Wire::first_column(&w.simple("select 8").await), ["8"]);
 }
 
@@ -242,19 +217,13 @@ async fn plaintext_bytes_after_ssl_request_are_refused() {
     let mut w = Wire::tcp(d.port()).await;
     // A man-in-the-middle appends its own StartupMessage to the client's SSLRequest.
     let mut bytes = ssl_request();
-    bytes.extend_from_slice(&startup(
-        V3_0,
-        &[("user", "app"), ("database", &app.dbname)],
-    ));
+    bytes.extend_from_slice(&startup(V3_0, &[("user", "app"), ("database", &app.dbname)]));
     w.send(&bytes).await;
     let answer = w.until_eof().await;
     assert_eq!(answer.len(), 1, "{answer:?}");
     assert_eq!(answer[0].code(), "08P01");
     assert_eq!(answer[0].fields()[&'S'], "FATAL");
-    assert_eq!(
-        answer[0].fields()[&'M'],
-        "received unencrypted data after SSL request"
-    );
+    assert_eq!(answer[0].fields()[&'M'], "received unencrypted data after SSL request");
 }
 
 #[tokio::test]
@@ -263,33 +232,21 @@ async fn negotiation_is_bounded_by_startup_timeout() {
     let _g = s.shared();
     let app = s.new_app("proto_slow_tls");
     let (_pki, _, line) = client_tls(&app);
-    let d = start(
-        &app,
-        "static",
-        &line,
-        "\n[proxy]\nstartup_timeout = \"1s\"\n",
-    );
+    let d = start(&app, "static", &line, "\n[proxy]\nstartup_timeout = \"1s\"\n");
     let started = Instant::now();
     // SSLRequest answered, then no handshake: the connection must not stay open.
     let mut w = Wire::tcp(d.port()).await;
     w.send(&ssl_request()).await;
     assert_eq!(w.recv_byte().await, Some(b'S'));
     assert!(w.closes_silently(Duration::from_secs(10)).await);
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
 
     // Half a startup packet: 08P01 once the time is up.
     let mut w = Wire::tcp(d.port()).await;
     w.send(&startup(V3_0, &[("user", "app")])[..6]).await;
     let e = w.expect().await;
     assert_eq!(e.code(), "08P01", "{e:?}");
-    assert!(
-        e.fields()[&'M'].contains("no startup packet within 1s"),
-        "{e:?}"
-    );
+    assert!(e.fields()[&'M'].contains("no startup packet within 1s"), "{e:?}");
 }
 
 // --- 4. Cancel ---------------------------------------------------------------------------------------
@@ -311,11 +268,7 @@ async fn cancel_reaches_the_backend_through_another_listener_and_over_tls() {
     let app = s.new_app("proto_cancel");
     let (pki, _, line) = client_tls(&app);
     let (p1, p2) = (free_port(), free_port());
-    let cfg = app.config_toml_with(
-        "static",
-        &[format!("127.0.0.1:{p1}"), format!("127.0.0.1:{p2}")],
-        &line,
-    );
+    let cfg = app.config_toml_with("static", &[format!("127.0.0.1:{p1}"), format!("127.0.0.1:{p2}")], &line);
     let d = Dbward::start(&cfg);
 
     let (mut w, greeting) = login(p1, &app, V3_0, &[]).await;
@@ -401,20 +354,14 @@ async fn grease_probe_gets_negotiate_protocol_version_and_the_session_works() {
         d.port(),
         &app,
         (3 << 16) | 9999,
-        &[
-            ("_pq_.test_protocol_negotiation", ""),
-            ("_pq_.bogus_option", "on"),
-        ],
+        &[("_pq_.test_protocol_negotiation", ""), ("_pq_.bogus_option", "on")],
     )
     .await;
     let v = &greeting[0];
     assert_eq!(v.tag, b'v', "{greeting:?}");
     assert_eq!(v.i32_at(0), (3 << 16) | 2, "newest version dbward speaks");
     assert_eq!(v.i32_at(4), 2);
-    assert_eq!(
-        &v.body[8..],
-        b"_pq_.test_protocol_negotiation\0_pq_.bogus_option\0"
-    );
+    assert_eq!(&v.body[8..], b"_pq_.test_protocol_negotiation\0_pq_.bogus_option\0");
     assert_eq!(greeting[1].raw(), [b'R', 0, 0, 0, 8, 0, 0, 0, 0]);
     assert_eq!(backend_key(&greeting).1.len(), 32, "3.2 session");
     assert_eq!(Wire::first_column(&w.simple("select 'ok'").await), ["ok"]);
@@ -445,11 +392,7 @@ async fn other_major_versions_and_malformed_startups_are_refused() {
             "0A000",
             "unsupported frontend protocol 2.0",
         ),
-        (
-            vec![0, 0, 0, 2, 0, 0, 0, 0],
-            "08P01",
-            "invalid startup packet length",
-        ),
+        (vec![0, 0, 0, 2, 0, 0, 0, 0], "08P01", "invalid startup packet length"),
         (
             vec![0x7f, 0, 0, 0, 0, 0, 0, 0],
             "08P01",
@@ -460,16 +403,8 @@ async fn other_major_versions_and_malformed_startups_are_refused() {
             "08P01",
             "invalid startup packet",
         ),
-        (
-            startup(V3_0, &[("database", "x")]),
-            "28000",
-            "no PostgreSQL user name",
-        ),
-        (
-            startup(V3_0, &[("user", "a"), ("user", "b")]),
-            "08P01",
-            "given twice",
-        ),
+        (startup(V3_0, &[("database", "x")]), "28000", "no PostgreSQL user name"),
+        (startup(V3_0, &[("user", "a"), ("user", "b")]), "08P01", "given twice"),
     ];
     for (bytes, code, text) in cases {
         let mut w = Wire::tcp(d.port()).await;
@@ -477,11 +412,7 @@ async fn other_major_versions_and_malformed_startups_are_refused() {
         let msgs = w.until_eof().await;
         assert_eq!(msgs.len(), 1, "{msgs:?}");
         let f = msgs[0].fields();
-        assert_eq!(
-            (f[&'S'].as_str(), f[&'C'].as_str()),
-            ("FATAL", code),
-            "{f:?}"
-        );
+        assert_eq!((f[&'S'].as_str(), f[&'C'].as_str()), ("FATAL", code), "{f:?}");
         assert!(f[&'M'].contains(text), "{f:?}");
         assert!(parses_as_error(&msgs[0]));
     }
@@ -492,10 +423,7 @@ fn replication_startups_pass_only_when_allowed() {
     let s = servers();
     let _g = s.shared();
     let app = s.new_app("proto_replication");
-    app.pg_exec(&format!(
-        "alter role {} replication",
-        pg_ident(&app.static_pg_role)
-    ));
+    app.pg_exec(&format!("alter role {} replication", pg_ident(&app.static_pg_role)));
 
     let off = start(&app, "static", "", "");
     let conninfo = |port: u16, mode: &str| {
@@ -515,49 +443,23 @@ fn replication_startups_pass_only_when_allowed() {
 
     let on = start(&app, "static", "allow_replication = true", "");
     let out = psql_conn(&conninfo(on.port(), "database"), "IDENTIFY_SYSTEM");
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        stderr(&out),
-        on.log_contents()
-    );
-    let system_id = s.pg_exec(
-        "postgres",
-        "select system_identifier from pg_control_system()",
-    );
-    assert!(
-        stdout(&out).starts_with(&format!("{system_id}|")),
-        "{}",
-        stdout(&out)
-    );
+    assert!(out.status.success(), "{}\n{}", stderr(&out), on.log_contents());
+    let system_id = s.pg_exec("postgres", "select system_identifier from pg_control_system()");
+    assert!(stdout(&out).starts_with(&format!("{system_id}|")), "{}", stdout(&out));
 
     // Physical replication streams WAL in CopyBoth mode through the relay.
-    let lsn =
-        app.pg_exec("create table r(x int); insert into r values (1); select pg_current_wal_lsn()");
+    let lsn = app.pg_exec("create table r(x int); insert into r values (1); select pg_current_wal_lsn()");
     let lsn = lsn.lines().last().unwrap().to_string();
     let dir = app.dir.join("wal");
     std::fs::create_dir_all(&dir).unwrap();
     let out = std::process::Command::new(std::path::Path::new(PG_BIN).join("pg_receivewal"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &on.port().to_string(),
-            "-U",
-            "app",
-            "-D",
-        ])
+        .args(["-h", "127.0.0.1", "-p", &on.port().to_string(), "-U", "app", "-D"])
         .arg(&dir)
         .args(["-E", &lsn, "--no-loop", "-w"])
         .env("PGCONNECT_TIMEOUT", "10")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        stderr(&out),
-        on.log_contents()
-    );
+    assert!(out.status.success(), "{}\n{}", stderr(&out), on.log_contents());
     let files: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
     assert!(!files.is_empty(), "pg_receivewal wrote no WAL");
 }
@@ -574,18 +476,11 @@ async fn max_client_connections_gives_53300() {
     // it close.
     let mut held = connect_when_free(d.port(), &app).await;
     let mut w = Wire::tcp(d.port()).await;
-    w.send(&startup(
-        V3_0,
-        &[("user", "app"), ("database", &app.dbname)],
-    ))
-    .await;
+    w.send(&startup(V3_0, &[("user", "app"), ("database", &app.dbname)]))
+        .await;
     let msgs = w.until_eof().await;
     let f = msgs[0].fields();
-    assert_eq!(
-        (f[&'S'].as_str(), f[&'C'].as_str()),
-        ("FATAL", "53300"),
-        "{f:?}"
-    );
+    assert_eq!((f[&'S'].as_str(), f[&'C'].as_str()), ("FATAL", "53300"), "{f:?}");
     assert!(f[&'M'].contains("max_client_connections (1)"), "{f:?}");
     held.send(&terminate()).await;
     assert!(held.until_eof().await.is_empty());
@@ -598,11 +493,8 @@ async fn connect_when_free(port: u16, app: &TestApp) -> Wire {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let mut w = Wire::tcp(port).await;
-        w.send(&startup(
-            V3_0,
-            &[("user", "app"), ("database", &app.dbname)],
-        ))
-        .await;
+        w.send(&startup(V3_0, &[("user", "app"), ("database", &app.dbname)]))
+            .await;
         let msgs = w.until_ready_or_eof().await;
         if msgs.iter().any(|m| m.tag == b'Z') {
             return w;
@@ -621,42 +513,26 @@ async fn vault_denial_is_28000_and_unreachable_upstream_is_08001() {
     app.set_policy("path \"sys/leases/renew\" { capabilities = [\"update\"] }\n");
     let d = start(&app, "static", "", "");
     let mut w = Wire::tcp(d.port()).await;
-    w.send(&startup(
-        V3_0,
-        &[("user", "app"), ("database", &app.dbname)],
-    ))
-    .await;
+    w.send(&startup(V3_0, &[("user", "app"), ("database", &app.dbname)]))
+        .await;
     let msgs = w.until_eof().await;
     let f = msgs[0].fields();
-    assert_eq!(
-        (f[&'S'].as_str(), f[&'C'].as_str()),
-        ("FATAL", "28000"),
-        "{f:?}"
-    );
+    assert_eq!((f[&'S'].as_str(), f[&'C'].as_str()), ("FATAL", "28000"), "{f:?}");
     app.set_policy(&app.default_policy_hcl());
 
     let closed = free_port();
     let port = free_port();
-    let cfg = app
-        .config_toml("static", &[format!("127.0.0.1:{port}")])
-        .replace(
-            &format!("\"127.0.0.1:{}\"", s.pg_port()),
-            &format!("\"127.0.0.1:{closed}\""),
-        );
+    let cfg = app.config_toml("static", &[format!("127.0.0.1:{port}")]).replace(
+        &format!("\"127.0.0.1:{}\"", s.pg_port()),
+        &format!("\"127.0.0.1:{closed}\""),
+    );
     let d = Dbward::start(&cfg);
     let mut w = Wire::tcp(d.port()).await;
-    w.send(&startup(
-        V3_0,
-        &[("user", "app"), ("database", &app.dbname)],
-    ))
-    .await;
+    w.send(&startup(V3_0, &[("user", "app"), ("database", &app.dbname)]))
+        .await;
     let msgs = w.until_eof().await;
     let f = msgs[0].fields();
-    assert_eq!(
-        (f[&'S'].as_str(), f[&'C'].as_str()),
-        ("FATAL", "08001"),
-        "{f:?}"
-    );
+    assert_eq!((f[&'S'].as_str(), f[&'C'].as_str()), ("FATAL", "08001"), "{f:?}");
     assert!(f[&'M'].contains(&format!("127.0.0.1:{closed}")), "{f:?}");
 
     // The server's own errors are relayed as sent: a database that does not exist (3D000).
@@ -665,18 +541,11 @@ async fn vault_denial_is_28000_and_unreachable_upstream_is_08001() {
         .replace(&format!("dbname = {}", toml_str(&app.dbname)), "");
     let d = Dbward::start(&cfg);
     let mut w = Wire::tcp(d.port()).await;
-    w.send(&startup(
-        V3_0,
-        &[("user", "app"), ("database", "no_such_db")],
-    ))
-    .await;
+    w.send(&startup(V3_0, &[("user", "app"), ("database", "no_such_db")]))
+        .await;
     let msgs = w.until_eof().await;
     let f = msgs[0].fields();
-    assert_eq!(
-        (f[&'S'].as_str(), f[&'C'].as_str()),
-        ("FATAL", "3D000"),
-        "{f:?}"
-    );
+    assert_eq!((f[&'S'].as_str(), f[&'C'].as_str()), ("FATAL", "3D000"), "{f:?}");
     assert_eq!(f[&'M'], "database \"no_such_db\" does not exist");
 }
 
@@ -701,11 +570,7 @@ async fn shutdown_sends_57p01_between_server_messages() {
     let msgs = idle.until_eof().await;
     assert_eq!(msgs.len(), 1, "{msgs:?}");
     let f = msgs[0].fields();
-    assert_eq!(
-        (f[&'S'].as_str(), f[&'C'].as_str()),
-        ("FATAL", "57P01"),
-        "{f:?}"
-    );
+    assert_eq!((f[&'S'].as_str(), f[&'C'].as_str()), ("FATAL", "57P01"), "{f:?}");
 
     // The busy client reads whole DataRows (framing intact) and then the 57P01.
     let mut rows = 0u64;
@@ -720,10 +585,7 @@ async fn shutdown_sends_57p01_between_server_messages() {
     assert!(busy.recv().await.is_none());
     assert!(rows > 0);
     let mut d = d;
-    assert!(
-        d.wait_exit(Duration::from_secs(10)).is_some(),
-        "dbward did not exit"
-    );
+    assert!(d.wait_exit(Duration::from_secs(10)).is_some(), "dbward did not exit");
 }
 
 /// Backends of `user` still connected.
@@ -739,10 +601,7 @@ fn backends(app: &TestApp, user: &str) -> usize {
 fn wait_no_backends(app: &TestApp, user: &str, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while backends(app, user) > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: upstream connection still open"
-        );
+        assert!(Instant::now() < deadline, "{what}: upstream connection still open");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -811,28 +670,22 @@ fn script() -> Vec<Step> {
         )),
         step(query("select 1/0")),
         step(query("")),
-        step(query("do $$ begin raise notice 'hello %', 42; raise warning 'careful' using hint = 'be careful'; end $$")),
+        step(query(
+            "do $$ begin raise notice 'hello %', 42; raise warning 'careful' using hint = 'be careful'; end $$",
+        )),
         step(query("set application_name = 'differential'; show application_name")),
         step(query("insert into items values (1, 'duplicate')")),
-        step(query("begin; insert into items values (3, 'plum'); select nonexistent; commit")),
+        step(query(
+            "begin; insert into items values (3, 'plum'); select nonexistent; commit",
+        )),
         step(query("rollback")),
         step(query("select id, name from items order by id; select 'multi', 2")),
         step(query("select repeat(md5(g::text), 40) from generate_series(1, 3000) g")),
     ];
     // Extended protocol: named statement, binary parameter and results, Describe of both kinds.
-    let mut b = parse(
-        "s1",
-        "select id, name, price, data from items where id = $1",
-        &[int4],
-    );
+    let mut b = parse("s1", "select id, name, price, data from items where id = $1", &[int4]);
     b.extend(describe(b'S', "s1"));
-    b.extend(bind(
-        "",
-        "s1",
-        &[1],
-        &[Some(&1i32.to_be_bytes())],
-        &[1, 0, 0, 1],
-    ));
+    b.extend(bind("", "s1", &[1], &[Some(&1i32.to_be_bytes())], &[1, 0, 0, 1]));
     b.extend(describe(b'P', ""));
     b.extend(execute("", 0));
     b.extend(sync());
@@ -856,7 +709,11 @@ fn script() -> Vec<Step> {
     b.extend(sync());
     steps.push(step(b));
     // Binary results of several types, NULL parameter.
-    let mut b = parse("", "select 1::int8, 'x'::text, true, date '2024-02-29', 1.5::float8, array[1,2], $1::text is null", &[25]);
+    let mut b = parse(
+        "",
+        "select 1::int8, 'x'::text, true, date '2024-02-29', 1.5::float8, array[1,2], $1::text is null",
+        &[25],
+    );
     b.extend(bind("", "", &[0], &[None], &[1]));
     b.extend(execute("", 0));
     b.extend(sync());
@@ -886,21 +743,14 @@ fn script() -> Vec<Step> {
         send: query("copy items (id, name) from stdin"),
         until: b'G',
     });
-    steps.push(step(
-        [copy_data(b"not a number\tx\n"), copy_done()].concat(),
-    ));
+    steps.push(step([copy_data(b"not a number\tx\n"), copy_done()].concat()));
     // COPY IN through the extended protocol.
     let mut b = parse("", "copy items (id, name) from stdin", &[]);
     b.extend(bind("", "", &[], &[], &[]));
     b.extend(execute("", 0));
     b.extend(flush());
-    steps.push(Step {
-        send: b,
-        until: b'G',
-    });
-    steps.push(step(
-        [copy_data(b"30\tthirty\n"), copy_done(), sync()].concat(),
-    ));
+    steps.push(Step { send: b, until: b'G' });
+    steps.push(step([copy_data(b"30\tthirty\n"), copy_done(), sync()].concat()));
     steps.push(step(query("select count(*), sum(id) from items")));
     steps
 }
@@ -964,11 +814,7 @@ async fn relayed_bytes_equal_a_direct_connection() {
             .cloned()
             .collect::<Vec<_>>()
     };
-    assert_eq!(
-        no_key(&proxied_greeting),
-        no_key(&direct_greeting),
-        "greeting"
-    );
+    assert_eq!(no_key(&proxied_greeting), no_key(&direct_greeting), "greeting");
     assert_eq!(direct_out.len(), proxied_out.len());
     let mut total = 0;
     for (i, (a, b)) in direct_out.iter().zip(&proxied_out).enumerate() {
@@ -978,17 +824,9 @@ async fn relayed_bytes_equal_a_direct_connection() {
     // Sanity: the script exercised what it claims to.
     let tags: std::collections::HashSet<u8> = direct_out.iter().flatten().map(|m| m.tag).collect();
     for t in [
-        b'T', b'D', b'C', b'E', b'N', b'I', b'S', b'1', b'2', b't', b's', b'3', b'H', b'G', b'd',
-        b'c',
+        b'T', b'D', b'C', b'E', b'N', b'I', b'S', b'1', b'2', b't', b's', b'3', b'H', b'G', b'd', b'c',
     ] {
-        assert!(
-            tags.contains(&t),
-            "script produced no '{}' message",
-            t as char
-        );
+        assert!(tags.contains(&t), "script produced no '{}' message", t as char);
     }
-    eprintln!(
-        "differential: {} steps, {total} bytes identical",
-        direct_out.len()
-    );
+    eprintln!("differential: {} steps, {total} bytes identical", direct_out.len());
 }

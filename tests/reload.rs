@@ -12,7 +12,10 @@ use std::time::Duration;
 use common::*;
 
 async fn whoami(c: &tokio_postgres::Client) -> String {
-    c.query_one("select current_user::text", &[]).await.expect("query").get(0)
+    c.query_one("select current_user::text", &[])
+        .await
+        .expect("query")
+        .get(0)
 }
 
 /// A second `[[databases]]` entry reading the app's static role.
@@ -32,7 +35,11 @@ fn reload(d: &Dbward, config: &str, expect_in_log: &str, nth: usize) {
     d.signal(libc::SIGHUP);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while d.log_contents().matches(expect_in_log).count() < nth {
-        assert!(std::time::Instant::now() < deadline, "no {expect_in_log:?} after SIGHUP:\n{}", d.log_contents());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {expect_in_log:?} after SIGHUP:\n{}",
+            d.log_contents()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -49,8 +56,18 @@ async fn sighup_adds_changes_and_removes_databases_without_dropping_sessions() {
     assert_eq!(whoami(&on_a).await, app.kv_username);
 
     // Add entry B and change A (switch it to the static role).
-    let changed_a = base.replace(&format!("path = {}", toml_str(&app.kv_path)), &format!("role = {}", toml_str(&app.static_role))).replace("kind = \"kv\"", "kind = \"static\"");
-    reload(&d, &format!("{changed_a}{}", second_entry(&app, "b", pb)), "configuration reloaded", 1);
+    let changed_a = base
+        .replace(
+            &format!("path = {}", toml_str(&app.kv_path)),
+            &format!("role = {}", toml_str(&app.static_role)),
+        )
+        .replace("kind = \"kv\"", "kind = \"static\"");
+    reload(
+        &d,
+        &format!("{changed_a}{}", second_entry(&app, "b", pb)),
+        "configuration reloaded",
+        1,
+    );
     let on_b = connect(pb, &app.dbname, "x").await;
     assert_eq!(whoami(&on_b).await, app.static_pg_role);
     // A's next client gets the changed entry; the session from before keeps its own login.
@@ -58,7 +75,11 @@ async fn sighup_adds_changes_and_removes_databases_without_dropping_sessions() {
     assert_eq!(whoami(&on_a).await, app.kv_username);
 
     // Remove A: its port closes, its established session lives on.
-    let only_b = format!("{}{}", &base[..base.find("[[databases]]").unwrap()], second_entry(&app, "b", pb));
+    let only_b = format!(
+        "{}{}",
+        &base[..base.find("[[databases]]").unwrap()],
+        second_entry(&app, "b", pb)
+    );
     reload(&d, &only_b, "configuration reloaded", 2);
     let refused = try_connect(pa, &app.dbname, "x").await;
     assert!(refused.is_err(), "removed listener still accepts");
@@ -68,7 +89,12 @@ async fn sighup_adds_changes_and_removes_databases_without_dropping_sessions() {
     // A bad config is refused with the key named; everything keeps working.
     let bad = only_b.replace("kind = \"static\"", "kind = \"kvv\"");
     reload(&d, &bad, "reload refused", 1);
-    assert!(d.log_contents().contains("databases[0].credentials.kind: unknown value"), "{}", d.log_contents());
+    assert!(
+        d.log_contents()
+            .contains("databases[0].credentials.kind: unknown value"),
+        "{}",
+        d.log_contents()
+    );
     assert_eq!(whoami(&connect(pb, &app.dbname, "x").await).await, app.static_pg_role);
     assert!(d.is_running());
 }
@@ -83,7 +109,16 @@ async fn reload_that_cannot_bind_keeps_the_old_config() {
     let d = Dbward::start(&base);
     // Something else holds B's port.
     let _squatter = std::net::TcpListener::bind(("127.0.0.1", pb)).unwrap();
-    reload(&d, &format!("{base}{}", second_entry(&app, "b", pb)), "reload refused", 1);
-    assert!(d.log_contents().contains(&format!("cannot listen on 127.0.0.1:{pb}")), "{}", d.log_contents());
+    reload(
+        &d,
+        &format!("{base}{}", second_entry(&app, "b", pb)),
+        "reload refused",
+        1,
+    );
+    assert!(
+        d.log_contents().contains(&format!("cannot listen on 127.0.0.1:{pb}")),
+        "{}",
+        d.log_contents()
+    );
     assert_eq!(whoami(&connect(pa, &app.dbname, "x").await).await, app.static_pg_role);
 }

@@ -94,11 +94,7 @@ fn structured(data: &[u8], binding: ChannelBinding) {
         .map(|b| (b'!' + b % 90) as char)
         .map(|c| if c == ',' { '-' } else { c })
         .collect();
-    let suffix = if suffix.is_empty() {
-        "x".to_string()
-    } else {
-        suffix
-    };
+    let suffix = if suffix.is_empty() { "x".to_string() } else { suffix };
     let server_first = format!("r={NONCE}{suffix},s={},i={iterations}", B64.encode(&salt));
 
     let cb_data = match &binding {
@@ -123,11 +119,7 @@ fn structured(data: &[u8], binding: ChannelBinding) {
         .unwrap();
     let mut expected_c = gs2.as_bytes().to_vec();
     expected_c.extend_from_slice(&cb_data);
-    assert_eq!(
-        B64.decode(c).unwrap(),
-        expected_c,
-        "channel binding attribute"
-    );
+    assert_eq!(B64.decode(c).unwrap(), expected_c, "channel binding attribute");
     assert!(without_proof.ends_with(&format!(",r={NONCE}{suffix}")));
     let mut salted = [0u8; 32];
     pbkdf2::pbkdf2_hmac::<Sha256>(PASSWORD, &salt, iterations as u32, &mut salted);
@@ -135,16 +127,8 @@ fn structured(data: &[u8], binding: ChannelBinding) {
     let auth_message = format!("{bare},{server_first},{without_proof}");
     let client_signature = hmac(&stored_key, auth_message.as_bytes());
     let proof = B64.decode(proof).unwrap();
-    let client_key: Vec<u8> = proof
-        .iter()
-        .zip(client_signature)
-        .map(|(p, s)| p ^ s)
-        .collect();
-    assert_eq!(
-        Sha256::digest(&client_key),
-        stored_key,
-        "client proof does not verify"
-    );
+    let client_key: Vec<u8> = proof.iter().zip(client_signature).map(|(p, s)| p ^ s).collect();
+    assert_eq!(Sha256::digest(&client_key), stored_key, "client proof does not verify");
 
     let server_signature = hmac(&hmac(&salted, b"Server Key"), auth_message.as_bytes());
     let server_final = format!("v={}", B64.encode(server_signature));

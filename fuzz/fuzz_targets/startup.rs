@@ -28,11 +28,7 @@ fuzz_target!(|data: &[u8]| {
                 check_packet(&p);
             }
             Ok(None) => {
-                assert_eq!(
-                    buf.len(),
-                    before,
-                    "nothing is consumed while a packet is incomplete"
-                );
+                assert_eq!(buf.len(), before, "nothing is consumed while a packet is incomplete");
                 break;
             }
             Err(e) => {
@@ -63,10 +59,7 @@ fn check_packet(p: &StartupPacket) {
 
             let v = m.negotiate_protocol_version();
             assert_eq!(v[0], b'v');
-            assert_eq!(
-                u32::from_be_bytes(v[1..5].try_into().unwrap()) as usize,
-                v.len() - 1
-            );
+            assert_eq!(u32::from_be_bytes(v[1..5].try_into().unwrap()) as usize, v.len() - 1);
             let version = u32::from_be_bytes(v[5..9].try_into().unwrap());
             assert_eq!(version >> 16, 3);
             let minor = (version & 0xffff) as u16;
@@ -99,10 +92,7 @@ fn check_packet(p: &StartupPacket) {
             let mut k = BytesMut::new();
             key.encode(&mut k);
             assert_eq!(k[0], b'K');
-            assert_eq!(
-                u32::from_be_bytes(k[1..5].try_into().unwrap()) as usize,
-                k.len() - 1
-            );
+            assert_eq!(u32::from_be_bytes(k[1..5].try_into().unwrap()) as usize, k.len() - 1);
         }
         StartupPacket::SslRequest | StartupPacket::GssEncRequest => {}
     }

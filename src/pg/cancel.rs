@@ -74,11 +74,7 @@ impl<T: Clone> Default for CancelMap<T> {
 impl<T: Clone> CancelMap<T> {
     /// Registers an upstream backend and returns the key to give the client: the backend's pid
     /// with a random secret of `secret_len` bytes. The mapping lives as long as the guard.
-    pub fn register(
-        self: &Arc<Self>,
-        target: CancelTarget<T>,
-        secret_len: usize,
-    ) -> (BackendKey, CancelGuard<T>) {
+    pub fn register(self: &Arc<Self>, target: CancelTarget<T>, secret_len: usize) -> (BackendKey, CancelGuard<T>) {
         let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let key = loop {
             let mut secret = vec![0u8; secret_len];
@@ -103,11 +99,7 @@ impl<T: Clone> CancelMap<T> {
     }
 
     pub fn lookup(&self, key: &BackendKey) -> Option<CancelTarget<T>> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(key)
-            .cloned()
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
     }
 
     pub fn len(&self) -> usize {
@@ -155,10 +147,7 @@ mod tests {
         let (k2, g2) = map.register(target, 32);
         assert_ne!(k1, k2);
         assert_eq!((k1.pid, k1.secret.len(), k2.secret.len()), (4242, 4, 32));
-        assert_ne!(
-            k1, upstream_key,
-            "the upstream key must not be handed to clients"
-        );
+        assert_ne!(k1, upstream_key, "the upstream key must not be handed to clients");
         assert_eq!(map.lookup(&k1).unwrap().key, upstream_key);
         drop(g1);
         assert!(map.lookup(&k1).is_none());
@@ -179,18 +168,12 @@ mod tests {
             },
         };
         let guards: Vec<_> = (0..2000).map(|_| map.register(target.clone(), 4)).collect();
-        let secrets: std::collections::HashSet<_> =
-            guards.iter().map(|(k, _)| k.secret.clone()).collect();
+        let secrets: std::collections::HashSet<_> = guards.iter().map(|(k, _)| k.secret.clone()).collect();
         assert_eq!(secrets.len(), guards.len());
         // Consecutive keys share no structure: no byte position is constant across them.
         for i in 0..4 {
-            let values: std::collections::HashSet<u8> =
-                guards.iter().map(|(k, _)| k.secret[i]).collect();
-            assert!(
-                values.len() > 200,
-                "byte {i} takes only {} values",
-                values.len()
-            );
+            let values: std::collections::HashSet<u8> = guards.iter().map(|(k, _)| k.secret[i]).collect();
+            assert!(values.len() > 200, "byte {i} takes only {} values", values.len());
         }
         assert_eq!(map.len(), 2000);
         drop(guards);
@@ -204,10 +187,7 @@ mod tests {
             secret: vec![1, 2, 3, 4],
         };
         let b = k.cancel_request();
-        assert_eq!(
-            &b[..],
-            &[0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e, 0, 0, 0, 7, 1, 2, 3, 4]
-        );
+        assert_eq!(&b[..], &[0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e, 0, 0, 0, 7, 1, 2, 3, 4]);
         assert!(!format!("{k:?}").contains("[1, 2, 3, 4]"));
     }
 }

@@ -120,12 +120,7 @@ mod tests {
             Message::ErrorResponse(body) => {
                 let fields: Vec<(u8, String)> = body
                     .fields()
-                    .map(|f| {
-                        Ok((
-                            f.type_(),
-                            String::from_utf8_lossy(f.value_bytes()).into_owned(),
-                        ))
-                    })
+                    .map(|f| Ok((f.type_(), String::from_utf8_lossy(f.value_bytes()).into_owned())))
                     .collect()
                     .unwrap();
                 assert!(fields.contains(&(b'C', "28000".into())));

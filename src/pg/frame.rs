@@ -63,12 +63,7 @@ mod tests {
 
     #[test]
     fn boundaries_in_any_chunking() {
-        let stream = [
-            msg(b'D', &[1; 300]),
-            msg(b'C', b"SELECT 1\0"),
-            msg(b'Z', b"I"),
-        ]
-        .concat();
+        let stream = [msg(b'D', &[1; 300]), msg(b'C', b"SELECT 1\0"), msg(b'Z', b"I")].concat();
         let ends = [305usize, 305 + 14, 305 + 14 + 6];
         for chunk in 1..=stream.len() {
             let mut b = Boundaries::default();

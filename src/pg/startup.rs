@@ -45,10 +45,7 @@ pub struct StartupMessage {
 
 impl StartupMessage {
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     /// The minor version the session runs with: the client's, capped at the newest we speak.
@@ -96,16 +93,14 @@ fn protocol_error(message: impl Into<String>) -> PgError {
 /// Parses the packet body (everything after the 4-byte length).
 pub fn parse(body: &[u8]) -> Result<StartupPacket, PgError> {
     if body.len() < 4 {
-        return Err(protocol_error(
-            "invalid startup packet: shorter than its protocol code",
-        ));
+        return Err(protocol_error("invalid startup packet: shorter than its protocol code"));
     }
     let code = u32::from_be_bytes(body[..4].try_into().unwrap());
     let rest = &body[4..];
     match code {
-        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE if !rest.is_empty() => Err(protocol_error(
-            "invalid startup packet: SSL/GSSENC request with a body",
-        )),
+        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE if !rest.is_empty() => {
+            Err(protocol_error("invalid startup packet: SSL/GSSENC request with a body"))
+        }
         SSL_REQUEST_CODE => Ok(StartupPacket::SslRequest),
         GSSENC_REQUEST_CODE => Ok(StartupPacket::GssEncRequest),
         CANCEL_REQUEST_CODE => {
@@ -152,9 +147,7 @@ fn parse_params(mut rest: &[u8]) -> Result<Params, PgError> {
         };
         if nul == 0 {
             if rest.len() != 1 {
-                return Err(protocol_error(
-                    "invalid startup packet: bytes after the terminator",
-                ));
+                return Err(protocol_error("invalid startup packet: bytes after the terminator"));
             }
             break;
         }
@@ -270,14 +263,9 @@ mod tests {
 
     #[tokio::test]
     async fn parses_startup_message_params_in_order() {
-        let bytes = packet(
-            196608,
-            b"user\0app\0database\0payments\0application_name\0psql\0\0",
-        );
+        let bytes = packet(196608, b"user\0app\0database\0payments\0application_name\0psql\0\0");
         let p = read(&mut &bytes[..]).await.unwrap();
-        let StartupPacket::Startup(m) = p else {
-            panic!()
-        };
+        let StartupPacket::Startup(m) = p else { panic!() };
         assert_eq!(m.get("database"), Some("payments"));
         assert_eq!(m.params[2], ("application_name".into(), "psql".into()));
         assert!(!m.needs_negotiation());
@@ -290,9 +278,7 @@ mod tests {
             StartupPacket::SslRequest
         );
         assert_eq!(
-            read(&mut &packet(GSSENC_REQUEST_CODE, b"")[..])
-                .await
-                .unwrap(),
+            read(&mut &packet(GSSENC_REQUEST_CODE, b"")[..]).await.unwrap(),
             StartupPacket::GssEncRequest
         );
         let c = read(&mut &packet(CANCEL_REQUEST_CODE, &[0, 0, 0, 7, 1, 2, 3, 4])[..])
@@ -327,11 +313,7 @@ mod tests {
 
     #[test]
     fn newer_minor_and_pq_options_get_negotiation() {
-        let body = [
-            &(3u32 << 16 | 9999).to_be_bytes()[..],
-            b"user\0u\0_pq_.bogus\0x\0\0",
-        ]
-        .concat();
+        let body = [&(3u32 << 16 | 9999).to_be_bytes()[..], b"user\0u\0_pq_.bogus\0x\0\0"].concat();
         let StartupPacket::Startup(m) = parse(&body).unwrap() else {
             panic!()
         };
@@ -352,11 +334,7 @@ mod tests {
 
     #[test]
     fn negotiation_never_offers_more_than_the_client_asked() {
-        let body = [
-            &196608u32.to_be_bytes()[..],
-            b"user\0u\0_pq_.a\0x\0_pq_.b\0y\0\0",
-        ]
-        .concat();
+        let body = [&196608u32.to_be_bytes()[..], b"user\0u\0_pq_.a\0x\0_pq_.b\0y\0\0"].concat();
         let StartupPacket::Startup(m) = parse(&body).unwrap() else {
             panic!()
         };
@@ -366,9 +344,7 @@ mod tests {
         assert_eq!(&v[13..], b"_pq_.a\0_pq_.b\0");
         assert_eq!(m.secret_len(), 4);
 
-        for (minor, negotiate, secret) in
-            [(0, false, 4), (1, false, 4), (2, false, 32), (3, true, 32)]
-        {
+        for (minor, negotiate, secret) in [(0, false, 4), (1, false, 4), (2, false, 32), (3, true, 32)] {
             let body = [&((3u32 << 16) | minor).to_be_bytes()[..], b"user\0u\0\0"].concat();
             let StartupPacket::Startup(m) = parse(&body).unwrap() else {
                 panic!()
@@ -386,10 +362,7 @@ mod tests {
         let mut buf = BytesMut::new();
         buf.extend_from_slice(&packet(SSL_REQUEST_CODE, b""));
         buf.extend_from_slice(b"\x16\x03");
-        assert_eq!(
-            take_packet(&mut buf).unwrap(),
-            Some(StartupPacket::SslRequest)
-        );
+        assert_eq!(take_packet(&mut buf).unwrap(), Some(StartupPacket::SslRequest));
         assert_eq!(&buf[..], b"\x16\x03");
 
         let whole = packet(196608, b"user\0u\0\0");

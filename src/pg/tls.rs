@@ -31,20 +31,19 @@ pub fn server_config(index: usize, cfg: &ClientTlsConfig) -> Result<Arc<ServerCo
     let key = |k: &str| format!("databases[{index}].client_tls.{k}");
     let certs = load_certs(&key("cert_file"), &cfg.cert_file)?;
     let private_key = load_key(&key("key_file"), &cfg.key_file)?;
-    let mut config =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("{}: {e}", key("cert_file")))?
-            .with_no_client_auth()
-            .with_single_cert(certs, private_key)
-            .map_err(|e| {
-                format!(
-                    "{}: cannot use {:?} with the certificate in {:?}: {e}",
-                    key("key_file"),
-                    cfg.key_file.display().to_string(),
-                    cfg.cert_file.display().to_string()
-                )
-            })?;
+    let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("{}: {e}", key("cert_file")))?
+        .with_no_client_auth()
+        .with_single_cert(certs, private_key)
+        .map_err(|e| {
+            format!(
+                "{}: cannot use {:?} with the certificate in {:?}: {e}",
+                key("key_file"),
+                cfg.key_file.display().to_string(),
+                cfg.cert_file.display().to_string()
+            )
+        })?;
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
     Ok(Arc::new(config))
 }
@@ -122,11 +121,7 @@ impl<S> Rewind<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.prefix.is_empty() {
             let n = this.prefix.len().min(buf.remaining());
@@ -139,11 +134,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
     fn poll_write_vectored(
@@ -175,10 +166,7 @@ mod tests {
         let key_file = dir.join("key.pem");
         std::fs::write(&cert_file, cert.cert.pem()).unwrap();
         std::fs::write(&key_file, cert.key_pair.serialize_pem()).unwrap();
-        ClientTlsConfig {
-            cert_file,
-            key_file,
-        }
+        ClientTlsConfig { cert_file, key_file }
     }
 
     fn db(name: &str, tls: ClientTlsConfig) -> DatabaseConfig {
@@ -199,10 +187,7 @@ mod tests {
             key_file: dir.path().join("k.pem"),
         };
         let e = server_config(3, &missing).unwrap_err();
-        assert!(
-            e.starts_with("databases[3].client_tls.cert_file: cannot read"),
-            "{e}"
-        );
+        assert!(e.starts_with("databases[3].client_tls.cert_file: cannot read"), "{e}");
         assert!(e.contains("nope.pem"), "{e}");
 
         let good = write_pair(dir.path(), "a.test");
@@ -228,10 +213,7 @@ mod tests {
             Arc::ptr_eq(first.config(), again.config()),
             "unchanged files are not re-read"
         );
-        assert_eq!(
-            first.config().alpn_protocols,
-            vec![ALPN_POSTGRESQL.to_vec()]
-        );
+        assert_eq!(first.config().alpn_protocols, vec![ALPN_POSTGRESQL.to_vec()]);
 
         // mtime granularity can be coarse: make sure the new files look newer.
         std::thread::sleep(std::time::Duration::from_millis(20));

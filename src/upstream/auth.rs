@@ -103,8 +103,7 @@ where
                     ctx.password.expose_secret().as_bytes(),
                     body.salt(),
                 ));
-                frontend::password_message(hash.as_bytes(), &mut reply)
-                    .map_err(|e| encode_error(addr, e))?;
+                frontend::password_message(hash.as_bytes(), &mut reply).map_err(|e| encode_error(addr, e))?;
             }
             Message::AuthenticationSasl(body) => {
                 if scram.is_some() {
@@ -112,23 +111,13 @@ where
                         "upstream {addr} started SASL authentication twice"
                     )));
                 }
-                let mechanisms: Vec<String> = body
-                    .mechanisms()
-                    .map(|m| Ok(m.to_string()))
-                    .collect()
-                    .map_err(|e| {
-                        UpstreamError::Protocol(format!(
-                            "upstream {addr} sent an invalid SASL mechanism list: {e}"
-                        ))
-                    })?;
+                let mechanisms: Vec<String> = body.mechanisms().map(|m| Ok(m.to_string())).collect().map_err(|e| {
+                    UpstreamError::Protocol(format!("upstream {addr} sent an invalid SASL mechanism list: {e}"))
+                })?;
                 let binding = choose_binding(ctx, &mechanisms)?;
                 let client = ScramClient::with_keys(ctx.password.expose_secret().as_bytes(), binding, ctx.keys.clone());
-                frontend::sasl_initial_response(
-                    client.mechanism(),
-                    &client.client_first(),
-                    &mut reply,
-                )
-                .map_err(|e| encode_error(addr, e))?;
+                frontend::sasl_initial_response(client.mechanism(), &client.client_first(), &mut reply)
+                    .map_err(|e| encode_error(addr, e))?;
                 scram = Some(client);
             }
             Message::AuthenticationSaslContinue(body) => {
@@ -144,14 +133,9 @@ where
                     (client, result)
                 })
                 .await
-                .map_err(|e| {
-                    UpstreamError::Protocol(format!(
-                        "SCRAM computation for upstream {addr} failed: {e}"
-                    ))
-                })?;
+                .map_err(|e| UpstreamError::Protocol(format!("SCRAM computation for upstream {addr} failed: {e}")))?;
                 let client_final = result.map_err(|e| scram_failed(addr, e))?;
-                frontend::sasl_response(&client_final, &mut reply)
-                    .map_err(|e| encode_error(addr, e))?;
+                frontend::sasl_response(&client_final, &mut reply).map_err(|e| encode_error(addr, e))?;
                 scram = Some(client);
             }
             Message::AuthenticationSaslFinal(body) => {
@@ -165,12 +149,8 @@ where
                     .map_err(|e| scram_failed(addr, e))?;
                 continue;
             }
-            Message::AuthenticationKerberosV5 => {
-                return Err(unsupported_method(ctx, "Kerberos V5"))
-            }
-            Message::AuthenticationScmCredential => {
-                return Err(unsupported_method(ctx, "SCM credential"))
-            }
+            Message::AuthenticationKerberosV5 => return Err(unsupported_method(ctx, "Kerberos V5")),
+            Message::AuthenticationScmCredential => return Err(unsupported_method(ctx, "SCM credential")),
             Message::AuthenticationGss | Message::AuthenticationGssContinue(_) => {
                 return Err(unsupported_method(ctx, "GSSAPI"))
             }
@@ -181,10 +161,7 @@ where
         // The reply may hold the password itself (cleartext) or an equivalent.
         zeroize::Zeroize::zeroize(&mut reply[..]);
         written.map_err(|e| io_error(addr, during, e))?;
-        stream
-            .flush()
-            .await
-            .map_err(|e| io_error(addr, during, e))?;
+        stream.flush().await.map_err(|e| io_error(addr, during, e))?;
     }
 
     *during = "waiting for the server to become ready";
@@ -226,10 +203,7 @@ where
 
 /// The server answered SSLRequest with 'E' (servers too old for SSLRequest, or failing at fork):
 /// reads the rest of that ErrorResponse.
-pub(super) async fn error_after_ssl_request<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    addr: &str,
-) -> UpstreamError {
+pub(super) async fn error_after_ssl_request<S: AsyncRead + Unpin>(stream: &mut S, addr: &str) -> UpstreamError {
     let mut buf = BytesMut::from(&b"E"[..]);
     match next_message(stream, &mut buf, addr, "negotiating TLS").await {
         Ok(raw) => server_error(raw, addr),
@@ -257,16 +231,9 @@ async fn next_message<S: AsyncRead + Unpin>(
             }
             buf.reserve(len + 1 - buf.len());
         }
-        let n = stream
-            .read_buf(buf)
-            .await
-            .map_err(|e| io_error(addr, during, e))?;
+        let n = stream.read_buf(buf).await.map_err(|e| io_error(addr, during, e))?;
         if n == 0 {
-            return Err(io_error(
-                addr,
-                during,
-                std::io::ErrorKind::UnexpectedEof.into(),
-            ));
+            return Err(io_error(addr, during, std::io::ErrorKind::UnexpectedEof.into()));
         }
     }
 }
@@ -285,8 +252,7 @@ fn parse(mut raw: BytesMut, addr: &str) -> Result<Message, UpstreamError> {
 
 fn server_error(raw: BytesMut, addr: &str) -> UpstreamError {
     let raw = raw.freeze();
-    let Ok(Some(Message::ErrorResponse(body))) = Message::parse(&mut BytesMut::from(&raw[..]))
-    else {
+    let Ok(Some(Message::ErrorResponse(body))) = Message::parse(&mut BytesMut::from(&raw[..])) else {
         return UpstreamError::Protocol(format!("upstream {addr} sent an invalid ErrorResponse"));
     };
     let (mut severity, mut localized, mut code, mut message) = (None, None, None, None);
@@ -304,11 +270,7 @@ fn server_error(raw: BytesMut, addr: &str) -> UpstreamError {
                 }
             }
             Ok(None) => break,
-            Err(_) => {
-                return UpstreamError::Protocol(format!(
-                    "upstream {addr} sent an invalid ErrorResponse"
-                ))
-            }
+            Err(_) => return UpstreamError::Protocol(format!("upstream {addr} sent an invalid ErrorResponse")),
         }
     }
     UpstreamError::Server(ServerError {
@@ -322,10 +284,7 @@ fn server_error(raw: BytesMut, addr: &str) -> UpstreamError {
 
 /// Picks SCRAM-SHA-256-PLUS when it is offered over TLS and we can compute the binding,
 /// otherwise SCRAM-SHA-256 with the GS2 flag Postgres expects.
-fn choose_binding(
-    ctx: &Context<'_>,
-    mechanisms: &[String],
-) -> Result<ChannelBinding, UpstreamError> {
+fn choose_binding(ctx: &Context<'_>, mechanisms: &[String]) -> Result<ChannelBinding, UpstreamError> {
     let offered = |m: &str| mechanisms.iter().any(|x| x == m);
     if ctx.tls && offered(SCRAM_SHA_256_PLUS) {
         if let Some(hash) = &ctx.certificate_hash {
@@ -375,9 +334,7 @@ fn unsupported_method(ctx: &Context<'_>, method: &str) -> UpstreamError {
 }
 
 fn scram_failed(addr: &str, e: super::scram::ScramError) -> UpstreamError {
-    UpstreamError::Auth(format!(
-        "SCRAM authentication with upstream {addr} failed: {e}"
-    ))
+    UpstreamError::Auth(format!("SCRAM authentication with upstream {addr} failed: {e}"))
 }
 
 fn unexpected(tag: u8, addr: &str, during: &str) -> UpstreamError {

@@ -80,8 +80,8 @@ impl UpstreamSettings {
             Err(_) if db.sslmode == SslMode::Disable => ServerName::try_from("localhost").expect("valid name"),
             Err(_) => {
                 return Err(format!(
-                    "databases[{index}].{name_key}: {name:?} is not a valid TLS server name (a DNS name or an IP address)"
-                ))
+                "databases[{index}].{name_key}: {name:?} is not a valid TLS server name (a DNS name or an IP address)"
+            ))
             }
         };
         Ok(UpstreamSettings {
@@ -130,12 +130,7 @@ impl UpstreamStream {
     fn server_certificate(&self) -> Option<&[u8]> {
         match self {
             UpstreamStream::Plain(_) => None,
-            UpstreamStream::Tls(s) => s
-                .get_ref()
-                .1
-                .peer_certificates()?
-                .first()
-                .map(|c| c.as_ref()),
+            UpstreamStream::Tls(s) => s.get_ref().1.peer_certificates()?.first().map(|c| c.as_ref()),
         }
     }
 }
@@ -147,18 +142,12 @@ impl fmt::Debug for UpstreamStream {
             UpstreamStream::Plain(_) => "Plain",
             UpstreamStream::Tls(_) => "Tls",
         };
-        f.debug_tuple(kind)
-            .field(&self.tcp().peer_addr().ok())
-            .finish()
+        f.debug_tuple(kind).field(&self.tcp().peer_addr().ok()).finish()
     }
 }
 
 impl AsyncRead for UpstreamStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -167,11 +156,7 @@ impl AsyncRead for UpstreamStream {
 }
 
 impl AsyncWrite for UpstreamStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -420,10 +405,7 @@ async fn connect_inner(
         .write_all(&startup)
         .await
         .map_err(|e| io_error(&addr, during, e))?;
-    stream
-        .flush()
-        .await
-        .map_err(|e| io_error(&addr, during, e))?;
+    stream.flush().await.map_err(|e| io_error(&addr, during, e))?;
 
     let user = params
         .iter()
@@ -462,12 +444,7 @@ async fn connect_inner(
 /// waits for the server to close it, which it does once the request has been handled.
 pub async fn cancel(settings: &UpstreamSettings, key: &BackendKey) -> Result<(), UpstreamError> {
     let mut during = "resolving the host name";
-    match tokio::time::timeout(
-        settings.connect_timeout,
-        cancel_inner(settings, key, &mut during),
-    )
-    .await
-    {
+    match tokio::time::timeout(settings.connect_timeout, cancel_inner(settings, key, &mut during)).await {
         Ok(result) => result,
         // The request went out; only the server's close was slow.
         Err(_) if during == WAITING_FOR_CLOSE => Ok(()),
@@ -493,10 +470,7 @@ async fn cancel_inner(
         .write_all(&key.cancel_request())
         .await
         .map_err(|e| io_error(&addr, during, e))?;
-    stream
-        .flush()
-        .await
-        .map_err(|e| io_error(&addr, during, e))?;
+    stream.flush().await.map_err(|e| io_error(&addr, during, e))?;
     *during = WAITING_FOR_CLOSE;
     let mut sink = [0u8; 256];
     while let Ok(n) = stream.read(&mut sink).await {
@@ -509,10 +483,7 @@ async fn cancel_inner(
 }
 
 /// TCP connection plus TLS negotiation per sslmode.
-async fn open(
-    settings: &UpstreamSettings,
-    during: &mut &'static str,
-) -> Result<UpstreamStream, UpstreamError> {
+async fn open(settings: &UpstreamSettings, during: &mut &'static str) -> Result<UpstreamStream, UpstreamError> {
     let addr = settings.addr();
     *during = "resolving the host name";
     let resolve_error = |source| UpstreamError::Resolve {
@@ -520,11 +491,10 @@ async fn open(
         host: settings.host.clone(),
         source,
     };
-    let candidates: Vec<SocketAddr> =
-        tokio::net::lookup_host((settings.host.as_str(), settings.port))
-            .await
-            .map_err(resolve_error)?
-            .collect();
+    let candidates: Vec<SocketAddr> = tokio::net::lookup_host((settings.host.as_str(), settings.port))
+        .await
+        .map_err(resolve_error)?
+        .collect();
     if candidates.is_empty() {
         return Err(resolve_error(io::Error::new(
             io::ErrorKind::NotFound,
@@ -564,10 +534,7 @@ async fn open(
     let Some(config) = settings.tls.clone() else {
         return Err(UpstreamError::Tls {
             addr,
-            reason: format!(
-                "sslmode={} but no TLS configuration was built",
-                settings.sslmode
-            ),
+            reason: format!("sslmode={} but no TLS configuration was built", settings.sslmode),
         });
     };
 
@@ -575,9 +542,7 @@ async fn open(
     let mut request = [0u8; 8];
     request[..4].copy_from_slice(&8u32.to_be_bytes());
     request[4..].copy_from_slice(&SSL_REQUEST_CODE.to_be_bytes());
-    tcp.write_all(&request)
-        .await
-        .map_err(|e| io_error(&addr, during, e))?;
+    tcp.write_all(&request).await.map_err(|e| io_error(&addr, during, e))?;
     // Exactly one byte: whatever follows 'S' belongs to the TLS handshake.
     let mut answer = [0u8; 1];
     tcp.read_exact(&mut answer)

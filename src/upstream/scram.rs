@@ -120,13 +120,21 @@ impl KeyCache {
         }
         let mut salted = Zeroizing::new([0u8; 32]);
         pbkdf2::pbkdf2_hmac::<Sha256>(password, salt, iterations, &mut *salted);
-        *self.entry.lock().unwrap() = Some(CachedKey { salt: salt.to_vec(), iterations, salted: salted.clone() });
+        *self.entry.lock().unwrap() = Some(CachedKey {
+            salt: salt.to_vec(),
+            iterations,
+            salted: salted.clone(),
+        });
         salted
     }
 
     /// Whether PBKDF2 would be skipped for this salt and iteration count.
     pub fn holds(&self, salt: &[u8], iterations: u32) -> bool {
-        self.entry.lock().unwrap().as_ref().is_some_and(|c| c.salt == salt && c.iterations == iterations)
+        self.entry
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|c| c.salt == salt && c.iterations == iterations)
     }
 }
 
@@ -176,12 +184,7 @@ impl ScramClient {
     }
 
     /// A client with a given user name and nonce, for test vectors.
-    pub fn with_nonce(
-        user: &str,
-        password: &[u8],
-        nonce: String,
-        channel_binding: ChannelBinding,
-    ) -> Self {
+    pub fn with_nonce(user: &str, password: &[u8], nonce: String, channel_binding: ChannelBinding) -> Self {
         let user = user.replace('=', "=3D").replace(',', "=2C");
         ScramClient {
             password: Zeroizing::new(password.to_vec()),
@@ -200,12 +203,7 @@ impl ScramClient {
 
     /// client-first-message, the data of SASLInitialResponse.
     pub fn client_first(&self) -> Vec<u8> {
-        format!(
-            "{}{}",
-            self.channel_binding.gs2_header(),
-            self.client_first_bare
-        )
-        .into_bytes()
+        format!("{}{}", self.channel_binding.gs2_header(), self.client_first_bare).into_bytes()
     }
 
     /// Takes server-first-message (SASLContinue data), returns client-final-message.
@@ -254,10 +252,7 @@ impl ScramClient {
         let auth_message = format!("{},{server_first},{without_proof}", self.client_first_bare);
         let client_signature = Zeroizing::new(hmac(&*stored_key, auth_message.as_bytes()));
         let mut proof = Zeroizing::new([0u8; 32]);
-        for (p, (k, s)) in proof
-            .iter_mut()
-            .zip(client_key.iter().zip(client_signature.iter()))
-        {
+        for (p, (k, s)) in proof.iter_mut().zip(client_key.iter().zip(client_signature.iter())) {
             *p = k ^ s;
         }
         let client_final = format!("{without_proof},p={}", B64.encode(&proof[..]));
@@ -310,23 +305,15 @@ fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
 
 fn text<'a>(message: &'a [u8], what: &str) -> Result<&'a str, ScramError> {
     if message.len() > MAX_MESSAGE_LEN {
-        return fail(format!(
-            "SCRAM {what} message is too long ({} bytes)",
-            message.len()
-        ));
+        return fail(format!("SCRAM {what} message is too long ({} bytes)", message.len()));
     }
-    std::str::from_utf8(message)
-        .map_err(|_| ScramError(format!("SCRAM {what} message is not UTF-8")))
+    std::str::from_utf8(message).map_err(|_| ScramError(format!("SCRAM {what} message is not UTF-8")))
 }
 
 fn attr<'a>(part: Option<&'a str>, name: char, what: &str) -> Result<&'a str, ScramError> {
     part.and_then(|p| p.strip_prefix(name))
         .and_then(|p| p.strip_prefix('='))
-        .ok_or_else(|| {
-            ScramError(format!(
-                "malformed SCRAM {what} message: expected attribute {name}="
-            ))
-        })
+        .ok_or_else(|| ScramError(format!("malformed SCRAM {what} message: expected attribute {name}=")))
 }
 
 #[cfg(test)]
@@ -334,9 +321,9 @@ mod tests {
     use super::*;
 
     const NONCE: &str = "rOprNGfwEbeRWgbNEkqO";
-    const SERVER_FIRST: &str =
-        "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
-    const CLIENT_FINAL: &str = "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
+    const SERVER_FIRST: &str = "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096";
+    const CLIENT_FINAL: &str =
+        "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
     const SERVER_FINAL: &str = "v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=";
 
     fn rfc_client() -> ScramClient {
@@ -427,14 +414,9 @@ mod tests {
             "m=ext,r=rOprNGfwEbeRWgbNEkqOx,s=AA==,i=1",
             "r=rOprNGfwEbeRWgbNEkqOx,s=!!,i=1",
         ] {
-            assert!(
-                rfc_client().handle_server_first(bad.as_bytes()).is_err(),
-                "{bad}"
-            );
+            assert!(rfc_client().handle_server_first(bad.as_bytes()).is_err(), "{bad}");
         }
-        assert!(rfc_client()
-            .handle_server_first(&vec![b'a'; 10_000])
-            .is_err());
+        assert!(rfc_client().handle_server_first(&vec![b'a'; 10_000]).is_err());
     }
 
     #[test]
@@ -445,9 +427,7 @@ mod tests {
         assert_eq!(first.len(), "y,,n=,r=".len() + 24);
         let p = ScramClient::new(b"pw", ChannelBinding::TlsServerEndPoint(vec![1, 2, 3]));
         assert_eq!(p.mechanism(), "SCRAM-SHA-256-PLUS");
-        assert!(p
-            .client_first()
-            .starts_with(b"p=tls-server-end-point,,n=,r="));
+        assert!(p.client_first().starts_with(b"p=tls-server-end-point,,n=,r="));
         assert_eq!(
             ChannelBinding::TlsServerEndPoint(vec![1, 2, 3]).c_attribute(),
             B64.encode(b"p=tls-server-end-point,,\x01\x02\x03")

@@ -47,9 +47,7 @@ impl Pki {
         ];
         let ca = ca_params.self_signed(&ca_key).unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
-        let params =
-            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
+        let params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
         let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
         Pki {
             ca_der: ca.der().clone(),
@@ -67,14 +65,12 @@ impl Pki {
 
     fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()));
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(self.chain.clone(), key)
-        .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(self.chain.clone(), key)
+            .unwrap();
         tokio_rustls::TlsAcceptor::from(Arc::new(config))
     }
 
@@ -83,19 +79,13 @@ impl Pki {
     }
 }
 
-fn settings(
-    port: u16,
-    sslmode: SslMode,
-    roots: Option<RootCertStore>,
-    name: &str,
-) -> UpstreamSettings {
+fn settings(port: u16, sslmode: SslMode, roots: Option<RootCertStore>, name: &str) -> UpstreamSettings {
     UpstreamSettings {
         database: "payments".into(),
         host: "127.0.0.1".into(),
         port,
         sslmode,
-        tls: (sslmode != SslMode::Disable)
-            .then(|| Arc::new(tls::build(sslmode, roots, None).unwrap())),
+        tls: (sslmode != SslMode::Disable).then(|| Arc::new(tls::build(sslmode, roots, None).unwrap())),
         server_name: ServerName::try_from(name.to_string()).unwrap(),
         connect_timeout: Duration::from_secs(10),
         allow_insecure_password: false,
@@ -114,10 +104,7 @@ struct FakeConn {
 }
 
 async fn read_packet(io: &mut (impl AsyncRead + Unpin)) -> StartupPacket {
-    pgstartup::read(io)
-        .await
-        .map_err(|e| format!("{e:?}"))
-        .unwrap()
+    pgstartup::read(io).await.map_err(|e| format!("{e:?}")).unwrap()
 }
 
 /// Accepts one connection; answers SSLRequest with 'S' (and a handshake) when `tls` is given,
@@ -222,17 +209,13 @@ impl FakeConn {
         let nul = body.iter().position(|b| *b == 0).unwrap();
         let mechanism = std::str::from_utf8(&body[..nul]).unwrap().to_string();
         let client_first = String::from_utf8(body[nul + 5..].to_vec()).unwrap();
-        let (header, bare) =
-            if let Some(rest) = client_first.strip_prefix("p=tls-server-end-point,,") {
-                ("p=tls-server-end-point,,", rest)
-            } else {
-                client_first.split_at(3)
-            };
+        let (header, bare) = if let Some(rest) = client_first.strip_prefix("p=tls-server-end-point,,") {
+            ("p=tls-server-end-point,,", rest)
+        } else {
+            client_first.split_at(3)
+        };
         assert_eq!(mechanism == "SCRAM-SHA-256-PLUS", header.starts_with('p'));
-        let client_nonce = bare
-            .strip_prefix("n=,r=")
-            .expect("empty SCRAM user name")
-            .to_string();
+        let client_nonce = bare.strip_prefix("n=,r=").expect("empty SCRAM user name").to_string();
 
         let salt = b"0123456789abcdef";
         let iterations = 4096;
@@ -247,10 +230,7 @@ impl FakeConn {
         let stored_key = Sha256::digest(&client_key).to_vec();
         let server_key = hmac(&salted, b"Server Key");
 
-        let server_first = format!(
-            "r={client_nonce}srvnonce,s={},i={iterations}",
-            B64.encode(salt)
-        );
+        let server_first = format!("r={client_nonce}srvnonce,s={},i={iterations}", B64.encode(salt));
         self.send(&auth_msg(11, server_first.as_bytes())).await;
         let (tag, body) = self.recv().await;
         assert_eq!(tag, b'p');
@@ -282,10 +262,7 @@ impl FakeConn {
             return header.to_string();
         }
         if !early_ok {
-            let v = format!(
-                "v={}",
-                B64.encode(hmac(&server_key, auth_message.as_bytes()))
-            );
+            let v = format!("v={}", B64.encode(hmac(&server_key, auth_message.as_bytes())));
             self.send(&auth_msg(12, v.as_bytes())).await;
         }
         self.send(&auth_msg(0, b"")).await;
@@ -356,14 +333,9 @@ async fn verify_full_accepts_right_ca_and_name() {
 #[tokio::test]
 async fn verify_full_refuses_wrong_name() {
     let pki = Pki::new(&["db.internal"]);
-    let e = tls_open(
-        &pki,
-        SslMode::VerifyFull,
-        Some(pki.roots()),
-        "other.internal",
-    )
-    .await
-    .unwrap_err();
+    let e = tls_open(&pki, SslMode::VerifyFull, Some(pki.roots()), "other.internal")
+        .await
+        .unwrap_err();
     let text = e.to_string();
     assert!(text.starts_with("TLS to 127.0.0.1:"), "{text}");
     assert!(
@@ -378,14 +350,9 @@ async fn verify_full_refuses_wrong_name() {
 async fn verify_full_refuses_unknown_ca() {
     let pki = Pki::new(&["db.internal"]);
     let other = Pki::new(&["db.internal"]);
-    let e = tls_open(
-        &pki,
-        SslMode::VerifyFull,
-        Some(other.roots()),
-        "db.internal",
-    )
-    .await
-    .unwrap_err();
+    let e = tls_open(&pki, SslMode::VerifyFull, Some(other.roots()), "db.internal")
+        .await
+        .unwrap_err();
     assert!(
         e.to_string()
             .contains("certificate for db.internal not valid: unknown issuer"),
@@ -409,9 +376,7 @@ async fn verify_ca_ignores_name_but_not_issuer() {
 #[tokio::test]
 async fn require_verifies_nothing_without_ca_file_but_the_chain_with_one() {
     let pki = Pki::new(&["db.internal"]);
-    tls_open(&pki, SslMode::Require, None, "other.internal")
-        .await
-        .unwrap();
+    tls_open(&pki, SslMode::Require, None, "other.internal").await.unwrap();
     let other = Pki::new(&["db.internal"]);
     let e = tls_open(&pki, SslMode::Require, Some(other.roots()), "db.internal")
         .await
@@ -439,15 +404,10 @@ async fn answer_ssl_request(
 
 #[tokio::test]
 async fn server_without_tls() {
-    let e = answer_ssl_request(b"N", SslMode::Require)
-        .await
-        .unwrap_err();
+    let e = answer_ssl_request(b"N", SslMode::Require).await.unwrap_err();
     assert_eq!(
         e.to_string(),
-        format!(
-            "server {} does not support TLS but sslmode=require",
-            e_addr(&e)
-        )
+        format!("server {} does not support TLS but sslmode=require", e_addr(&e))
     );
     assert!(matches!(
         answer_ssl_request(b"N", SslMode::Prefer).await.unwrap(),
@@ -525,9 +485,7 @@ async fn scram_plus_over_tls() {
     let server_pki = pki.clone();
     let server = tokio::spawn(async move {
         let mut c = accept(&listener, Some(&server_pki)).await;
-        let header = c
-            .scram(&["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"], PASSWORD, false)
-            .await;
+        let header = c.scram(&["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"], PASSWORD, false).await;
         c.finish_startup().await;
         (header, c)
     });
@@ -568,11 +526,7 @@ async fn authentication_ok_before_scram_final_is_refused() {
     let e = connect(&s, &params(), &password()).await.unwrap_err();
     let _ = server.await;
     assert!(matches!(e, UpstreamError::Auth(_)), "{e}");
-    assert!(
-        e.to_string()
-            .contains("before proving it knows the password"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("before proving it knows the password"), "{e}");
     let pg = e.to_pg_error("payments").unwrap();
     assert_eq!(pg.code, "08004");
     assert!(
@@ -587,8 +541,7 @@ async fn wrong_password_is_forwarded_verbatim() {
     let (listener, port) = listen().await;
     let server = tokio::spawn(async move {
         let mut c = accept(&listener, None).await;
-        c.scram(&["SCRAM-SHA-256"], "the-rotated-password", false)
-            .await;
+        c.scram(&["SCRAM-SHA-256"], "the-rotated-password", false).await;
         c
     });
     let s = settings(port, SslMode::Disable, None, "db.internal");
@@ -597,15 +550,10 @@ async fn wrong_password_is_forwarded_verbatim() {
     assert!(e.is_password_rejected(), "{e}");
     assert_eq!(e.sqlstate(), "28P01");
     assert!(e.to_pg_error("payments").is_none());
-    let UpstreamError::Server(se) = &e else {
-        panic!("{e}")
-    };
+    let UpstreamError::Server(se) = &e else { panic!("{e}") };
     assert_eq!(
         &se.raw[..],
-        &error_msg(
-            "28P01",
-            "password authentication failed for user \"v-token-payments\""
-        )[..]
+        &error_msg("28P01", "password authentication failed for user \"v-token-payments\"")[..]
     );
     assert_eq!(se.severity, "FATAL");
 }
@@ -619,11 +567,8 @@ async fn md5_needs_verified_tls_or_explicit_permission() {
             c.send(&auth_msg(5, &[1, 2, 3, 4])).await;
             let (tag, body) = c.recv().await;
             assert_eq!(tag, b'p');
-            let expected = postgres_protocol::authentication::md5_hash(
-                b"v-token-payments",
-                PASSWORD.as_bytes(),
-                [1, 2, 3, 4],
-            );
+            let expected =
+                postgres_protocol::authentication::md5_hash(b"v-token-payments", PASSWORD.as_bytes(), [1, 2, 3, 4]);
             assert_eq!(body, [expected.as_bytes(), b"\0"].concat());
             c.send(&auth_msg(0, b"")).await;
             c.finish_startup().await;
@@ -640,9 +585,7 @@ async fn md5_needs_verified_tls_or_explicit_permission() {
     let e = run(false).await.unwrap_err();
     let text = e.to_string();
     assert!(
-        text.contains("MD5")
-            && text.contains("unencrypted")
-            && text.contains("allow_insecure_password"),
+        text.contains("MD5") && text.contains("unencrypted") && text.contains("allow_insecure_password"),
         "{text}"
     );
     assert!(text.contains("verify-full"), "{text}");
@@ -792,9 +735,8 @@ async fn refused_connection() {
     );
     let pg = e.to_pg_error("payments").unwrap();
     assert!(
-        pg.message.starts_with(&format!(
-            "database \"payments\": cannot connect to 127.0.0.1:{port}"
-        )),
+        pg.message
+            .starts_with(&format!("database \"payments\": cannot connect to 127.0.0.1:{port}")),
         "{pg}"
     );
 }

@@ -10,9 +10,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use sha2::Digest;
 
@@ -27,10 +25,7 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// Builds the client configuration for a database entry, reading its ca_file, cert_file and
 /// key_file. `None` for sslmode=disable. Errors name the config key and the file.
-pub fn client_config(
-    index: usize,
-    db: &DatabaseConfig,
-) -> Result<Option<Arc<ClientConfig>>, String> {
+pub fn client_config(index: usize, db: &DatabaseConfig) -> Result<Option<Arc<ClientConfig>>, String> {
     if db.sslmode == SslMode::Disable {
         return Ok(None);
     }
@@ -40,10 +35,7 @@ pub fn client_config(
         None => None,
     };
     let client_auth = match (&db.cert_file, &db.key_file) {
-        (Some(cert), Some(pkey)) => Some((
-            load_certs(&key("cert_file"), cert)?,
-            load_key(&key("key_file"), pkey)?,
-        )),
+        (Some(cert), Some(pkey)) => Some((load_certs(&key("cert_file"), cert)?, load_key(&key("key_file"), pkey)?)),
         _ => None,
     };
     let config = build(db.sslmode, roots, client_auth).map_err(|e| match e {
@@ -87,12 +79,9 @@ pub fn build(
                 Some(r) => r,
                 None => system_roots().map_err(BuildError::NoSystemRoots)?,
             };
-            let webpki =
-                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                    .build()
-                    .map_err(|e| {
-                        BuildError::Other(format!("cannot build certificate verifier: {e}"))
-                    })?;
+            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| BuildError::Other(format!("cannot build certificate verifier: {e}")))?;
             if mode == SslMode::VerifyFull {
                 webpki
             } else {
@@ -106,9 +95,9 @@ pub fn build(
         .dangerous()
         .with_custom_certificate_verifier(verifier);
     let mut config = match client_auth {
-        Some((certs, key)) => builder.with_client_auth_cert(certs, key).map_err(|e| {
-            BuildError::ClientAuth(format!("cannot use the client certificate and key: {e}"))
-        })?,
+        Some((certs, key)) => builder
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| BuildError::ClientAuth(format!("cannot use the client certificate and key: {e}")))?,
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
@@ -116,8 +105,7 @@ pub fn build(
 }
 
 fn read_file(key: &str, path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path)
-        .map_err(|e| format!("{key}: cannot read {:?}: {e}", path.display().to_string()))
+    std::fs::read(path).map_err(|e| format!("{key}: cannot read {:?}: {e}", path.display().to_string()))
 }
 
 pub(crate) fn load_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -155,10 +143,7 @@ pub(crate) fn load_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>,
             "{key}: {:?} contains no PEM private key",
             path.display().to_string()
         )),
-        Err(e) => Err(format!(
-            "{key}: cannot parse {:?}: {e}",
-            path.display().to_string()
-        )),
+        Err(e) => Err(format!("{key}: cannot parse {:?}: {e}", path.display().to_string())),
     }
 }
 
@@ -234,13 +219,10 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
+        match self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -278,16 +260,11 @@ impl ServerCertVerifier for ChainOnly {
 /// Puts a failed TLS handshake into words: `certificate for db.internal not valid: unknown issuer ...`.
 pub fn describe_error(error: &io::Error, server_name: &ServerName<'_>) -> String {
     let name = server_name.to_str();
-    if let Some(e) = error
-        .get_ref()
-        .and_then(|e| e.downcast_ref::<rustls::Error>())
-    {
+    if let Some(e) = error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
         return describe_rustls(e, &name);
     }
     match error.kind() {
-        io::ErrorKind::UnexpectedEof => {
-            "the server closed the connection during the TLS handshake".into()
-        }
+        io::ErrorKind::UnexpectedEof => "the server closed the connection during the TLS handshake".into(),
         _ => error.to_string(),
     }
 }
@@ -295,15 +272,11 @@ pub fn describe_error(error: &io::Error, server_name: &ServerName<'_>) -> String
 fn describe_rustls(error: &rustls::Error, name: &str) -> String {
     use rustls::AlertDescription as A;
     match error {
-        rustls::Error::InvalidCertificate(e) => format!(
-            "certificate for {name} not valid: {}",
-            describe_certificate(e, name)
-        ),
+        rustls::Error::InvalidCertificate(e) => {
+            format!("certificate for {name} not valid: {}", describe_certificate(e, name))
+        }
         rustls::Error::AlertReceived(
-            alert @ (A::CertificateRequired
-            | A::HandshakeFailure
-            | A::BadCertificate
-            | A::UnknownCA),
+            alert @ (A::CertificateRequired | A::HandshakeFailure | A::BadCertificate | A::UnknownCA),
         ) => {
             format!(
                 "the server refused the handshake (TLS alert {alert:?}); if it requires a client certificate, set cert_file and key_file"
@@ -322,19 +295,22 @@ fn describe_rustls(error: &rustls::Error, name: &str) -> String {
 }
 
 fn describe_certificate(error: &CertificateError, name: &str) -> String {
-    let when = |t: &UnixTime| {
-        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t.as_secs())).to_string()
-    };
+    let when =
+        |t: &UnixTime| humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t.as_secs())).to_string();
     match error {
         CertificateError::UnknownIssuer => {
-            "unknown issuer (it is not signed by a CA in ca_file, or in the system store when ca_file is not set)".into()
+            "unknown issuer (it is not signed by a CA in ca_file, or in the system store when ca_file is not set)"
+                .into()
         }
         CertificateError::NotValidForName => format!("not valid for {name}"),
         CertificateError::NotValidForNameContext { presented, .. } if presented.is_empty() => {
             format!("not valid for {name}: it names no host (set sni to the name it was issued for)")
         }
         CertificateError::NotValidForNameContext { presented, .. } => {
-            format!("not valid for {name}: it is for {} (set sni to the name it was issued for)", presented.join(", "))
+            format!(
+                "not valid for {name}: it is for {} (set sni to the name it was issued for)",
+                presented.join(", ")
+            )
         }
         CertificateError::Expired => "expired".into(),
         CertificateError::ExpiredContext { not_after, .. } => format!("expired at {}", when(not_after)),
@@ -479,9 +455,7 @@ fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         if n == 0 || n > 4 || rest.len() < n {
             return None;
         }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize);
         rest = &rest[n..];
         len
     };
@@ -505,10 +479,7 @@ mod tests {
     fn channel_binding_hash_follows_the_signature_algorithm() {
         let p256 = cert_with(&rcgen::PKCS_ECDSA_P256_SHA256);
         assert_eq!(signature_hash(&p256), Some(Hash::Sha256));
-        assert_eq!(
-            certificate_hash(&p256).unwrap(),
-            sha2::Sha256::digest(&p256).to_vec()
-        );
+        assert_eq!(certificate_hash(&p256).unwrap(), sha2::Sha256::digest(&p256).to_vec());
         let p384 = cert_with(&rcgen::PKCS_ECDSA_P384_SHA384);
         assert_eq!(signature_hash(&p384), Some(Hash::Sha384));
         assert_eq!(certificate_hash(&p384).unwrap().len(), 48);
@@ -522,8 +493,7 @@ mod tests {
     fn pss_parameters_name_the_hash() {
         // AlgorithmIdentifier parameters for RSASSA-PSS with SHA-384, and with the default.
         let sha384 = [
-            0x30, 0x0f, 0xa0, 0x0d, 0x30, 0x0b, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03,
-            0x04, 0x02, 0x02,
+            0x30, 0x0f, 0xa0, 0x0d, 0x30, 0x0b, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x02,
         ];
         assert_eq!(pss_hash(&sha384), Some(Hash::Sha384));
         assert_eq!(pss_hash(&[0x30, 0x00]), Some(Hash::Sha256));
@@ -536,7 +506,7 @@ mod tests {
             Some((0x04, &[0xaa][..], &[0xbb][..]))
         );
         let mut long = vec![0x04, 0x82, 0x01, 0x00];
-        long.extend(std::iter::repeat(0).take(256));
+        long.extend(std::iter::repeat_n(0, 256));
         assert_eq!(der_tlv(&long).unwrap().1.len(), 256);
         assert_eq!(der_tlv(&[0x04, 0x05, 0x00]), None);
         assert_eq!(der_tlv(&[0x04, 0x80]), None);

@@ -99,7 +99,11 @@ impl JwtClaims {
         format!(
             "sub={}, aud={}, iss={}",
             self.sub.as_deref().unwrap_or("(none)"),
-            if self.aud.is_empty() { "(none)".to_string() } else { self.aud.join(",") },
+            if self.aud.is_empty() {
+                "(none)".to_string()
+            } else {
+                self.aud.join(",")
+            },
             self.iss.as_deref().unwrap_or("(none)")
         )
     }
@@ -122,7 +126,10 @@ pub fn read_claims(jwt: &str, file: &Path) -> Result<JwtClaims, VaultError> {
     validation.algorithms = vec![header.alg];
     let data = jsonwebtoken::decode::<JwtClaims>(jwt, &jsonwebtoken::DecodingKey::from_secret(&[]), &validation)
         .map_err(|e| VaultError::Local {
-            detail: format!("vault.auth.token_file {}: cannot read the JWT's claims ({e})", file.display()),
+            detail: format!(
+                "vault.auth.token_file {}: cannot read the JWT's claims ({e})",
+                file.display()
+            ),
         })?;
     Ok(data.claims)
 }
@@ -159,12 +166,15 @@ pub fn check_jwt_times(claims: &JwtClaims, file: &Path, now: SystemTime) -> Resu
 }
 
 fn read_secret_file(key: &str, path: &Path) -> Result<SecretString, VaultError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| VaultError::Local { detail: format!("vault.auth.{key} {}: cannot read: {e}", path.display()) })?;
+    let text = std::fs::read_to_string(path).map_err(|e| VaultError::Local {
+        detail: format!("vault.auth.{key} {}: cannot read: {e}", path.display()),
+    })?;
     let text = zeroize::Zeroizing::new(text);
     let trimmed = text.trim();
     if trimmed.is_empty() {
-        return Err(VaultError::Local { detail: format!("vault.auth.{key} {}: the file is empty", path.display()) });
+        return Err(VaultError::Local {
+            detail: format!("vault.auth.{key} {}: the file is empty", path.display()),
+        });
     }
     Ok(SecretString::from(trimmed.to_string()))
 }
@@ -269,7 +279,11 @@ impl Auth {
             if tok.obtained_at.elapsed() < ttl * 2 / 3 || !backoff.ready() {
                 continue;
             }
-            let ok = if tok.renewable { self.renew(&tok).await } else { Err(None) };
+            let ok = if tok.renewable {
+                self.renew(&tok).await
+            } else {
+                Err(None)
+            };
             let result = match ok {
                 Ok(()) => Ok(()),
                 Err(why) => {
@@ -298,12 +312,19 @@ impl Auth {
         let asked = tok.initial_ttl.or(tok.ttl).unwrap_or_default();
         let body = json!({ "increment": asked.as_secs() });
         let started = Instant::now();
-        let resp = match self.client.write("renew-self", "auth/token/renew-self", Some(&tok.token), &body).await {
+        let resp = match self
+            .client
+            .write("renew-self", "auth/token/renew-self", Some(&tok.token), &body)
+            .await
+        {
             Ok(r) => r,
             Err(e) if e.is_unavailable() => return Err(Some(format!("renewal failed: {e}"))),
             Err(e) => return Err(Some(format!("Vault refused to renew the token: {e}"))),
         };
-        let granted = resp.u64_field("/auth/lease_duration").map(Duration::from_secs).unwrap_or_default();
+        let granted = resp
+            .u64_field("/auth/lease_duration")
+            .map(Duration::from_secs)
+            .unwrap_or_default();
         // Less than asked means the token's max TTL is near: leases it owns die with it.
         if granted + Duration::from_secs(1) < asked {
             return Err(Some(format!(
@@ -361,16 +382,29 @@ impl Auth {
                 let claims = read_claims(jwt.expose_secret(), file)?;
                 check_jwt_times(&claims, file, SystemTime::now())?;
                 let role = self.cfg.role.as_deref().unwrap_or_default();
-                let body = JwtLogin { role, jwt: jwt.expose_secret() };
+                let body = JwtLogin {
+                    role,
+                    jwt: jwt.expose_secret(),
+                };
                 let resp = self.client.write("login", &path, None, &body).await.map_err(|e| {
                     tracing::warn!(role, claims = %claims.describe(), error = %e, "Vault login failed");
                     match e {
-                        VaultError::Status { op, path, status, mut errors } => {
+                        VaultError::Status {
+                            op,
+                            path,
+                            status,
+                            mut errors,
+                        } => {
                             errors.push(format!(
                                 "the JWT has {}; compare with the bound claims of Vault role {role:?}",
                                 claims.describe()
                             ));
-                            VaultError::Status { op, path, status, errors }
+                            VaultError::Status {
+                                op,
+                                path,
+                                status,
+                                errors,
+                            }
                         }
                         other => other,
                     }
@@ -381,7 +415,10 @@ impl Auth {
                 let role_id = read_secret_file("role_id_file", self.cfg.role_id_file.as_deref().expect("validated"))?;
                 let secret_id =
                     read_secret_file("secret_id_file", self.cfg.secret_id_file.as_deref().expect("validated"))?;
-                let body = AppRoleLogin { role_id: role_id.expose_secret(), secret_id: secret_id.expose_secret() };
+                let body = AppRoleLogin {
+                    role_id: role_id.expose_secret(),
+                    secret_id: secret_id.expose_secret(),
+                };
                 let resp = self.client.write("login", &path, None, &body).await?;
                 token_from_auth(&resp.body, &path)
             }
@@ -418,17 +455,25 @@ struct AppRoleLogin<'a> {
 }
 
 fn string_list(v: &serde_json::Value) -> Vec<String> {
-    v.as_array().map(|a| a.iter().filter_map(|p| p.as_str().map(str::to_string)).collect()).unwrap_or_default()
+    v.as_array()
+        .map(|a| a.iter().filter_map(|p| p.as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
 }
 
 fn token_from_auth(body: &serde_json::Value, path: &str) -> Result<VaultToken, VaultError> {
     let auth = &body["auth"];
-    let token = auth["client_token"].as_str().filter(|t| !t.is_empty()).ok_or_else(|| VaultError::Malformed {
-        op: "login",
-        path: path.to_string(),
-        detail: "no auth.client_token in the answer".into(),
-    })?;
-    let ttl = auth["lease_duration"].as_u64().filter(|t| *t > 0).map(Duration::from_secs);
+    let token = auth["client_token"]
+        .as_str()
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| VaultError::Malformed {
+            op: "login",
+            path: path.to_string(),
+            detail: "no auth.client_token in the answer".into(),
+        })?;
+    let ttl = auth["lease_duration"]
+        .as_u64()
+        .filter(|t| *t > 0)
+        .map(Duration::from_secs);
     Ok(VaultToken {
         token: SecretString::from(token.to_string()),
         policies: string_list(&auth["policies"]),
@@ -456,8 +501,13 @@ mod tests {
         let file = Path::new("/var/run/secrets/dbward/token");
         let claims = read_claims(&t, file).unwrap();
         assert_eq!(claims.aud, vec!["vault"]);
-        let e = check_jwt_times(&claims, file, SystemTime::now()).unwrap_err().to_string();
-        assert!(e.starts_with("vault.auth.token_file /var/run/secrets/dbward/token: the JWT expired at "), "{e}");
+        let e = check_jwt_times(&claims, file, SystemTime::now())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("vault.auth.token_file /var/run/secrets/dbward/token: the JWT expired at "),
+            "{e}"
+        );
         assert!(e.contains("sub=system:serviceaccount:payments, aud=vault"), "{e}");
         assert!(!e.contains(&t), "the token itself must not be in the message");
     }

@@ -25,16 +25,35 @@ const MAX_RESPONSE_BYTES: usize = 1 << 20;
 pub enum VaultError {
     /// Vault answered with an error status.
     #[error("{}", status_message(.op, .path, *.status, .errors))]
-    Status { op: &'static str, path: String, status: u16, errors: Vec<String> },
+    Status {
+        op: &'static str,
+        path: String,
+        status: u16,
+        errors: Vec<String>,
+    },
     /// No TCP/TLS connection to Vault.
     #[error("Vault at {address} is unreachable ({op} {path}): {detail}")]
-    Unreachable { op: &'static str, path: String, address: String, detail: String },
+    Unreachable {
+        op: &'static str,
+        path: String,
+        address: String,
+        detail: String,
+    },
     /// Vault accepted the connection but did not answer in time (hung, or frozen).
     #[error("Vault at {address} did not answer {op} of {path} within {after:?}")]
-    Timeout { op: &'static str, path: String, address: String, after: Duration },
+    Timeout {
+        op: &'static str,
+        path: String,
+        address: String,
+        after: Duration,
+    },
     /// Vault answered 2xx with a body dbward cannot use.
     #[error("Vault answered {op} of {path} with an unusable response: {detail}")]
-    Malformed { op: &'static str, path: String, detail: String },
+    Malformed {
+        op: &'static str,
+        path: String,
+        detail: String,
+    },
     /// A problem on this host before any request (token file unreadable, JWT expired...).
     #[error("{detail}")]
     Local { detail: String },
@@ -42,7 +61,11 @@ pub enum VaultError {
 
 fn status_message(op: &str, path: &str, status: u16, errors: &[String]) -> String {
     let text = if errors.is_empty() {
-        StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("error").to_lowercase()
+        StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("error")
+            .to_lowercase()
     } else {
         errors.join("; ")
     };
@@ -123,7 +146,9 @@ pub struct VaultResponse {
 
 impl std::fmt::Debug for VaultResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VaultResponse").field("status", &self.status).finish_non_exhaustive()
+        f.debug_struct("VaultResponse")
+            .field("status", &self.status)
+            .finish_non_exhaustive()
     }
 }
 
@@ -162,7 +187,9 @@ pub struct VaultClient {
 
 impl std::fmt::Debug for VaultClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VaultClient").field("address", &self.address).finish_non_exhaustive()
+        f.debug_struct("VaultClient")
+            .field("address", &self.address)
+            .finish_non_exhaustive()
     }
 }
 
@@ -240,7 +267,8 @@ impl VaultClient {
         // Login bodies carry the JWT or secret_id: they are serialized from borrowed fields
         // straight into a buffer that is wiped after sending.
         let bytes = zeroize::Zeroizing::new(serde_json::to_vec(body).expect("request bodies serialize"));
-        self.call(op, Method::PUT, path, token, Some(Bytes::copy_from_slice(&bytes))).await
+        self.call(op, Method::PUT, path, token, Some(Bytes::copy_from_slice(&bytes)))
+            .await
     }
 
     /// A request with no body other than GET (e.g. `sys/health`), without a token.
@@ -262,8 +290,14 @@ impl VaultClient {
             Ok(r) => r.status.to_string(),
             Err(e) => e.label(),
         };
-        self.metrics.vault_requests_total.with_label_values(&[op, &status]).inc();
-        self.metrics.vault_request_seconds.with_label_values(&[op]).observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .vault_requests_total
+            .with_label_values(&[op, &status])
+            .inc();
+        self.metrics
+            .vault_request_seconds
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
         result
     }
 
@@ -277,7 +311,10 @@ impl VaultClient {
     ) -> Result<VaultResponse, VaultError> {
         let path = path.trim_start_matches('/');
         let url = format!("{}/v1/{}", self.address, path);
-        let mut req = Request::builder().method(method).uri(&url).header(header::ACCEPT, "application/json");
+        let mut req = Request::builder()
+            .method(method)
+            .uri(&url)
+            .header(header::ACCEPT, "application/json");
         if let Some(ns) = &self.namespace {
             req = req.header("X-Vault-Namespace", ns);
         }
@@ -293,7 +330,9 @@ impl VaultClient {
         }
         let req = req
             .body(Full::new(body.unwrap_or_default()))
-            .map_err(|e| VaultError::Local { detail: format!("bad Vault request URL {url}: {e}") })?;
+            .map_err(|e| VaultError::Local {
+                detail: format!("bad Vault request URL {url}: {e}"),
+            })?;
 
         let unreachable = |detail: String| VaultError::Unreachable {
             op,
@@ -302,9 +341,17 @@ impl VaultClient {
             detail,
         };
         let exchange = async {
-            let resp = self.http.request(req).await.map_err(|e| unreachable(describe_hyper_error(&e)))?;
+            let resp = self
+                .http
+                .request(req)
+                .await
+                .map_err(|e| unreachable(describe_hyper_error(&e)))?;
             let status = resp.status().as_u16();
-            let date = resp.headers().get(header::DATE).and_then(|d| d.to_str().ok()).map(str::to_string);
+            let date = resp
+                .headers()
+                .get(header::DATE)
+                .and_then(|d| d.to_str().ok())
+                .map(str::to_string);
             let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
                 .collect()
                 .await
@@ -312,18 +359,28 @@ impl VaultClient {
                 .to_bytes();
             Ok::<_, VaultError>((status, date, body))
         };
-        let (status, date, body) = tokio::time::timeout(self.timeout, exchange).await.map_err(|_| VaultError::Timeout {
-            op,
-            path: path.to_string(),
-            address: self.address.clone(),
-            after: self.timeout,
-        })??;
+        let (status, date, body) =
+            tokio::time::timeout(self.timeout, exchange)
+                .await
+                .map_err(|_| VaultError::Timeout {
+                    op,
+                    path: path.to_string(),
+                    address: self.address.clone(),
+                    after: self.timeout,
+                })??;
 
         // The body may hold a password or token: the raw bytes are wiped once parsed.
         let body = zeroize::Zeroizing::new(Vec::<u8>::from(body));
         if !(200..300).contains(&status) {
-            let errors = serde_json::from_slice::<ErrorBody>(&body).map(|b| clean_errors(b.errors)).unwrap_or_default();
-            return Err(VaultError::Status { op, path: path.to_string(), status, errors });
+            let errors = serde_json::from_slice::<ErrorBody>(&body)
+                .map(|b| clean_errors(b.errors))
+                .unwrap_or_default();
+            return Err(VaultError::Status {
+                op,
+                path: path.to_string(),
+                status,
+                errors,
+            });
         }
         let body = if body.is_empty() || status == 204 {
             serde_json::Value::Null
@@ -401,24 +458,39 @@ mod tests {
 
     #[test]
     fn multierror_text_is_cleaned() {
-        assert_eq!(clean_errors(vec!["1 error occurred:\n\t* permission denied\n\n".into()]), vec!["permission denied"]);
+        assert_eq!(
+            clean_errors(vec!["1 error occurred:\n\t* permission denied\n\n".into()]),
+            vec!["permission denied"]
+        );
         let e = VaultError::Status {
             op: "read",
             path: "secret/data/apps/payments/db-v2".into(),
             status: 403,
             errors: vec!["permission denied".into()],
         };
-        assert_eq!(e.to_string(), "Vault denied read of secret/data/apps/payments/db-v2 (403 permission denied)");
+        assert_eq!(
+            e.to_string(),
+            "Vault denied read of secret/data/apps/payments/db-v2 (403 permission denied)"
+        );
     }
 
     #[tokio::test]
     async fn denied_read_keeps_status_path_and_message_and_sends_namespace() {
-        let (addr, got) =
-            fake_vault("403 Forbidden", r#"{"errors":["1 error occurred:\n\t* permission denied\n\n"]}"#).await;
+        let (addr, got) = fake_vault(
+            "403 Forbidden",
+            r#"{"errors":["1 error occurred:\n\t* permission denied\n\n"]}"#,
+        )
+        .await;
         let c = VaultClient::new(&cfg(addr, Duration::from_secs(5)), Arc::default()).unwrap();
-        let err = c.read(&SecretString::from("s.secret-token"), "database/creds/payments").await.unwrap_err();
+        let err = c
+            .read(&SecretString::from("s.secret-token"), "database/creds/payments")
+            .await
+            .unwrap_err();
         assert!(err.is_denied());
-        assert_eq!(err.to_string(), "Vault denied read of database/creds/payments (403 permission denied)");
+        assert_eq!(
+            err.to_string(),
+            "Vault denied read of database/creds/payments (403 permission denied)"
+        );
         let req = got.await.unwrap().to_lowercase();
         assert!(req.starts_with("get /v1/database/creds/payments "), "{req}");
         assert!(req.contains("x-vault-namespace: team-a"), "{req}");
@@ -427,8 +499,7 @@ mod tests {
 
     #[tokio::test]
     async fn malformed_body_is_reported_not_panicked() {
-        let (addr, _got) =
-            fake_vault("200 OK", "{not json").await;
+        let (addr, _got) = fake_vault("200 OK", "{not json").await;
         let c = VaultClient::new(&cfg(addr, Duration::from_secs(5)), Arc::default()).unwrap();
         let err = c.read(&SecretString::from("t"), "secret/data/x").await.unwrap_err();
         assert!(matches!(err, VaultError::Malformed { .. }), "{err:?}");
@@ -456,7 +527,11 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let c = VaultClient::new(&cfg(format!("http://127.0.0.1:{port}"), Duration::from_secs(5)), Arc::default()).unwrap();
+        let c = VaultClient::new(
+            &cfg(format!("http://127.0.0.1:{port}"), Duration::from_secs(5)),
+            Arc::default(),
+        )
+        .unwrap();
         let err = c.read(&SecretString::from("t"), "database/creds/x").await.unwrap_err();
         assert!(matches!(err, VaultError::Unreachable { .. }), "{err:?}");
         assert!(err.to_string().contains("refused"), "{err}");

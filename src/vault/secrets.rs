@@ -52,20 +52,37 @@ impl Credential {
 }
 
 /// Reads one credential. `token` must be a usable Vault token.
-pub async fn fetch(client: &VaultClient, token: &SecretString, cfg: &CredentialsConfig) -> Result<Credential, VaultError> {
+pub async fn fetch(
+    client: &VaultClient,
+    token: &SecretString,
+    cfg: &CredentialsConfig,
+) -> Result<Credential, VaultError> {
     let path = cfg.vault_path();
     let fetched_at = Instant::now();
     let resp = client.read(token, &path).await?;
-    let malformed = |detail: String| VaultError::Malformed { op: "read", path: path.clone(), detail };
+    let malformed = |detail: String| VaultError::Malformed {
+        op: "read",
+        path: path.clone(),
+        detail,
+    };
     let (data, user_key, pass_key) = match cfg.kind {
         CredentialKind::Kv => (
             resp.body.pointer("/data/data").ok_or_else(|| {
-                malformed("no data.data: is this a KV v2 path, and does the secret have a current version (not deleted)?".into())
+                malformed(
+                    "no data.data: is this a KV v2 path, and does the secret have a current version (not deleted)?"
+                        .into(),
+                )
             })?,
             cfg.username_key.as_str(),
             cfg.password_key.as_str(),
         ),
-        _ => (resp.body.get("data").ok_or_else(|| malformed("no data in the answer".into()))?, "username", "password"),
+        _ => (
+            resp.body
+                .get("data")
+                .ok_or_else(|| malformed("no data in the answer".into()))?,
+            "username",
+            "password",
+        ),
     };
     let field = |key: &str| -> Result<String, VaultError> {
         match data.get(key) {
@@ -73,15 +90,29 @@ pub async fn fetch(client: &VaultClient, token: &SecretString, cfg: &Credentials
             Some(_) => Err(malformed(format!("key {key:?} is not a non-empty string"))),
             None => {
                 // Key names only: the values are secrets.
-                let keys: Vec<&str> = data.as_object().map(|o| o.keys().map(|k| k.as_str()).collect()).unwrap_or_default();
-                Err(malformed(format!("the secret has no key {key:?} (keys present: {})", keys.join(", "))))
+                let keys: Vec<&str> = data
+                    .as_object()
+                    .map(|o| o.keys().map(|k| k.as_str()).collect())
+                    .unwrap_or_default();
+                Err(malformed(format!(
+                    "the secret has no key {key:?} (keys present: {})",
+                    keys.join(", ")
+                )))
             }
         }
     };
     let username = field(user_key)?;
     let password = SecretString::from(field(pass_key)?);
     let (lease, valid_for) = lease_of(cfg.kind, &resp);
-    Ok(Credential { username, password, lease, valid_for, fetched_at, path, generation: 0 })
+    Ok(Credential {
+        username,
+        password,
+        lease,
+        valid_for,
+        fetched_at,
+        path,
+        generation: 0,
+    })
 }
 
 fn lease_of(kind: CredentialKind, resp: &VaultResponse) -> (Option<Lease>, Option<Duration>) {
@@ -97,7 +128,10 @@ fn lease_of(kind: CredentialKind, resp: &VaultResponse) -> (Option<Lease>, Optio
         }
         // A static role's password is valid until Vault rotates it, `ttl` seconds from now.
         // At the very moment of rotation Vault may say 0: look again a second later.
-        CredentialKind::Static => (None, Some(Duration::from_secs(resp.u64_field("/data/ttl").unwrap_or(0).max(1)))),
+        CredentialKind::Static => (
+            None,
+            Some(Duration::from_secs(resp.u64_field("/data/ttl").unwrap_or(0).max(1))),
+        ),
         CredentialKind::Kv => (None, None),
     }
 }

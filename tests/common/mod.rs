@@ -32,9 +32,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
-use std::sync::{
-    Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError,
-};
+use std::sync::{Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -109,9 +107,7 @@ fn spawn_supervised(mut cmd: Command, stop_signal: i32) -> io::Result<Child> {
             let _ = tx.send(cmd.spawn());
         }))
         .expect("harness keeper thread is gone");
-    let child = rx
-        .recv()
-        .expect("harness keeper thread dropped a spawn request")?;
+    let child = rx.recv().expect("harness keeper thread dropped a spawn request")?;
     lock(&TRACKED).push(Tracked {
         pid: child.id() as i32,
         stop_signal,
@@ -241,9 +237,7 @@ fn wait_all_threads(pid: i32, stopped: bool) {
         let all = tasks.iter().all(|t| {
             let stat = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
             // The state follows the parenthesised command name, which may itself contain ") ".
-            let state = stat
-                .rsplit_once(") ")
-                .and_then(|(_, rest)| rest.chars().next());
+            let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
             matches!(state, Some('T') | Some('t')) == stopped
         });
         if all || Instant::now() > deadline {
@@ -293,16 +287,12 @@ pub fn random_hex(bytes: usize) -> String {
 }
 
 fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
 /// Creates a fresh directory under the system temp dir, deleted by the atexit handler.
 fn make_temp_dir(prefix: &str) -> io::Result<PathBuf> {
-    let dir =
-        std::env::temp_dir().join(format!("{prefix}{}-{}", std::process::id(), random_hex(4)));
+    let dir = std::env::temp_dir().join(format!("{prefix}{}-{}", std::process::id(), random_hex(4)));
     // 0755: the postgres OS user must traverse it to reach its data directory.
     fs::DirBuilder::new().mode(0o755).create(&dir)?;
     lock(&TEMP_DIRS).push(dir.clone());
@@ -311,17 +301,13 @@ fn make_temp_dir(prefix: &str) -> io::Result<PathBuf> {
 
 /// The last `n` lines of a log file, for failure messages.
 pub fn log_tail(path: &Path, n: usize) -> String {
-    let text = fs::read_to_string(path)
-        .unwrap_or_else(|e| format!("<cannot read {}: {e}>", path.display()));
+    let text = fs::read_to_string(path).unwrap_or_else(|e| format!("<cannot read {}: {e}>", path.display()));
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn open_log(path: &Path) -> io::Result<(Stdio, Stdio)> {
-    let f = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
+    let f = fs::OpenOptions::new().create(true).append(true).open(path)?;
     Ok((Stdio::from(f.try_clone()?), Stdio::from(f)))
 }
 
@@ -453,8 +439,7 @@ pub fn bao_binary() -> Result<PathBuf, String> {
             .output();
         if let Ok(out) = out {
             if out.status.success() {
-                let bin =
-                    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("bin/bao");
+                let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("bin/bao");
                 if bin.is_file() {
                     return Ok(bin);
                 }
@@ -534,8 +519,7 @@ impl Servers {
             ),
         ];
         for (path, body) in steps {
-            let (status, resp) =
-                self.try_vault_request("POST", path, Some(ROOT_TOKEN), Some(&body))?;
+            let (status, resp) = self.try_vault_request("POST", path, Some(ROOT_TOKEN), Some(&body))?;
             if !(200..300).contains(&status) {
                 return Err(format!("vault setup POST {path}: HTTP {status} {resp}"));
             }
@@ -624,10 +608,7 @@ impl Servers {
     /// Starts the cluster again on the same port and waits until it accepts connections.
     pub fn start_postgres(&self) {
         let mut slot = lock(&self.pg);
-        assert!(
-            slot.is_none(),
-            "start_postgres: postgres is already running"
-        );
+        assert!(slot.is_none(), "start_postgres: postgres is already running");
         let mut child = spawn_postgres(&self.pg_data, self.pg_port, &self.pg_log, self.pg_owner)
             .unwrap_or_else(|e| panic!("start postgres: {e}"));
         if let Err(e) = wait_postgres_ready(&mut child, self.pg_port, &self.pg_log) {
@@ -713,13 +694,7 @@ impl Servers {
     }
 
     /// [`Self::try_vault_request`] that panics on transport errors.
-    pub fn vault_request(
-        &self,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-        body: Option<&Value>,
-    ) -> (u16, Value) {
+    pub fn vault_request(&self, method: &str, path: &str, token: Option<&str>, body: Option<&Value>) -> (u16, Value) {
         self.try_vault_request(method, path, token, body)
             .unwrap_or_else(|e| panic!("vault {method} {path}: {e}"))
     }
@@ -727,10 +702,7 @@ impl Servers {
     /// POST with the root token; panics unless 2xx. Returns the response JSON.
     pub fn vault_write(&self, path: &str, body: &Value) -> Value {
         let (status, resp) = self.vault_request("POST", path, Some(ROOT_TOKEN), Some(body));
-        assert!(
-            (200..300).contains(&status),
-            "vault write {path}: HTTP {status} {resp}"
-        );
+        assert!((200..300).contains(&status), "vault write {path}: HTTP {status} {resp}");
         resp
     }
 
@@ -755,12 +727,7 @@ impl Servers {
 
     /// `POST auth/jwt/login`; returns the raw answer (`auth.client_token` on success).
     pub fn vault_login_jwt(&self, role: &str, jwt: &str) -> (u16, Value) {
-        self.vault_request(
-            "POST",
-            "auth/jwt/login",
-            None,
-            Some(&json!({"role": role, "jwt": jwt})),
-        )
+        self.vault_request("POST", "auth/jwt/login", None, Some(&json!({"role": role, "jwt": jwt})))
     }
 
     /// A JWT signed with the key the jwt auth method trusts (ES256), `iss` = [`JWT_ISSUER`].
@@ -802,15 +769,12 @@ impl Servers {
     pub fn new_app(&'static self, tag: &str) -> TestApp {
         let t = sanitize_tag(tag);
         let dir = self.root.join("apps").join(&t);
-        fs::DirBuilder::new()
-            .mode(0o755)
-            .create(&dir)
-            .unwrap_or_else(|e| {
-                panic!(
-                    "new_app({tag:?}): {} ({e}); tags must be unique per binary",
-                    dir.display()
-                )
-            });
+        fs::DirBuilder::new().mode(0o755).create(&dir).unwrap_or_else(|e| {
+            panic!(
+                "new_app({tag:?}): {} ({e}); tags must be unique per binary",
+                dir.display()
+            )
+        });
         let app = TestApp {
             servers: self,
             tag: t.clone(),
@@ -897,9 +861,7 @@ fn vault_http(
         req = req.set("X-Vault-Token", t);
     }
     let res = match body {
-        Some(b) => req
-            .set("Content-Type", "application/json")
-            .send_string(&b.to_string()),
+        Some(b) => req.set("Content-Type", "application/json").send_string(&b.to_string()),
         None => req.call(),
     };
     let resp = match res {
@@ -936,8 +898,7 @@ fn start_postgres_cluster(root: &Path) -> Result<PgStarted, String> {
     let pwfile = root.join("pg-password");
     let chown = |p: &Path| -> Result<(), String> {
         if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(p, Some(uid), Some(gid))
-                .map_err(|e| format!("chown {}: {e}", p.display()))?;
+            std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(|e| format!("chown {}: {e}", p.display()))?;
         }
         Ok(())
     };
@@ -967,9 +928,9 @@ fn start_postgres_cluster(root: &Path) -> Result<PgStarted, String> {
     if let Some((uid, gid)) = owner {
         initdb.uid(uid).gid(gid);
     }
-    let out = initdb.output().map_err(|e| {
-        format!("run {PG_BIN}/initdb: {e} (is postgresql-15 installed? scripts/test installs it)")
-    })?;
+    let out = initdb
+        .output()
+        .map_err(|e| format!("run {PG_BIN}/initdb: {e} (is postgresql-15 installed? scripts/test installs it)"))?;
     let _ = fs::remove_file(&pwfile);
     if !out.status.success() {
         return Err(format!(
@@ -984,8 +945,7 @@ fn start_postgres_cluster(root: &Path) -> Result<PgStarted, String> {
     let mut last_err = String::new();
     for _ in 0..3 {
         let port = free_port();
-        let mut child =
-            spawn_postgres(&data, port, &log, owner).map_err(|e| format!("spawn postgres: {e}"))?;
+        let mut child = spawn_postgres(&data, port, &log, owner).map_err(|e| format!("spawn postgres: {e}"))?;
         match wait_postgres_ready(&mut child, port, &log) {
             Ok(()) => {
                 return Ok(PgStarted {
@@ -1007,23 +967,12 @@ fn start_postgres_cluster(root: &Path) -> Result<PgStarted, String> {
 }
 
 /// Runs the `postgres` binary directly (not pg_ctl): the process is ours to signal and wait for.
-fn spawn_postgres(
-    data: &Path,
-    port: u16,
-    log: &Path,
-    owner: Option<(u32, u32)>,
-) -> io::Result<Child> {
+fn spawn_postgres(data: &Path, port: u16, log: &Path, owner: Option<(u32, u32)>) -> io::Result<Child> {
     let (out, err) = open_log(log)?;
     let mut cmd = Command::new(Path::new(PG_BIN).join("postgres"));
     cmd.arg("-D")
         .arg(data)
-        .args([
-            "-p",
-            &port.to_string(),
-            "-c",
-            "listen_addresses=127.0.0.1",
-            "-k",
-        ])
+        .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-k"])
         .arg(data)
         .args([
             "-c",
@@ -1115,8 +1064,7 @@ fn start_openbao(root: &Path) -> Result<BaoStarted, String> {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        let mut child = spawn_supervised(cmd, libc::SIGTERM)
-            .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
+        let mut child = spawn_supervised(cmd, libc::SIGTERM).map_err(|e| format!("spawn {}: {e}", bin.display()))?;
         match wait_openbao_ready(&mut child, port, &log) {
             Ok(()) => {
                 return Ok(BaoStarted {
@@ -1136,9 +1084,7 @@ fn start_openbao(root: &Path) -> Result<BaoStarted, String> {
 }
 
 fn wait_openbao_ready(child: &mut Child, port: u16, log: &Path) -> Result<(), String> {
-    let agent = ureq::AgentBuilder::new()
-        .timeout(Duration::from_secs(2))
-        .build();
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(2)).build();
     let addr = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
@@ -1151,9 +1097,7 @@ fn wait_openbao_ready(child: &mut Child, port: u16, log: &Path) -> Result<(), St
         }
         // Health answers 200 once unsealed; the dev-mode KV mount may come a moment later.
         if let Ok((200, _)) = vault_http(&agent, &addr, "GET", "sys/health", None, None) {
-            if let Ok((200, mounts)) =
-                vault_http(&agent, &addr, "GET", "sys/mounts", Some(ROOT_TOKEN), None)
-            {
+            if let Ok((200, mounts)) = vault_http(&agent, &addr, "GET", "sys/mounts", Some(ROOT_TOKEN), None) {
                 if mounts.get("secret/").is_some() || mounts["data"].get("secret/").is_some() {
                     return Ok(());
                 }
@@ -1260,7 +1204,8 @@ impl TestApp {
         if let Some(max) = token_max_ttl {
             role["token_max_ttl"] = json!(max);
         }
-        self.servers.vault_write(&format!("auth/jwt/role/{}", self.jwt_role), &role);
+        self.servers
+            .vault_write(&format!("auth/jwt/role/{}", self.jwt_role), &role);
     }
 
     /// Replaces this app's policy (takes effect for existing tokens at once). An empty `hcl`
@@ -1271,10 +1216,8 @@ impl TestApp {
         } else {
             hcl
         };
-        self.servers.vault_write(
-            &format!("sys/policies/acl/{}", self.policy),
-            &json!({"policy": hcl}),
-        );
+        self.servers
+            .vault_write(&format!("sys/policies/acl/{}", self.policy), &json!({"policy": hcl}));
     }
 
     /// Creates (or replaces) a dynamic role on this app's database whose users are members of
@@ -1304,10 +1247,8 @@ impl TestApp {
 
     /// Rotates the static role's password now.
     pub fn rotate_static_role(&self) {
-        self.servers.vault_write(
-            &format!("database/rotate-role/{}", self.static_role),
-            &json!({}),
-        );
+        self.servers
+            .vault_write(&format!("database/rotate-role/{}", self.static_role), &json!({}));
     }
 
     /// Reads credentials with the root token: `(username, password, whole response)`.
@@ -1362,12 +1303,7 @@ impl TestApp {
 
     /// [`Self::config_toml`] with `db_extra` (TOML lines) added to the `[[databases]]` table.
     /// Top-level tables (`[admin]`, `[proxy]`) can simply be appended to the result.
-    pub fn config_toml_with(
-        &self,
-        kind: &str,
-        listen: &[impl AsRef<str>],
-        db_extra: &str,
-    ) -> String {
+    pub fn config_toml_with(&self, kind: &str, listen: &[impl AsRef<str>], db_extra: &str) -> String {
         let creds = match kind {
             "database" => format!("role = {}", toml_str(&self.dynamic_role)),
             "static" => format!("role = {}", toml_str(&self.static_role)),
@@ -1475,10 +1411,7 @@ impl Dbward {
         let mut d = Self::spawn(config_toml, &[]);
         match d.wait_exit(Duration::from_secs(30)) {
             Some(status) => (status.code(), d.log_contents()),
-            None => panic!(
-                "dbward did not exit within 30 s; output:\n{}",
-                d.log_contents()
-            ),
+            None => panic!("dbward did not exit within 30 s; output:\n{}", d.log_contents()),
         }
     }
 
@@ -1596,11 +1529,7 @@ fn listen_addrs_of(config_toml: &str) -> Vec<String> {
             }
         }
     }
-    if let Some(a) = v
-        .get("admin")
-        .and_then(|a| a.get("listen"))
-        .and_then(|l| l.as_str())
-    {
+    if let Some(a) = v.get("admin").and_then(|a| a.get("listen")).and_then(|l| l.as_str()) {
         out.push(a.to_string());
     }
     out
@@ -1655,11 +1584,7 @@ pub async fn connect(port: u16, dbname: &str, user: &str) -> tokio_postgres::Cli
 }
 
 /// [`connect`] that returns the error (its `as_db_error()` has the SQLSTATE and message).
-pub async fn try_connect(
-    port: u16,
-    dbname: &str,
-    user: &str,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+pub async fn try_connect(port: u16, dbname: &str, user: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host("127.0.0.1")
         .port(port)
@@ -1677,7 +1602,10 @@ pub async fn connect_eventually(port: u16, dbname: &str, timeout: Duration, what
         match try_connect(port, dbname, "x").await {
             Ok(c) => return c,
             Err(e) => {
-                assert!(Instant::now() < deadline, "{what}: still failing after {timeout:?}: {e}");
+                assert!(
+                    Instant::now() < deadline,
+                    "{what}: still failing after {timeout:?}: {e}"
+                );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
@@ -1701,9 +1629,7 @@ pub async fn connect_with_password(
     finish_connect(cfg).await
 }
 
-async fn finish_connect(
-    cfg: tokio_postgres::Config,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+async fn finish_connect(cfg: tokio_postgres::Config) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, connection) = cfg.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
         let _ = connection.await;

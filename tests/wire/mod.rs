@@ -62,24 +62,15 @@ impl Msg {
 
     /// Fields of an ErrorResponse or NoticeResponse, by type byte.
     pub fn fields(&self) -> BTreeMap<char, String> {
-        assert!(
-            matches!(self.tag, b'E' | b'N'),
-            "not an error or notice: {self:?}"
-        );
+        assert!(matches!(self.tag, b'E' | b'N'), "not an error or notice: {self:?}");
         let mut out = BTreeMap::new();
         let mut rest = &self.body[..];
         while let Some((&t, tail)) = rest.split_first() {
             if t == 0 {
                 break;
             }
-            let end = tail
-                .iter()
-                .position(|b| *b == 0)
-                .expect("NUL-terminated field");
-            out.insert(
-                t as char,
-                String::from_utf8_lossy(&tail[..end]).into_owned(),
-            );
+            let end = tail.iter().position(|b| *b == 0).expect("NUL-terminated field");
+            out.insert(t as char, String::from_utf8_lossy(&tail[..end]).into_owned());
             rest = &tail[end + 1..];
         }
         out
@@ -148,10 +139,7 @@ impl Wire {
         loop {
             if self.buf.len() >= 5 {
                 let len = u32::from_be_bytes(self.buf[1..5].try_into().unwrap()) as usize;
-                assert!(
-                    len >= 4,
-                    "invalid message length {len}: the stream is out of step"
-                );
+                assert!(len >= 4, "invalid message length {len}: the stream is out of step");
                 if self.buf.len() > len {
                     let tag = self.buf.get_u8();
                     self.buf.advance(4);
@@ -160,11 +148,7 @@ impl Wire {
                 }
             }
             if !self.fill().await {
-                assert!(
-                    self.buf.is_empty(),
-                    "EOF inside a message: {:?}",
-                    &self.buf[..]
-                );
+                assert!(self.buf.is_empty(), "EOF inside a message: {:?}", &self.buf[..]);
                 return None;
             }
         }
@@ -226,11 +210,7 @@ impl Wire {
     /// Sends SSLRequest, expects 'S' and does the TLS handshake.
     pub async fn start_tls(mut self, config: Arc<rustls::ClientConfig>, name: &str) -> Wire {
         self.send(&ssl_request()).await;
-        assert_eq!(
-            self.recv_byte().await,
-            Some(b'S'),
-            "SSLRequest not accepted"
-        );
+        assert_eq!(self.recv_byte().await, Some(b'S'), "SSLRequest not accepted");
         assert!(self.buf.is_empty());
         self.into_tls(config, name).await
     }
@@ -239,10 +219,7 @@ impl Wire {
     pub async fn into_tls(self, config: Arc<rustls::ClientConfig>, name: &str) -> Wire {
         let connector = tokio_rustls::TlsConnector::from(config);
         let name = ServerName::try_from(name.to_string()).unwrap();
-        let tls = connector
-            .connect(name, self.io)
-            .await
-            .expect("TLS handshake");
+        let tls = connector.connect(name, self.io).await.expect("TLS handshake");
         Wire::new(Box::new(tls))
     }
 
@@ -267,12 +244,8 @@ impl Wire {
                 10 => {
                     let s = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
                     let mut out = BytesMut::new();
-                    postgres_protocol::message::frontend::sasl_initial_response(
-                        "SCRAM-SHA-256",
-                        s.message(),
-                        &mut out,
-                    )
-                    .unwrap();
+                    postgres_protocol::message::frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
+                        .unwrap();
                     self.send(&out).await;
                     scram = Some(s);
                 }
@@ -280,8 +253,7 @@ impl Wire {
                     let s = scram.as_mut().unwrap();
                     s.update(&m.body[4..]).unwrap();
                     let mut out = BytesMut::new();
-                    postgres_protocol::message::frontend::sasl_response(s.message(), &mut out)
-                        .unwrap();
+                    postgres_protocol::message::frontend::sasl_response(s.message(), &mut out).unwrap();
                     self.send(&out).await;
                 }
                 12 => scram.take().unwrap().finish(&m.body[4..]).unwrap(),
@@ -389,13 +361,7 @@ pub fn parse(name: &str, sql: &str, types: &[u32]) -> Vec<u8> {
 }
 
 /// Bind: portal, statement, parameter formats, parameters (None = NULL), result formats.
-pub fn bind(
-    portal: &str,
-    stmt: &str,
-    formats: &[i16],
-    params: &[Option<&[u8]>],
-    results: &[i16],
-) -> Vec<u8> {
+pub fn bind(portal: &str, stmt: &str, formats: &[i16], params: &[Option<&[u8]>], results: &[i16]) -> Vec<u8> {
     let mut b = Vec::new();
     cstr(&mut b, portal);
     cstr(&mut b, stmt);
@@ -484,9 +450,7 @@ pub fn split_messages(mut bytes: &[u8]) -> Vec<Msg> {
 pub fn parses_as_error(m: &Msg) -> bool {
     let mut raw = BytesMut::from(&m.raw()[..]);
     match postgres_protocol::message::backend::Message::parse(&mut raw) {
-        Ok(Some(postgres_protocol::message::backend::Message::ErrorResponse(body))) => {
-            body.fields().count().is_ok()
-        }
+        Ok(Some(postgres_protocol::message::backend::Message::ErrorResponse(body))) => body.fields().count().is_ok(),
         _ => false,
     }
 }
@@ -509,10 +473,9 @@ impl Pki {
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         // Distinct names: CAs sharing a name would fail with "bad signature" instead of
         // "unknown issuer".
-        ca_params.distinguished_name.push(
-            rcgen::DnType::CommonName,
-            format!("dbward test CA {}", random_suffix()),
-        );
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("dbward test CA {}", random_suffix()));
         ca_params.key_usages = vec![
             rcgen::KeyUsagePurpose::KeyCertSign,
             rcgen::KeyUsagePurpose::DigitalSignature,
@@ -520,11 +483,8 @@ impl Pki {
         let ca = ca_params.self_signed(&ca_key).unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params =
-            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, names[0]);
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
         let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
         Pki {
             ca_pem: ca.pem(),
@@ -553,13 +513,11 @@ impl Pki {
     pub fn client_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca_der.clone()).unwrap();
-        let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         c.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
         Arc::new(c)
     }
@@ -568,9 +526,5 @@ impl Pki {
 fn random_suffix() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
