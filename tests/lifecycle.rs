@@ -97,6 +97,12 @@ async fn forty_seconds_of_connections_across_lease_and_token_expiry() {
     assert!(users.len() >= 2, "credentials were never replaced: {users:?}");
 
     let reads = s.count_audit_requests(&format!("database/creds/{role}"));
+    eprintln!(
+        "[lifecycle] {connections} connections in 40 s, {} users, {reads} credential reads, {} logins, {} revocations",
+        users.len(),
+        s.count_audit_requests("auth/jwt/login"),
+        s.count_audit_requests("sys/leases/revoke")
+    );
     // Every ~4 s by the lease, plus one per new login (~every 11 s): about 15 in 40 s.
     assert!(
         (5..=25).contains(&reads),
