@@ -23,13 +23,29 @@ pub const NEWEST_MINOR: u16 = 2;
 /// clients expect exactly 4 bytes.
 pub const LONG_SECRET_LEN: usize = 32;
 
-/// A parsed startup-phase packet.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A parsed startup-phase packet. Debug leaves out a cancel request's secret: it lets anyone
+/// cancel that backend's queries.
+#[derive(Clone, PartialEq, Eq)]
 pub enum StartupPacket {
     Startup(StartupMessage),
     SslRequest,
     GssEncRequest,
     Cancel { pid: i32, secret: Vec<u8> },
+}
+
+impl std::fmt::Debug for StartupPacket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartupPacket::Startup(m) => f.debug_tuple("Startup").field(m).finish(),
+            StartupPacket::SslRequest => f.write_str("SslRequest"),
+            StartupPacket::GssEncRequest => f.write_str("GssEncRequest"),
+            StartupPacket::Cancel { pid, .. } => f
+                .debug_struct("Cancel")
+                .field("pid", pid)
+                .field("secret", &"[REDACTED]")
+                .finish(),
+        }
+    }
 }
 
 /// A StartupMessage. Parameter values are not secret (libpq never sends a password here).
@@ -290,6 +306,10 @@ mod tests {
                 pid: 7,
                 secret: vec![1, 2, 3, 4]
             }
+        );
+        assert!(
+            !format!("{c:?}").contains("[1, 2, 3, 4]"),
+            "the cancel secret is not in Debug output"
         );
     }
 
