@@ -350,6 +350,19 @@ fn fmt_duration(d: Duration) -> String {
         .join(" ")
 }
 
+/// Vault answers a renewal by a huge increment with what is left of the max TTL, in whole
+/// seconds rounded down; adding the age back gives the configured max TTL. Ages are measured
+/// from just before the request, so the sum is off by up to a second: long TTLs (configured in
+/// minutes) are rounded to the minute, short ones to the second.
+fn max_ttl_from_remaining(left_secs: u64, age: Duration) -> Duration {
+    let total = left_secs as f64 + age.as_secs_f64();
+    if total >= 600.0 {
+        Duration::from_secs(((total / 60.0).round() * 60.0) as u64)
+    } else {
+        Duration::from_secs(total.round() as u64)
+    }
+}
+
 /// A token's (or lease's) max TTL, as far as Vault lets us find out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum MaxTtl {
@@ -649,7 +662,7 @@ impl Run<'_> {
             {
                 Ok(resp) => resp
                     .u64_field("/auth/lease_duration")
-                    .map(|left| MaxTtl::Limited(Duration::from_secs(left)))
+                    .map(|left| MaxTtl::Limited(max_ttl_from_remaining(left, token.obtained_at.elapsed())))
                     .unwrap_or(MaxTtl::Unknown),
                 Err(_) => MaxTtl::Unknown,
             }
@@ -813,7 +826,7 @@ impl Run<'_> {
         };
         r.push(self.upstream(index, db, upstream, &cred).await);
         if let Some(lease) = &cred.lease {
-            for c in self.lease_ttl(db, token, info, lease, can_renew).await {
+            for c in self.lease_ttl(db, token, info, lease, cred.fetched_at, can_renew).await {
                 r.push(c);
             }
             r.push(self.revoke_lease(db, token, lease, can_revoke).await);
@@ -1005,6 +1018,7 @@ impl Run<'_> {
         token: &VaultToken,
         info: &TokenInfo,
         lease: &vault::Lease,
+        issued: std::time::Instant,
         can_renew: bool,
     ) -> Vec<Check> {
         let c = &db.credentials;
@@ -1022,7 +1036,7 @@ impl Run<'_> {
             {
                 Ok(resp) => resp
                     .u64_field("/lease_duration")
-                    .map(|left| MaxTtl::Limited(Duration::from_secs(left)))
+                    .map(|left| MaxTtl::Limited(max_ttl_from_remaining(left, issued.elapsed())))
                     .unwrap_or(MaxTtl::Unknown),
                 Err(_) => MaxTtl::Unknown,
             }
@@ -1416,6 +1430,16 @@ async fn select_one(stream: &mut UpstreamStream) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_ttl_is_what_is_left_plus_the_age() {
+        let ms = Duration::from_millis;
+        // 2h lease, read 1.3 s after it was issued: Vault says 7198.
+        assert_eq!(max_ttl_from_remaining(7198, ms(1300)), Duration::from_secs(7200));
+        assert_eq!(max_ttl_from_remaining(7199, ms(900)), Duration::from_secs(7200));
+        assert_eq!(max_ttl_from_remaining(1799, ms(20)), Duration::from_secs(1800));
+        assert_eq!(max_ttl_from_remaining(16, ms(1700)), Duration::from_secs(18));
+    }
 
     #[test]
     fn durations_read_like_vault_ttls() {
