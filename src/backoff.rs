@@ -2,7 +2,10 @@
 //! doubling up to 5 minutes, each wait drawn between half and all of the step so that many
 //! dbward instances recovering together do not hit Vault in step.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, so that tests can pause and advance it.
+use tokio::time::Instant;
 
 use rand::Rng;
 
@@ -56,6 +59,19 @@ mod tests {
         assert_eq!(step(8), Duration::from_secs(256));
         assert_eq!(step(9), MAX);
         assert_eq!(step(40), MAX);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_next_attempt_is_allowed_once_the_wait_has_passed() {
+        let mut b = Backoff::default();
+        b.failed();
+        b.failed();
+        let wait = b.failed();
+        assert!(wait >= step(2) / 2 && wait <= step(2), "{wait:?}");
+        tokio::time::advance(wait - Duration::from_millis(10)).await;
+        assert!(!b.ready(), "ready before the wait is over");
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert!(b.ready());
     }
 
     #[test]
