@@ -242,13 +242,20 @@ fn spawn_guarded(mut cmd: Command) -> std::io::Result<KillOnDrop> {
     cmd.spawn().map(KillOnDrop)
 }
 
+/// Whether `tool` can run here. A missing tool fails the test (a test that passes without the
+/// real tool proves nothing) unless DBWARD_SKIP_EXTRAS=1 asks to skip, as scripts/test does
+/// when it was told not to install PgBouncer and Prometheus.
 fn have(tool: &str) -> bool {
-    Command::new(tool)
+    let found = Command::new(tool)
         .arg("--version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .is_ok()
+        .is_ok();
+    if !found && std::env::var("DBWARD_SKIP_EXTRAS").as_deref() != Ok("1") {
+        panic!("{tool} is not installed: scripts/test installs it (or set DBWARD_SKIP_EXTRAS=1 to skip)");
+    }
+    found
 }
 
 /// A Prometheus server scraping one dbward admin endpoint every second. Killed on drop.
