@@ -247,7 +247,7 @@ pub enum RunError {
 }
 
 /// Binds every listener (all or nothing), serves until `stop` resolves, then shuts down
-/// gracefully; `reload` yields each time the configuration should be re-read.
+/// gracefully. Reloads go through [`App::reload_file`] (main.rs calls it on SIGHUP).
 pub async fn run(app: Arc<App>, stop: impl std::future::Future<Output = ()>) -> Result<(), RunError> {
     let config = app.config();
     // Socket activation: adopt the sockets systemd passed (matched by address), bind the rest.
