@@ -12,6 +12,19 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+/// Every label name dbward uses: entry names and fixed vocabularies, never users, lease ids
+/// or secrets. Tests hold every family (and a live scrape) to this list.
+pub const LABEL_NAMES: &[&str] = &[
+    "database",
+    "reason",
+    "sqlstate_class",
+    "direction",
+    "result",
+    "operation",
+    "status",
+    "version",
+];
+
 pub struct Metrics {
     pub registry: Registry,
     pub client_connections_total: IntCounterVec,
@@ -250,16 +263,7 @@ mod tests {
         m.credential_expires_in_seconds.with_label_values(&["db"]).set(1.0);
         m.vault_token_expires_in_seconds.with_label_values::<&str>(&[]).set(1.0);
         m.upstream_connect_seconds.with_label_values(&["db"]).observe(0.01);
-        let allowed = [
-            "database",
-            "reason",
-            "sqlstate_class",
-            "direction",
-            "result",
-            "operation",
-            "status",
-            "version",
-        ];
+        let allowed = LABEL_NAMES;
         for family in m.registry.gather() {
             assert!(family.name().starts_with("dbward_"), "{}", family.name());
             assert!(!family.help().is_empty(), "{} has no help", family.name());

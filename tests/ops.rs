@@ -85,6 +85,16 @@ async fn wait_until_async<T: Send + 'static>(
         .expect("wait_until panicked")
 }
 
+/// Waits (up to 60 s) until Prometheus answers `query` with `want`.
+async fn wait_for_scalar(prom: &std::sync::Arc<Prometheus>, query: String, want: f64, what: &'static str) {
+    let p = prom.clone();
+    wait_until_async(Duration::from_secs(60), what, move || match p.scalar(&query) {
+        Ok(v) if v == want => Ok(()),
+        other => Err(format!("{other:?}")),
+    })
+    .await;
+}
+
 /// Metric families in a text exposition: name → type.
 fn families(exposition: &str) -> HashMap<String, String> {
     exposition
@@ -541,28 +551,12 @@ async fn prometheus_scrapes_the_connection_count() {
     let _d = Dbward::start(&cfg);
     let prom = std::sync::Arc::new(Prometheus::start(&format!("127.0.0.1:{admin}")));
 
-    let p = prom.clone();
-    wait_until_async(Duration::from_secs(60), "prometheus sees dbward up", move || {
-        match p.scalar("up{job=\"dbward\"}") {
-            Ok(1.0) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    wait_for_scalar(&prom, "up{job=\"dbward\"}".into(), 1.0, "prometheus sees dbward up").await;
 
     let client = connect(port, &app.dbname, "app").await;
     client.simple_query("select 1").await.unwrap();
-    let p = prom.clone();
-    let q = format!("dbward_client_connections_active{{database=\"{}\"}}", app.tag);
-    wait_until_async(
-        Duration::from_secs(60),
-        "prometheus reports 1 active connection",
-        move || match p.scalar(&q) {
-            Ok(1.0) => Ok(()),
-            other => Err(format!("{other:?}")),
-        },
-    )
-    .await;
+    let active = format!("dbward_client_connections_active{{database=\"{}\"}}", app.tag);
+    wait_for_scalar(&prom, active, 1.0, "prometheus reports 1 active connection").await;
     // At least ours (the harness's readiness probe connects too).
     let total = prom.scalar("sum(dbward_client_connections_total)").unwrap();
     assert!(total >= 1.0, "{total}");
@@ -589,17 +583,8 @@ async fn prometheus_scrapes_the_connection_count() {
     }
 
     drop(client);
-    let p = prom.clone();
-    let q = format!("dbward_client_connections_active{{database=\"{}\"}}", app.tag);
-    wait_until_async(
-        Duration::from_secs(60),
-        "prometheus reports 0 active connections",
-        move || match p.scalar(&q) {
-            Ok(0.0) => Ok(()),
-            other => Err(format!("{other:?}")),
-        },
-    )
-    .await;
+    let active = format!("dbward_client_connections_active{{database=\"{}\"}}", app.tag);
+    wait_for_scalar(&prom, active, 0.0, "prometheus reports 0 active connections").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -610,17 +595,8 @@ async fn live_metrics_pass_promtool_and_cover_the_dashboard_and_alerts() {
     let m = scrape(admin);
 
     // Labels are database entry names and fixed vocabularies: never users, leases or secrets.
-    let allowed = [
-        "database",
-        "reason",
-        "sqlstate_class",
-        "direction",
-        "result",
-        "operation",
-        "status",
-        "version",
-        "le",
-    ];
+    // "le" is the bucket label Prometheus adds to histograms.
+    let allowed: Vec<&str> = dbward::metrics::LABEL_NAMES.iter().copied().chain(["le"]).collect();
     for line in m.lines().filter(|l| !l.starts_with('#') && l.contains('{')) {
         let labels = line.split_once('{').unwrap().1.rsplit_once('}').unwrap().0;
         for pair in labels.split("\",").filter(|p| !p.is_empty()) {
