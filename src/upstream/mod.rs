@@ -5,7 +5,7 @@
 
 mod auth;
 pub mod scram;
-pub mod tls;
+pub(crate) mod tls;
 
 use std::fmt;
 use std::io;
@@ -89,7 +89,7 @@ impl UpstreamSettings {
             host,
             port,
             sslmode: db.sslmode,
-            tls: tls::client_config(index, db)?,
+            tls: tls::client_config(index, db).map_err(|e| e.to_string())?,
             server_name,
             connect_timeout: db.connect_timeout.0,
             allow_insecure_password: db.allow_insecure_password,

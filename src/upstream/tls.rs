@@ -3,7 +3,6 @@
 //! act on, and the tls-server-end-point channel-binding hash of the server certificate.
 
 use std::io;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -19,17 +18,36 @@ use x509_cert::der::{self, Decode, Reader, TagMode, TagNumber};
 use x509_cert::spki::AlgorithmIdentifierRef;
 
 use crate::config::{DatabaseConfig, SslMode};
-
-/// The ALPN protocol Postgres 17+ registers; older servers ignore it, newer ones check it.
-const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+use crate::pg::tls::ALPN_POSTGRESQL;
+use crate::tls_files::{load_certs, load_key, load_roots, system_roots, NoSystemRoots, PemError};
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Why a database entry's TLS settings cannot be used; the texts name the config keys.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ClientConfigError {
+    /// ca_file, cert_file or key_file.
+    #[error(transparent)]
+    File(#[from] PemError),
+    #[error(
+        "databases[{index}].sslmode: sslmode {sslmode:?} without ca_file needs the system CA store, but {source}; set databases[{index}].ca_file"
+    )]
+    NoSystemRoots {
+        index: usize,
+        sslmode: &'static str,
+        source: NoSystemRoots,
+    },
+    #[error("databases[{index}].key_file: {source}")]
+    ClientAuth { index: usize, source: BuildError },
+    #[error("databases[{index}].sslmode: {source}")]
+    Other { index: usize, source: BuildError },
+}
+
 /// Builds the client configuration for a database entry, reading its ca_file, cert_file and
 /// key_file. `None` for sslmode=disable. Errors name the config key and the file.
-pub fn client_config(index: usize, db: &DatabaseConfig) -> Result<Option<Arc<ClientConfig>>, String> {
+pub(crate) fn client_config(index: usize, db: &DatabaseConfig) -> Result<Option<Arc<ClientConfig>>, ClientConfigError> {
     if db.sslmode == SslMode::Disable {
         return Ok(None);
     }
@@ -43,24 +61,28 @@ pub fn client_config(index: usize, db: &DatabaseConfig) -> Result<Option<Arc<Cli
         _ => None,
     };
     let config = build(db.sslmode, roots, client_auth).map_err(|e| match e {
-        BuildError::NoSystemRoots(why) => format!(
-            "{}: sslmode {:?} without ca_file needs the system CA store, but {why}; set {}",
-            key("sslmode"),
-            db.sslmode.as_str(),
-            key("ca_file"),
-        ),
-        BuildError::ClientAuth(why) => format!("{}: {why}", key("key_file")),
-        BuildError::Other(why) => format!("{}: {why}", key("sslmode")),
+        BuildError::NoSystemRoots(source) => ClientConfigError::NoSystemRoots {
+            index,
+            sslmode: db.sslmode.as_str(),
+            source,
+        },
+        e @ BuildError::ClientAuth(_) => ClientConfigError::ClientAuth { index, source: e },
+        e => ClientConfigError::Other { index, source: e },
     })?;
     Ok(Some(Arc::new(config)))
 }
 
 /// Why [`build`] failed.
-#[derive(Debug)]
-pub enum BuildError {
-    NoSystemRoots(String),
-    ClientAuth(String),
-    Other(String),
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BuildError {
+    #[error(transparent)]
+    NoSystemRoots(NoSystemRoots),
+    #[error("cannot use the client certificate and key: {0}")]
+    ClientAuth(rustls::Error),
+    #[error("cannot build certificate verifier: {0}")]
+    Verifier(rustls::client::VerifierBuilderError),
+    #[error("{0}")]
+    Protocol(rustls::Error),
 }
 
 /// Builds a client configuration from already-loaded material.
@@ -68,7 +90,7 @@ pub enum BuildError {
 /// `roots` is the ca_file contents. Following libpq, a CA file makes sslmode=require (and
 /// prefer, when TLS is used) verify the chain as verify-ca does; without one, verify-ca and
 /// verify-full use the system store and require/prefer verify nothing.
-pub fn build(
+pub(crate) fn build(
     sslmode: SslMode,
     roots: Option<RootCertStore>,
     client_auth: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
@@ -85,7 +107,7 @@ pub fn build(
             };
             let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .build()
-                .map_err(|e| BuildError::Other(format!("cannot build certificate verifier: {e}")))?;
+                .map_err(BuildError::Verifier)?;
             if mode == SslMode::VerifyFull {
                 webpki
             } else {
@@ -95,74 +117,17 @@ pub fn build(
     };
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| BuildError::Other(e.to_string()))?
+        .map_err(BuildError::Protocol)?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
     let mut config = match client_auth {
         Some((certs, key)) => builder
             .with_client_auth_cert(certs, key)
-            .map_err(|e| BuildError::ClientAuth(format!("cannot use the client certificate and key: {e}")))?,
+            .map_err(BuildError::ClientAuth)?,
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
     Ok(config)
-}
-
-fn read_file(key: &str, path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{key}: cannot read {:?}: {e}", path.display().to_string()))
-}
-
-pub(crate) fn load_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = read_file(key, path)?;
-    let certs = rustls_pemfile::certs(&mut &pem[..])
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{key}: cannot parse {:?}: {e}", path.display().to_string()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "{key}: {:?} contains no PEM certificate",
-            path.display().to_string()
-        ));
-    }
-    Ok(certs)
-}
-
-fn load_roots(key: &str, path: &Path) -> Result<RootCertStore, String> {
-    let mut roots = RootCertStore::empty();
-    for cert in load_certs(key, path)? {
-        roots.add(cert).map_err(|e| {
-            format!(
-                "{key}: {:?} holds a certificate that cannot be a trust anchor: {e}",
-                path.display().to_string()
-            )
-        })?;
-    }
-    Ok(roots)
-}
-
-pub(crate) fn load_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    let pem = read_file(key, path)?;
-    match rustls_pemfile::private_key(&mut &pem[..]) {
-        Ok(Some(k)) => Ok(k),
-        Ok(None) => Err(format!(
-            "{key}: {:?} contains no PEM private key",
-            path.display().to_string()
-        )),
-        Err(e) => Err(format!("{key}: cannot parse {:?}: {e}", path.display().to_string())),
-    }
-}
-
-fn system_roots() -> Result<RootCertStore, String> {
-    let loaded = rustls_native_certs::load_native_certs();
-    let mut roots = RootCertStore::empty();
-    let (_added, _ignored) = roots.add_parsable_certificates(loaded.certs);
-    if roots.is_empty() {
-        let why = match loaded.errors.first() {
-            Some(e) => format!("none could be loaded ({e})"),
-            None => "it is empty".to_string(),
-        };
-        return Err(why);
-    }
-    Ok(roots)
 }
 
 /// prefer/require without a CA file: encryption without authentication, as in libpq. The
@@ -262,7 +227,7 @@ impl ServerCertVerifier for ChainOnly {
 }
 
 /// Puts a failed TLS handshake into words: `certificate for db.internal not valid: unknown issuer ...`.
-pub fn describe_error(error: &io::Error, server_name: &ServerName<'_>) -> String {
+pub(crate) fn describe_error(error: &io::Error, server_name: &ServerName<'_>) -> String {
     let name = server_name.to_str();
     if let Some(e) = error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
         return describe_rustls(e, &name);
@@ -385,7 +350,7 @@ fn lookup(table: &[(ObjectIdentifier, Hash)], oid: &ObjectIdentifier) -> Option<
 /// the hash of its signature algorithm, SHA-256 when that is MD5 or SHA-1 (RFC 5929 4.1, which
 /// Postgres follows). `None` for algorithms without a hash of their own (Ed25519, Ed448) or an
 /// unparsable certificate; Postgres cannot bind to those either.
-pub fn certificate_hash(der: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn certificate_hash(der: &[u8]) -> Option<Vec<u8>> {
     let hash = signature_hash(der)?;
     Some(match hash {
         Hash::Sha224 => sha2::Sha224::digest(der).to_vec(),
