@@ -13,13 +13,13 @@ use std::fmt::Write as _;
 use crate::config::{Config, CredentialKind};
 
 /// Path dbward renews leases at.
-pub const LEASE_RENEW_PATH: &str = "sys/leases/renew";
+pub(crate) const LEASE_RENEW_PATH: &str = "sys/leases/renew";
 /// Path dbward revokes leases at.
-pub const LEASE_REVOKE_PATH: &str = "sys/leases/revoke";
+pub(crate) const LEASE_REVOKE_PATH: &str = "sys/leases/revoke";
 
 /// One capability the config needs on one path, and which database entries need it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Requirement {
+pub(crate) struct Requirement {
     pub path: String,
     pub capability: &'static str,
     /// Names of the database entries that need it, in config order.
@@ -30,7 +30,7 @@ pub struct Requirement {
 
 /// Every (path, capability) the config needs, secret paths first (in config order), then the
 /// lease endpoints. Entries reading the same path share one requirement.
-pub fn requirements(config: &Config) -> Vec<Requirement> {
+pub(crate) fn requirements(config: &Config) -> Vec<Requirement> {
     let mut out: Vec<Requirement> = Vec::new();
     for db in &config.databases {
         let c = &db.credentials;
@@ -96,7 +96,7 @@ pub fn requirements(config: &Config) -> Vec<Requirement> {
 }
 
 /// `"payments"` or `"payments", "orders"`: database entry names for messages.
-pub fn entry_names(names: &[String]) -> String {
+pub(crate) fn entry_names(names: &[String]) -> String {
     names.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
 }
 
@@ -150,7 +150,7 @@ fn hcl_string(s: &str) -> String {
 
 /// One `path` block of a policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rule {
+pub(crate) struct Rule {
     pub path: String,
     pub capabilities: Vec<String>,
 }
@@ -163,9 +163,40 @@ impl Rule {
     }
 }
 
+/// Why a policy text cannot be read. The texts are what `dbward check --diff-policy` shows.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PolicyError {
+    #[error("not valid JSON: {0}")]
+    Json(#[source] serde_json::Error),
+    #[error("\"path\" is not an object")]
+    PathNotAnObject,
+    #[error("line {line}: {syntax}")]
+    Hcl { line: usize, syntax: HclSyntax },
+}
+
+/// What is wrong in an HCL policy, at a line [`PolicyError::Hcl`] names.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum HclSyntax {
+    #[error("unterminated string")]
+    UnterminatedString,
+    #[error("unexpected character {0:?}")]
+    UnexpectedCharacter(char),
+    #[error("missing '}}'")]
+    MissingBrace,
+    #[error("missing ']'")]
+    MissingBracket,
+    #[error("expected '{{' or '=' after {0:?}")]
+    ExpectedBlockOrAttribute(String),
+    /// The token, as written.
+    #[error("unexpected {0}")]
+    Unexpected(String),
+    #[error("expected a value")]
+    ExpectedValue,
+}
+
 /// Parses a policy as Vault stores it: HCL, or the JSON form. Blocks naming the same path are
 /// merged, as Vault merges them. Everything but `path` blocks' capabilities is ignored.
-pub fn parse_policy(text: &str) -> Result<Vec<Rule>, String> {
+pub(crate) fn parse_policy(text: &str) -> Result<Vec<Rule>, PolicyError> {
     let blocks = if text.trim_start().starts_with('{') {
         parse_json_policy(text)?
     } else {
@@ -199,8 +230,8 @@ fn legacy_policy(word: &str) -> Vec<String> {
     caps.iter().map(|c| c.to_string()).collect()
 }
 
-fn parse_json_policy(text: &str) -> Result<Vec<Rule>, String> {
-    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+fn parse_json_policy(text: &str) -> Result<Vec<Rule>, PolicyError> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(PolicyError::Json)?;
     let mut out = Vec::new();
     // `"path"` is an object of paths, or (HCL's JSON form) a list of such objects.
     let groups: Vec<&serde_json::Value> = match &v["path"] {
@@ -210,7 +241,7 @@ fn parse_json_policy(text: &str) -> Result<Vec<Rule>, String> {
     };
     for g in groups {
         let Some(paths) = g.as_object() else {
-            return Err("\"path\" is not an object".into());
+            return Err(PolicyError::PathNotAnObject);
         };
         for (path, body) in paths {
             let bodies: Vec<&serde_json::Value> = match body {
@@ -242,7 +273,8 @@ enum Tok {
     Punct(char),
 }
 
-fn tokenize(text: &str) -> Result<Vec<(Tok, usize)>, String> {
+fn tokenize(text: &str) -> Result<Vec<(Tok, usize)>, PolicyError> {
+    let error = |line: usize, syntax: HclSyntax| Err(PolicyError::Hcl { line, syntax });
     let chars: Vec<char> = text.chars().collect();
     let mut toks = Vec::new();
     let mut i = 0;
@@ -281,14 +313,14 @@ fn tokenize(text: &str) -> Result<Vec<(Tok, usize)>, String> {
                 i += 1;
                 loop {
                     match chars.get(i) {
-                        None => return Err(format!("line {start_line}: unterminated string")),
+                        None => return error(start_line, HclSyntax::UnterminatedString),
                         Some('"') => break,
                         Some('\\') => {
                             match chars.get(i + 1) {
                                 Some('n') => s.push('\n'),
                                 Some('t') => s.push('\t'),
                                 Some(&o) => s.push(o),
-                                None => return Err(format!("line {start_line}: unterminated string")),
+                                None => return error(start_line, HclSyntax::UnterminatedString),
                             }
                             i += 2;
                         }
@@ -316,7 +348,7 @@ fn tokenize(text: &str) -> Result<Vec<(Tok, usize)>, String> {
                 }
                 toks.push((Tok::Ident(s), line));
             }
-            other => return Err(format!("line {line}: unexpected character {other:?}")),
+            other => return error(line, HclSyntax::UnexpectedCharacter(other)),
         }
     }
     Ok(toks)
@@ -344,16 +376,19 @@ impl Hcl {
         t
     }
 
-    fn err<T>(&self, what: &str) -> Result<T, String> {
-        Err(format!("line {}: {what}", self.line()))
+    fn err<T>(&self, syntax: HclSyntax) -> Result<T, PolicyError> {
+        Err(PolicyError::Hcl {
+            line: self.line(),
+            syntax,
+        })
     }
 
     /// A body: up to its `}` when `nested`, else to the end of input. Top-level
     /// `path "..." { ... }` blocks become rules; `path` is the block being read, if any.
-    fn body(&mut self, nested: bool, rules: &mut Vec<Rule>, path: Option<&str>) -> Result<(), String> {
+    fn body(&mut self, nested: bool, rules: &mut Vec<Rule>, path: Option<&str>) -> Result<(), PolicyError> {
         loop {
             match self.peek() {
-                None if nested => return self.err("missing '}'"),
+                None if nested => return self.err(HclSyntax::MissingBrace),
                 None => return Ok(()),
                 Some(Tok::Punct('}')) if nested => {
                     self.pos += 1;
@@ -393,18 +428,18 @@ impl Hcl {
                                 }
                             }
                         }
-                        _ => return self.err(&format!("expected '{{' or '=' after {key:?}")),
+                        _ => return self.err(HclSyntax::ExpectedBlockOrAttribute(key)),
                     }
                 }
                 Some(other) => {
-                    let o = other.clone();
-                    return self.err(&format!("unexpected {o:?}"));
+                    let o = format!("{other:?}");
+                    return self.err(HclSyntax::Unexpected(o));
                 }
             }
         }
     }
 
-    fn value(&mut self) -> Result<Value, String> {
+    fn value(&mut self) -> Result<Value, PolicyError> {
         match self.next() {
             Some(Tok::Str(s)) => Ok(Value::Str(s)),
             Some(Tok::Ident(s)) => Ok(Value::Str(s)),
@@ -417,7 +452,7 @@ impl Hcl {
                             return Ok(Value::List(items));
                         }
                         Some(Tok::Punct(',')) => self.pos += 1,
-                        None => return self.err("missing ']'"),
+                        None => return self.err(HclSyntax::MissingBracket),
                         _ => {
                             if let Value::Str(s) = self.value()? {
                                 items.push(s);
@@ -432,7 +467,7 @@ impl Hcl {
                 self.body(true, &mut ignored, None)?;
                 Ok(Value::Other)
             }
-            _ => self.err("expected a value"),
+            _ => self.err(HclSyntax::ExpectedValue),
         }
     }
 }
@@ -443,7 +478,7 @@ enum Value {
     Other,
 }
 
-fn parse_hcl_policy(text: &str) -> Result<Vec<Rule>, String> {
+fn parse_hcl_policy(text: &str) -> Result<Vec<Rule>, PolicyError> {
     let mut p = Hcl {
         toks: tokenize(text)?,
         pos: 0,
@@ -459,7 +494,7 @@ fn parse_hcl_policy(text: &str) -> Result<Vec<Rule>, String> {
 
 /// Whether policy path `rule` covers request path `path`: exact, `*` at the end (prefix), `+`
 /// for exactly one path segment.
-pub fn path_matches(rule: &str, path: &str) -> bool {
+pub(crate) fn path_matches(rule: &str, path: &str) -> bool {
     let (base, glob) = match rule.strip_suffix('*') {
         Some(b) => (b, true),
         None => (rule, false),
@@ -513,7 +548,7 @@ fn specificity(a: &str, b: &str) -> Ordering {
 }
 
 /// The rule Vault applies to `path`: the most specific matching one.
-pub fn best_rule<'a>(rules: &'a [Rule], path: &str) -> Option<&'a Rule> {
+pub(crate) fn best_rule<'a>(rules: &'a [Rule], path: &str) -> Option<&'a Rule> {
     rules
         .iter()
         .filter(|r| path_matches(&r.path, path))
@@ -522,7 +557,7 @@ pub fn best_rule<'a>(rules: &'a [Rule], path: &str) -> Option<&'a Rule> {
 
 /// A live policy compared with what a config needs.
 #[derive(Debug, Clone, Default)]
-pub struct Diff {
+pub(crate) struct Diff {
     /// Requirements the policy satisfies, with the policy path that grants each.
     pub granted: Vec<(Requirement, String)>,
     /// Requirements the policy does not satisfy, with the policy path that applies (and lacks
@@ -532,7 +567,7 @@ pub struct Diff {
     pub unused: Vec<Rule>,
 }
 
-pub fn diff(config: &Config, rules: &[Rule]) -> Diff {
+pub(crate) fn diff(config: &Config, rules: &[Rule]) -> Diff {
     let mut d = Diff::default();
     let mut used = vec![false; rules.len()];
     for req in requirements(config) {
@@ -646,9 +681,80 @@ path = "secret/data/apps/payments/db-v2"
         assert_eq!(rules[0].capabilities, vec!["read", "list", "update"]);
         assert_eq!(rules[1].capabilities, vec!["read", "list"]);
         assert!(!rules[2].allows("update"));
-        assert!(parse_policy("path \"x\" { capabilities = [\"read\"]")
-            .unwrap_err()
-            .contains("missing '}'"));
+        let e = parse_policy("path \"x\" { capabilities = [\"read\"]").unwrap_err();
+        assert!(e.to_string().contains("missing '}'"), "{e}");
+        assert!(matches!(
+            e,
+            PolicyError::Hcl {
+                line: 1,
+                syntax: HclSyntax::MissingBrace
+            }
+        ));
+        let e = parse_policy("path \"x\" {\n  capabilities = [\"read\"\n  @\n}").unwrap_err();
+        assert_eq!(e.to_string(), "line 3: unexpected character '@'");
+    }
+
+    /// Vault reads policies with HCL 1 (hashicorp/hcl v1), which accepts forms HCL 2 does not.
+    /// Policies like these are stored in Vault, so the reader must take them all.
+    const HCL1_POLICIES: &[(&str, &str)] = &[
+        // HCL 1 object lists may be comma-delimited, or not delimited at all, on one line.
+        (
+            "two attributes on one line",
+            r#"path "a/*" { capabilities = ["read"], policy = "write" }"#,
+        ),
+        (
+            "no delimiter",
+            r#"path "a/*" { capabilities = ["read"] policy = "write" }"#,
+        ),
+        (
+            "comma between blocks",
+            "path \"a/*\" { capabilities = [\"read\"] },\npath \"b\" { capabilities = [\"read\"] }",
+        ),
+        // `key { ... }` is `key = { ... }` in HCL 1, and object keys may be quoted.
+        (
+            "parameters as a block with quoted keys",
+            "path \"a/*\" {\n  capabilities = [\"create\"]\n  allowed_parameters {\n    \"*\" = []\n  }\n}",
+        ),
+        // Vault does not interpolate: `${...}` in a path is literal text.
+        (
+            "dollar brace in a path",
+            r#"path "a/${user}/*" { capabilities = ["read"] }"#,
+        ),
+    ];
+
+    #[test]
+    fn hcl1_forms_vault_accepts_are_read() {
+        for (what, text) in HCL1_POLICIES {
+            let rules = parse_policy(text).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(rules[0].path.starts_with("a/"), "{what}: {rules:?}");
+            assert!(
+                rules[0].allows(if what.starts_with("parameters") {
+                    "create"
+                } else {
+                    "read"
+                }),
+                "{what}: {rules:?}"
+            );
+        }
+        let rules = parse_policy(HCL1_POLICIES[0].1).unwrap();
+        assert_eq!(
+            rules[0].capabilities,
+            ["read", "create", "read", "update", "delete", "list"]
+        );
+    }
+
+    /// Why this module has its own HCL reader: hcl-rs 0.20 (an HCL 2 parser) rejects every one
+    /// of the HCL 1 policies above that Vault accepts. Should this test start failing, hcl-rs
+    /// has learnt them, and replacing the reader is worth another look.
+    #[test]
+    fn hcl_rs_rejects_hcl1_policies_vault_accepts() {
+        for (what, text) in HCL1_POLICIES {
+            assert!(hcl::parse(text).is_err(), "hcl-rs now reads {what}: {text}");
+        }
+        // What it does read, it reads like Vault: the examples above in HCL 2's common subset.
+        let body = hcl::parse("path \"database/creds/+\" {\n  capabilities = [\"read\"]\n}\n").unwrap();
+        let block = body.blocks().next().unwrap();
+        assert_eq!(block.labels()[0].as_str(), "database/creds/+");
     }
 
     #[test]
