@@ -46,7 +46,7 @@ pub fn ready(status: &str) -> bool {
 /// `STOPPING=1`: draining has begun. The stop timeout is extended to cover `grace` plus time
 /// for closing and revoking leases, so a `shutdown_grace` longer than `TimeoutStopSec=` is
 /// honoured instead of ending in SIGKILL.
-pub fn stopping(grace: Duration) -> bool {
+pub(crate) fn stopping(grace: Duration) -> bool {
     let extend = grace + Duration::from_secs(15);
     let status = format!("draining open sessions (up to {}s)", grace.as_secs());
     // NotifyState::ExtendTimeoutUsec holds a u32 (71 minutes); shutdown_grace may be longer.
@@ -79,7 +79,7 @@ fn watchdog_interval() -> Option<Duration> {
 /// shutdown drain too: a drain of `shutdown_grace` must not look like a hang). Returns at once
 /// without `WatchdogSec=`. Spawn it on the runtime: a ping proves that the runtime still
 /// schedules tasks, which is what a wedged dbward would stop doing.
-pub async fn watchdog() {
+pub(crate) async fn watchdog() {
     let Some(interval) = watchdog_interval() else {
         return;
     };
@@ -111,7 +111,7 @@ struct Passed {
 
 /// A listening socket systemd passed.
 #[derive(Debug)]
-pub enum Activated {
+pub(crate) enum Activated {
     Tcp(std::net::TcpListener),
     /// The path is systemd's socket file: it must not be removed when dbward exits, or the
     /// socket unit would keep listening on a socket nobody can reach.
@@ -147,7 +147,7 @@ fn describe(fd: &OwnedFd) -> Local {
 
 impl ActivatedSockets {
     /// No sockets (not socket-activated, or for tests).
-    pub fn none() -> Self {
+    pub(crate) fn none() -> Self {
         Self::default()
     }
 
@@ -159,7 +159,7 @@ impl ActivatedSockets {
     /// close-on-exec): the variables stay set, so owning the descriptors here would let a second
     /// call own and close them too. Keeping them open changes nothing a client sees: systemd
     /// holds its own copy of every socket it passes.
-    pub fn from_env() -> Self {
+    pub(crate) fn from_env() -> Self {
         let passed = match sd_notify::listen_fds_with_names() {
             Ok(fds) => fds,
             Err(e) => {
@@ -188,21 +188,13 @@ impl ActivatedSockets {
         ActivatedSockets { sockets }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.sockets.is_empty()
-    }
-
-    pub fn len(&self) -> usize {
-        self.sockets.len()
-    }
-
     fn take_where(&mut self, want: impl Fn(&Local) -> bool) -> Option<OwnedFd> {
         let i = self.sockets.iter().position(|p| want(&p.local))?;
         Some(self.sockets.remove(i).fd)
     }
 
     /// The passed TCP listener bound to exactly `addr`, made non-blocking for tokio.
-    pub fn take_tcp(&mut self, addr: SocketAddr) -> Option<std::net::TcpListener> {
+    pub(crate) fn take_tcp(&mut self, addr: SocketAddr) -> Option<std::net::TcpListener> {
         let fd = self.take_where(|l| *l == Local::Tcp(addr))?;
         let l = std::net::TcpListener::from(fd);
         if let Err(e) = l.set_nonblocking(true) {
@@ -213,7 +205,7 @@ impl ActivatedSockets {
     }
 
     /// The passed Unix listener at `path`, made non-blocking for tokio.
-    pub fn take_unix(&mut self, path: &Path) -> Option<(std::os::unix::net::UnixListener, PathBuf)> {
+    fn take_unix(&mut self, path: &Path) -> Option<(std::os::unix::net::UnixListener, PathBuf)> {
         let same = |p: &Path| {
             p == path || matches!((std::fs::canonicalize(p), std::fs::canonicalize(path)), (Ok(a), Ok(b)) if a == b)
         };
@@ -227,7 +219,7 @@ impl ActivatedSockets {
     }
 
     /// The passed socket for a database listen address, if systemd passed one.
-    pub fn take(&mut self, addr: &ListenAddr) -> Option<Activated> {
+    pub(crate) fn take(&mut self, addr: &ListenAddr) -> Option<Activated> {
         match addr {
             ListenAddr::Tcp(a) => self.take_tcp(*a).map(Activated::Tcp),
             ListenAddr::Unix(p) => self.take_unix(p).map(|(l, p)| Activated::Unix(l, p)),
@@ -237,7 +229,7 @@ impl ActivatedSockets {
     /// Closes the sockets no listen address claimed, with a warning naming them: usually a
     /// `ListenStream=` that differs from the config's `listen` (`6432` binds `[::]:6432`, not
     /// `127.0.0.1:6432`).
-    pub fn close_unused(self) {
+    pub(crate) fn close_unused(self) {
         for p in self.sockets {
             let what = match &p.local {
                 Local::Tcp(a) => a.to_string(),
@@ -277,7 +269,7 @@ mod tests {
                 })
                 .collect(),
         };
-        assert_eq!(sockets.len(), 3);
+        assert_eq!(sockets.sockets.len(), 3);
         assert!(matches!(&sockets.sockets[2].local, Local::Other(_)));
 
         let other_port = SocketAddr::from(([127, 0, 0, 1], tcp_addr.port().wrapping_add(1)));
@@ -290,7 +282,7 @@ mod tests {
             Some(Activated::Unix(_, p)) => assert_eq!(p, path),
             other => panic!("{other:?}"),
         }
-        assert_eq!(sockets.len(), 1);
+        assert_eq!(sockets.sockets.len(), 1);
         sockets.close_unused();
     }
 }

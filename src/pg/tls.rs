@@ -21,7 +21,7 @@ use crate::tls_files::{load_certs, load_key};
 /// direct TLS (no SSLRequest first) requires it, so that a TLS connection meant for another
 /// service cannot be replayed at a Postgres port. dbward offers it to upstreams too (older
 /// servers ignore it, newer ones check it): this is its one definition.
-pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+pub(crate) const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 
 /// The first byte of a TLS handshake record: a client doing direct TLS sends a ClientHello where
 /// others send a packet length (which, starting with 0x16, would be over 300 MB).
