@@ -9,7 +9,7 @@
 //! listen addresses. Nothing here removes environment variables: that is unsound while other
 //! threads may read the environment, and dbward starts no child processes that could inherit
 //! them. So the passed descriptors are never owned here either (a second reader of the same
-//! variables would own them too): [`ActivatedSockets::from_env`] duplicates them, and the
+//! variables would own them too): `ActivatedSockets::from_env` duplicates them, and the
 //! duplicates are what dbward adopts and closes.
 
 use std::net::SocketAddr;
