@@ -7,6 +7,7 @@ use std::io;
 use std::path::Path;
 
 use rustls::RootCertStore;
+use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// A PEM file named by a config key that cannot be used. The texts name the key and the file:
@@ -25,7 +26,7 @@ pub(crate) enum PemError {
         key: String,
         path: String,
         #[source]
-        source: io::Error,
+        source: pem::Error,
     },
     /// `what`: "certificate" or "private key".
     #[error("{key}: {path:?} contains no PEM {what}")]
@@ -59,7 +60,7 @@ fn read(key: &str, path: &Path) -> Result<Vec<u8>, PemError> {
     })
 }
 
-fn parse_error(key: &str, path: &Path) -> impl FnOnce(io::Error) -> PemError {
+fn parse_error(key: &str, path: &Path) -> impl FnOnce(pem::Error) -> PemError {
     let (key, path) = (key.to_string(), path.display().to_string());
     move |source| PemError::Parse { key, path, source }
 }
@@ -67,7 +68,7 @@ fn parse_error(key: &str, path: &Path) -> impl FnOnce(io::Error) -> PemError {
 /// The certificates in the PEM file `path` (config key `key`): at least one.
 pub(crate) fn load_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, PemError> {
     let pem = read(key, path)?;
-    let certs = rustls_pemfile::certs(&mut &pem[..])
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(parse_error(key, path))?;
     if certs.is_empty() {
@@ -83,13 +84,15 @@ pub(crate) fn load_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'s
 /// The first private key in the PEM file `path` (config key `key`).
 pub(crate) fn load_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, PemError> {
     let pem = read(key, path)?;
-    rustls_pemfile::private_key(&mut &pem[..])
-        .map_err(parse_error(key, path))?
-        .ok_or_else(|| PemError::Empty {
+    // PKCS#8, PKCS#1 (RSA) or SEC1 (EC), whichever comes first.
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
+        pem::Error::NoItemsFound => PemError::Empty {
             key: key.into(),
             path: path.display().to_string(),
             what: "private key",
-        })
+        },
+        e => parse_error(key, path)(e),
+    })
 }
 
 /// The trust anchors in the CA file `path` (config key `key`): at least one, every one usable.
