@@ -2,7 +2,8 @@
 //! fetches short-lived database credentials and opens the upstream connection itself.
 //!
 //! The binary (`main.rs`) only parses the command line; everything else lives here so that tests
-//! can drive it. State is passed down explicitly in an [`app::App`]; there are no global statics.
+//! can drive it. State is passed down explicitly: the daemon's parts are built in [`app::App`], and each
+//! listener, session and the admin server gets only the parts it uses; there are no global statics.
 
 pub mod admin;
 pub mod app;
@@ -10,6 +11,7 @@ pub mod backoff;
 pub mod check;
 pub mod config;
 pub mod credentials;
+mod entry;
 pub mod listener;
 pub mod metrics;
 pub mod pg;
