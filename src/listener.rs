@@ -163,25 +163,7 @@ pub(crate) async fn accept_loop(
                 .client_connections_rejected_total
                 .with_label_values(&[&db.name, "too_many_connections"])
                 .inc();
-            let limit = db.cfg.max_client_connections;
-            let name = db.name.clone();
-            tokio::spawn(
-                async move {
-                    tracing::warn!(limit, "refusing client: max_client_connections reached");
-                    let e = PgError::fatal(
-                        sqlstate::TOO_MANY_CONNECTIONS,
-                        format!("dbward: database entry {name:?} has reached max_client_connections ({limit})"),
-                    )
-                    .with_hint("close idle connections or raise max_client_connections");
-                    let mut s = stream;
-                    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                        let _ = s.write_all(&e.to_bytes()).await;
-                        let _ = s.shutdown().await;
-                    })
-                    .await;
-                }
-                .instrument(span),
-            );
+            tokio::spawn(refuse_full(stream, db.name.clone(), db.cfg.max_client_connections).instrument(span));
             continue;
         };
         let ctx = SessionContext {
@@ -200,6 +182,22 @@ pub(crate) async fn accept_loop(
             .instrument(span),
         );
     }
+}
+
+/// Tells a client over `max_client_connections` why it is refused (53300), bounded in time so
+/// that a client that does not read cannot hold the task.
+async fn refuse_full(mut stream: ClientStream, name: String, limit: usize) {
+    tracing::warn!(limit, "refusing client: max_client_connections reached");
+    let e = PgError::fatal(
+        sqlstate::TOO_MANY_CONNECTIONS,
+        format!("dbward: database entry {name:?} has reached max_client_connections ({limit})"),
+    )
+    .with_hint("close idle connections or raise max_client_connections");
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = stream.write_all(&e.to_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 /// A client connection from either kind of listener.

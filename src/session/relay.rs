@@ -100,36 +100,9 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
 
-    let how = match &end {
-        End::ServerClosed => "server closed",
-        End::ClientClosed => "client closed",
-        End::ServerFailed(e) => {
-            tracing::debug!(error = %e, "relay: upstream connection failed");
-            "upstream error"
-        }
-        End::ClientFailed(e) => {
-            tracing::debug!(error = %e, "relay: client connection failed");
-            "client error"
-        }
-        End::Shutdown => "shutdown",
-    };
+    let how = end.describe();
     if let End::Shutdown = end {
-        let finished = tokio::time::timeout(
-            SHUTDOWN_MESSAGE_WAIT,
-            finish_message(&mut up_rd, &mut client_wr, &mut down, &to_client),
-        )
-        .await;
-        let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, async {
-            // Only between two server messages: inside one, it would garble the stream.
-            if finished == Ok(true) {
-                let _ = client_wr.write_all(&shutting_down().to_bytes()).await;
-            }
-            let _ = client_wr.shutdown().await;
-        })
-        .await;
-        // No Terminate upstream: the client may have been in the middle of a message of its
-        // own. The server sees the EOF and ends the backend, rolling back what was open.
-        let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, up_wr.shutdown()).await;
+        end_at_shutdown(&mut up_rd, &mut up_wr, &mut client_wr, &mut down, &to_client).await;
     } else {
         let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, client_wr.shutdown()).await;
     }
@@ -142,6 +115,52 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
         end = how,
         "session ended"
     );
+}
+
+impl End {
+    /// The end-of-session log line's `end` field; failures are logged at debug with the error.
+    fn describe(&self) -> &'static str {
+        match self {
+            End::ServerClosed => "server closed",
+            End::ClientClosed => "client closed",
+            End::ServerFailed(e) => {
+                tracing::debug!(error = %e, "relay: upstream connection failed");
+                "upstream error"
+            }
+            End::ClientFailed(e) => {
+                tracing::debug!(error = %e, "relay: client connection failed");
+                "client error"
+            }
+            End::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Ends a session at shutdown: the server message in flight reaches the client whole, then
+/// dbward's 57P01, then both sides are closed; each step bounded in time.
+async fn end_at_shutdown<UR, UW, CW>(
+    up_rd: &mut UR,
+    up_wr: &mut UW,
+    client_wr: &mut CW,
+    down: &mut DownState,
+    to_client: &ByteCount,
+) where
+    UR: AsyncRead + Unpin,
+    UW: AsyncWrite + Unpin,
+    CW: AsyncWrite + Unpin,
+{
+    let finished = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, finish_message(up_rd, client_wr, down, to_client)).await;
+    let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, async {
+        // Only between two server messages: inside one, it would garble the stream.
+        if finished == Ok(true) {
+            let _ = client_wr.write_all(&shutting_down().to_bytes()).await;
+        }
+        let _ = client_wr.shutdown().await;
+    })
+    .await;
+    // No Terminate upstream: the client may have been in the middle of a message of its own.
+    // The server sees the EOF and ends the backend, rolling back what was open.
+    let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, up_wr.shutdown()).await;
 }
 
 /// Resolves (with `Ok`) when shutdown ends sessions. The shared shutdown signal takes a lock
