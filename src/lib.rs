@@ -19,5 +19,6 @@ pub mod policy;
 pub mod session;
 pub mod shutdown;
 pub mod systemd;
+pub(crate) mod tls_files;
 pub mod upstream;
 pub mod vault;

@@ -4,73 +4,43 @@
 //! belong to systemd and survive restarts: clients that connect meanwhile wait in the backlog
 //! instead of being refused.
 //!
-//! Implemented here rather than with libsystemd: the protocols are a datagram and a few
-//! environment variables, and dbward must not need a C library to run outside systemd.
-//! Nothing here removes environment variables: that is unsound while other threads may read
-//! the environment, and dbward starts no child processes that could inherit them.
+//! The protocols are the `sd-notify` crate's (pure Rust: dbward must not need libsystemd to run
+//! outside systemd); this module decides what to send when, and matches the passed sockets to
+//! listen addresses. Nothing here removes environment variables: that is unsound while other
+//! threads may read the environment, and dbward starts no child processes that could inherit
+//! them. So the passed descriptors are never owned here either (a second reader of the same
+//! variables would own them too): [`ActivatedSockets::from_env`] duplicates them, and the
+//! duplicates are what dbward adopts and closes.
 
-use std::ffi::OsStr;
-use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::net::UnixDatagram;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+use sd_notify::NotifyState;
 
 use crate::config::ListenAddr;
 
-/// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
-const LISTEN_FDS_START: RawFd = 3;
-
-/// Sends `state` (newline-separated `KEY=value` assignments) to the service manager. Returns
-/// whether it was sent: false when not started by systemd with `Type=notify` (no
-/// `NOTIFY_SOCKET`), or when sending failed (logged: a lost `READY=1` makes the start time out,
-/// and the operator should see why).
-pub fn notify(state: &str) -> bool {
+/// Sends `state` to the service manager. Returns whether it was sent: false when not started by
+/// systemd with `Type=notify` (no `NOTIFY_SOCKET`), or when sending failed (logged: a lost
+/// `READY=1` makes the start time out, and the operator should see why).
+fn notify(state: &[NotifyState<'_>]) -> bool {
     let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
         return false;
     };
-    match notify_to(&socket, state) {
+    match sd_notify::notify(state) {
         Ok(()) => true,
         Err(e) => {
-            tracing::warn!(socket = %socket.to_string_lossy(), error = %e, state, "cannot notify systemd");
+            tracing::warn!(socket = %socket.to_string_lossy(), error = %e, ?state, "cannot notify systemd");
             false
         }
     }
 }
 
-/// Sends one notification datagram to `socket`: a path, or `@name` for the abstract namespace.
-pub fn notify_to(socket: &OsStr, state: &str) -> io::Result<()> {
-    let sock = UnixDatagram::unbound()?;
-    // systemd reads its notify socket promptly; the timeout only guards against a manager that
-    // does not, so that a watchdog ping can never stall a runtime thread for long.
-    sock.set_write_timeout(Some(Duration::from_secs(1)))?;
-    let bytes = socket.as_bytes();
-    match bytes.first() {
-        Some(b'@') => {
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(&bytes[1..])?;
-            sock.send_to_addr(state.as_bytes(), &addr)?;
-        }
-        Some(b'/') => {
-            sock.send_to(state.as_bytes(), Path::new(socket))?;
-        }
-        _ => {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "NOTIFY_SOCKET is neither a path nor an abstract socket (@name)",
-            ))
-        }
-    }
-    Ok(())
-}
-
 /// `READY=1`: every listener is bound (or adopted). systemd starts units ordered after dbward
 /// only now, and `systemctl start` returns. `status` shows in `systemctl status`.
 pub fn ready(status: &str) -> bool {
-    notify(&format!("READY=1\nSTATUS={status}"))
+    notify(&[NotifyState::Ready, NotifyState::Status(status)])
 }
 
 /// `STOPPING=1`: draining has begun. The stop timeout is extended to cover `grace` plus time
@@ -78,36 +48,31 @@ pub fn ready(status: &str) -> bool {
 /// honoured instead of ending in SIGKILL.
 pub fn stopping(grace: Duration) -> bool {
     let extend = grace + Duration::from_secs(15);
-    notify(&format!(
-        "STOPPING=1\nSTATUS=draining open sessions (up to {}s)\nEXTEND_TIMEOUT_USEC={}",
-        grace.as_secs(),
-        extend.as_micros()
-    ))
+    let status = format!("draining open sessions (up to {}s)", grace.as_secs());
+    // NotifyState::ExtendTimeoutUsec holds a u32 (71 minutes); shutdown_grace may be longer.
+    let extend = format!("EXTEND_TIMEOUT_USEC={}", extend.as_micros());
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status(&status),
+        NotifyState::Custom(&extend),
+    ])
 }
 
 /// `RELOADING=1`: a reload (SIGHUP) has begun; send [`ready`] again when it is done, whether it
-/// succeeded or the old configuration stays.
+/// succeeded or the old configuration stays. `MONOTONIC_USEC` goes with it, as systemd 253+
+/// asks of `RELOADING=1`.
 pub fn reloading() -> bool {
-    notify("RELOADING=1\nSTATUS=reloading the configuration")
-}
-
-/// How often systemd expects `WATCHDOG=1`, when the unit sets `WatchdogSec=` for this process.
-pub fn watchdog_interval() -> Option<Duration> {
-    let usec = std::env::var("WATCHDOG_USEC").ok();
-    let pid = std::env::var("WATCHDOG_PID").ok();
-    watchdog_interval_from(usec.as_deref(), pid.as_deref(), std::process::id())
-}
-
-/// [`watchdog_interval`] from the variables' values; `me` is this process's id.
-pub fn watchdog_interval_from(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<Duration> {
-    // WATCHDOG_PID names the process meant; absent means this one (older systemd versions).
-    if let Some(pid) = pid {
-        if pid.trim().parse::<u32>().ok() != Some(me) {
-            return None;
-        }
+    let status = NotifyState::Status("reloading the configuration");
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => notify(&[NotifyState::Reloading, now, status]),
+        Err(_) => notify(&[NotifyState::Reloading, status]),
     }
-    let usec: u64 = usec?.trim().parse().ok()?;
-    (usec > 0).then(|| Duration::from_micros(usec))
+}
+
+/// How often systemd expects `WATCHDOG=1`, when the unit sets `WatchdogSec=` for this process
+/// (`WATCHDOG_PID`, when set, names this process).
+fn watchdog_interval() -> Option<Duration> {
+    sd_notify::watchdog_enabled().filter(|d| !d.is_zero())
 }
 
 /// Pings the watchdog at half its interval for as long as the process runs (through the
@@ -124,7 +89,7 @@ pub async fn watchdog() {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        notify("WATCHDOG=1");
+        notify(&[NotifyState::Watchdog]);
     }
 }
 
@@ -139,7 +104,8 @@ enum Local {
 
 struct Passed {
     fd: OwnedFd,
-    name: Option<String>,
+    /// `FileDescriptorName=` (systemd's default: the socket unit's name, or "unknown").
+    name: String,
     local: Local,
 }
 
@@ -157,41 +123,6 @@ pub enum Activated {
 #[derive(Default)]
 pub struct ActivatedSockets {
     sockets: Vec<Passed>,
-}
-
-/// The passed descriptors are owned once: a second owner would close them under the first.
-static TAKEN: AtomicBool = AtomicBool::new(false);
-
-/// Parses `LISTEN_PID`, `LISTEN_FDS` and `LISTEN_FDNAMES`: the names of the passed sockets
-/// (None where unnamed), or an empty list when they are not meant for process `me`.
-pub fn listen_fds_from(
-    pid: Option<&str>,
-    fds: Option<&str>,
-    names: Option<&str>,
-    me: u32,
-) -> Result<Vec<Option<String>>, String> {
-    let (Some(pid), Some(fds)) = (pid, fds) else {
-        return Ok(Vec::new());
-    };
-    // An inherited LISTEN_FDS (a shell started from a socket-activated service) is not ours.
-    if pid.trim().parse::<u32>().ok() != Some(me) {
-        return Ok(Vec::new());
-    }
-    let n: usize = fds
-        .trim()
-        .parse()
-        .map_err(|_| format!("LISTEN_FDS={fds:?} is not a number"))?;
-    if n > 1024 {
-        return Err(format!("LISTEN_FDS={n} is implausibly large"));
-    }
-    let names: Vec<Option<String>> = match names {
-        Some(list) if !list.is_empty() => list
-            .split(':')
-            .map(|s| Some(s.to_string()).filter(|s| !s.is_empty()))
-            .collect(),
-        _ => Vec::new(),
-    };
-    Ok((0..n).map(|i| names.get(i).cloned().flatten()).collect())
 }
 
 fn describe(fd: &OwnedFd) -> Local {
@@ -220,43 +151,38 @@ impl ActivatedSockets {
         Self::default()
     }
 
-    /// Takes ownership of the sockets systemd passed to this process. Call once, before
-    /// binding anything; later calls return no sockets. Problems are logged, not fatal: dbward
-    /// then binds its listeners itself.
+    /// The sockets systemd passed to this process (`LISTEN_PID`, `LISTEN_FDS`,
+    /// `LISTEN_FDNAMES`), as duplicates this value owns; call before binding anything.
+    /// Problems are logged, not fatal: dbward then binds its listeners itself.
+    ///
+    /// The passed descriptors themselves stay open and unowned (sd-notify marks them
+    /// close-on-exec): the variables stay set, so owning the descriptors here would let a second
+    /// call own and close them too. Keeping them open changes nothing a client sees: systemd
+    /// holds its own copy of every socket it passes.
     pub fn from_env() -> Self {
-        let var = |k: &str| std::env::var(k).ok();
-        let names = match listen_fds_from(
-            var("LISTEN_PID").as_deref(),
-            var("LISTEN_FDS").as_deref(),
-            var("LISTEN_FDNAMES").as_deref(),
-            std::process::id(),
-        ) {
-            Ok(n) => n,
+        let passed = match sd_notify::listen_fds_with_names() {
+            Ok(fds) => fds,
             Err(e) => {
                 tracing::warn!(error = %e, "ignoring socket activation variables");
                 return Self::none();
             }
         };
-        if names.is_empty() || TAKEN.swap(true, Ordering::SeqCst) {
-            return Self::none();
-        }
         let mut sockets = Vec::new();
-        for (i, name) in names.into_iter().enumerate() {
-            let raw = LISTEN_FDS_START + i as RawFd;
+        for (raw, name) in passed {
             // SAFETY: the socket activation protocol hands descriptors 3..3+LISTEN_FDS to the
-            // process named by LISTEN_PID (checked above), and TAKEN makes this the only owner.
-            let passed = unsafe { OwnedFd::from_raw_fd(raw) };
-            // systemd passes them without close-on-exec; the duplicate std makes has it set.
-            let fd = match passed.try_clone() {
+            // process LISTEN_PID names (sd-notify checked it is this one), open for its
+            // lifetime; nothing in dbward owns or closes them, so they stay open while borrowed.
+            let borrowed = unsafe { BorrowedFd::borrow_raw(raw) };
+            // The duplicate std makes is close-on-exec, like the original now.
+            let fd = match borrowed.try_clone_to_owned() {
                 Ok(fd) => fd,
                 Err(e) => {
                     tracing::warn!(fd = raw, error = %e, "cannot use a socket passed by systemd");
                     continue;
                 }
             };
-            drop(passed);
             let local = describe(&fd);
-            tracing::debug!(fd = raw, ?name, ?local, "socket passed by systemd");
+            tracing::debug!(fd = raw, name, ?local, "socket passed by systemd");
             sockets.push(Passed { fd, name, local });
         }
         ActivatedSockets { sockets }
@@ -320,7 +246,7 @@ impl ActivatedSockets {
             };
             tracing::warn!(
                 socket = %what,
-                name = p.name.as_deref().unwrap_or("-"),
+                name = p.name,
                 "systemd passed a socket that no listen address in the config matches; closing it"
             );
         }
@@ -331,56 +257,6 @@ impl ActivatedSockets {
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
-
-    #[test]
-    fn listen_fds_are_ours_only_when_the_pid_matches() {
-        assert_eq!(listen_fds_from(None, None, None, 42), Ok(vec![]));
-        assert_eq!(listen_fds_from(Some("41"), Some("2"), None, 42), Ok(vec![]));
-        assert_eq!(listen_fds_from(Some("42"), None, None, 42), Ok(vec![]));
-        assert_eq!(listen_fds_from(Some("42"), Some("2"), None, 42), Ok(vec![None, None]));
-        assert_eq!(
-            listen_fds_from(Some("42"), Some("3"), Some("pg:admin"), 42),
-            Ok(vec![Some("pg".into()), Some("admin".into()), None])
-        );
-        assert!(listen_fds_from(Some("42"), Some("x"), None, 42).is_err());
-        assert!(listen_fds_from(Some("42"), Some("100000"), None, 42).is_err());
-    }
-
-    #[test]
-    fn watchdog_interval_needs_our_pid_and_a_positive_value() {
-        assert_eq!(watchdog_interval_from(None, None, 7), None);
-        assert_eq!(
-            watchdog_interval_from(Some("30000000"), None, 7),
-            Some(Duration::from_secs(30))
-        );
-        assert_eq!(
-            watchdog_interval_from(Some("30000000"), Some("7"), 7),
-            Some(Duration::from_secs(30))
-        );
-        assert_eq!(watchdog_interval_from(Some("30000000"), Some("8"), 7), None);
-        assert_eq!(watchdog_interval_from(Some("0"), Some("7"), 7), None);
-        assert_eq!(watchdog_interval_from(Some("soon"), None, 7), None);
-    }
-
-    #[test]
-    fn notifications_reach_path_and_abstract_sockets() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("notify");
-        let server = UnixDatagram::bind(&path).unwrap();
-        notify_to(path.as_os_str(), "READY=1\nSTATUS=x").unwrap();
-        let mut buf = [0u8; 256];
-        let n = server.recv(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"READY=1\nSTATUS=x");
-
-        let name = format!("dbward-test-{}", std::process::id());
-        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
-        let server = UnixDatagram::bind_addr(&addr).unwrap();
-        notify_to(OsStr::new(&format!("@{name}")), "WATCHDOG=1").unwrap();
-        let n = server.recv(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"WATCHDOG=1");
-
-        assert!(notify_to(OsStr::new("vsock:2:1"), "READY=1").is_err());
-    }
 
     #[test]
     fn passed_sockets_are_matched_by_address() {
@@ -397,7 +273,7 @@ mod tests {
                 .map(|fd| Passed {
                     local: describe(&fd),
                     fd,
-                    name: None,
+                    name: "unknown".into(),
                 })
                 .collect(),
         };

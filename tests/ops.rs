@@ -1002,7 +1002,8 @@ fn systemd_is_notified_ready_watchdog_and_stopping() {
     let recv = || {
         let mut buf = [0u8; 4096];
         let n = sock.recv(&mut buf).expect("a notification within 30 s");
-        String::from_utf8_lossy(&buf[..n]).to_string()
+        // sd_notify(3) assignments are newline-separated; sd-notify ends each with one.
+        String::from_utf8_lossy(&buf[..n]).trim_end_matches('\n').to_string()
     };
 
     // READY=1 comes only once the listeners are bound (they accept at once).

@@ -15,11 +15,12 @@ use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::config::{ClientTlsConfig, DatabaseConfig};
-use crate::upstream::tls::{load_certs, load_key};
+use crate::tls_files::{load_certs, load_key};
 
 /// The ALPN protocol name Postgres 17 registered. Clients that offer ALPN must offer this one;
 /// direct TLS (no SSLRequest first) requires it, so that a TLS connection meant for another
-/// service cannot be replayed at a Postgres port.
+/// service cannot be replayed at a Postgres port. dbward offers it to upstreams too (older
+/// servers ignore it, newer ones check it): this is its one definition.
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 
 /// The first byte of a TLS handshake record: a client doing direct TLS sends a ClientHello where
@@ -29,8 +30,8 @@ pub const TLS_HANDSHAKE_BYTE: u8 = 0x16;
 /// Builds the server configuration from the entry's files. Errors name the config key and file.
 pub fn server_config(index: usize, cfg: &ClientTlsConfig) -> Result<Arc<ServerConfig>, String> {
     let key = |k: &str| format!("databases[{index}].client_tls.{k}");
-    let certs = load_certs(&key("cert_file"), &cfg.cert_file)?;
-    let private_key = load_key(&key("key_file"), &cfg.key_file)?;
+    let certs = load_certs(&key("cert_file"), &cfg.cert_file).map_err(|e| e.to_string())?;
+    let private_key = load_key(&key("key_file"), &cfg.key_file).map_err(|e| e.to_string())?;
     let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("{}: {e}", key("cert_file")))?

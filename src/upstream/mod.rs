@@ -5,21 +5,20 @@
 
 mod auth;
 pub mod scram;
-pub mod tls;
+pub(crate) mod tls;
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use rustls_pki_types::ServerName;
 use secrecy::SecretString;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 
 use crate::config::{DatabaseConfig, SslMode};
 use crate::pg::cancel::BackendKey;
@@ -89,7 +88,7 @@ impl UpstreamSettings {
             host,
             port,
             sslmode: db.sslmode,
-            tls: tls::client_config(index, db)?,
+            tls: tls::client_config(index, db).map_err(|e| e.to_string())?,
             server_name,
             connect_timeout: db.connect_timeout.0,
             allow_insecure_password: db.allow_insecure_password,
@@ -111,88 +110,16 @@ impl UpstreamSettings {
     }
 }
 
-/// The connection to the upstream, plain or TLS.
-pub enum UpstreamStream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
+/// The connection to the upstream: `Left` plain, `Right` TLS. Either delegates every poll; its
+/// derived Debug shows the socket addresses and rustls' `ClientConnection`, whose Debug prints
+/// nothing of the session (no keys, no traffic).
+pub type UpstreamStream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
-impl UpstreamStream {
-    /// The underlying TCP connection.
-    pub fn tcp(&self) -> &TcpStream {
-        match self {
-            UpstreamStream::Plain(s) => s,
-            UpstreamStream::Tls(s) => s.get_ref().0,
-        }
-    }
-
-    /// DER of the server's end-entity certificate, when TLS is in use.
-    fn server_certificate(&self) -> Option<&[u8]> {
-        match self {
-            UpstreamStream::Plain(_) => None,
-            UpstreamStream::Tls(s) => s.get_ref().1.peer_certificates()?.first().map(|c| c.as_ref()),
-        }
-    }
-}
-
-impl fmt::Debug for UpstreamStream {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Only the kind and the peer: the TLS session's state is nobody's business in a log.
-        let kind = match self {
-            UpstreamStream::Plain(_) => "Plain",
-            UpstreamStream::Tls(_) => "Tls",
-        };
-        f.debug_tuple(kind).field(&self.tcp().peer_addr().ok()).finish()
-    }
-}
-
-impl AsyncRead for UpstreamStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpstreamStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            UpstreamStream::Plain(s) => s.is_write_vectored(),
-            UpstreamStream::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+/// DER of the server's end-entity certificate, when TLS is in use.
+fn server_certificate(stream: &UpstreamStream) -> Option<&[u8]> {
+    match stream {
+        Either::Left(_) => None,
+        Either::Right(s) => s.get_ref().1.peer_certificates()?.first().map(|c| c.as_ref()),
     }
 }
 
@@ -397,7 +324,7 @@ async fn connect_inner(
 ) -> Result<Connected, UpstreamError> {
     let addr = settings.addr();
     let mut stream = open(settings, during).await?;
-    let tls = matches!(stream, UpstreamStream::Tls(_));
+    let tls = matches!(stream, Either::Right(_));
 
     *during = "sending the startup message";
     let startup = crate::pg::startup::encode_startup(params);
@@ -421,7 +348,7 @@ async fn connect_inner(
         tls,
         tls_verified: tls && settings.verifies_certificate(),
         allow_insecure_password: settings.allow_insecure_password,
-        certificate_hash: stream.server_certificate().and_then(tls::certificate_hash),
+        certificate_hash: server_certificate(&stream).and_then(tls::certificate_hash),
     };
     let outcome = auth::startup(&mut stream, &ctx, during).await?;
     tracing::debug!(
@@ -539,7 +466,7 @@ async fn open(settings: &UpstreamSettings, during: &mut &'static str) -> Result<
     let addr = settings.addr();
     let mut tcp = connect_tcp(settings, &addr, during).await?;
     if settings.sslmode == SslMode::Disable {
-        return Ok(UpstreamStream::Plain(tcp));
+        return Ok(Either::Left(tcp));
     }
     let Some(config) = settings.tls.clone() else {
         return Err(UpstreamError::Tls {
@@ -560,7 +487,7 @@ async fn open(settings: &UpstreamSettings, during: &mut &'static str) -> Result<
         .map_err(|e| io_error(&addr, during, e))?;
     match answer[0] {
         b'S' => {}
-        b'N' if settings.sslmode == SslMode::Prefer => return Ok(UpstreamStream::Plain(tcp)),
+        b'N' if settings.sslmode == SslMode::Prefer => return Ok(Either::Left(tcp)),
         b'N' => return Err(UpstreamError::TlsNotSupported { addr, sslmode: settings.sslmode }),
         b'E' => return Err(auth::error_after_ssl_request(&mut tcp, &addr).await),
         other => {
@@ -586,7 +513,7 @@ async fn open(settings: &UpstreamSettings, during: &mut &'static str) -> Result<
     *during = "in the TLS handshake";
     let connector = tokio_rustls::TlsConnector::from(config);
     match connector.connect(settings.server_name.clone(), tcp).await {
-        Ok(s) => Ok(UpstreamStream::Tls(Box::new(s))),
+        Ok(s) => Ok(Either::Right(Box::new(s))),
         Err(e) => Err(UpstreamError::Tls {
             addr,
             reason: tls::describe_error(&e, &settings.server_name),

@@ -3,7 +3,6 @@
 //! act on, and the tls-server-end-point channel-binding hash of the server certificate.
 
 use std::io;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -13,19 +12,42 @@ use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use sha2::Digest;
+use x509_cert::der::asn1::{AnyRef, ObjectIdentifier};
+use x509_cert::der::oid::db::rfc5912 as oids;
+use x509_cert::der::{self, Decode, Reader, TagMode, TagNumber};
+use x509_cert::spki::AlgorithmIdentifierRef;
 
 use crate::config::{DatabaseConfig, SslMode};
-
-/// The ALPN protocol Postgres 17+ registers; older servers ignore it, newer ones check it.
-const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+use crate::pg::tls::ALPN_POSTGRESQL;
+use crate::tls_files::{load_certs, load_key, load_roots, system_roots, NoSystemRoots, PemError};
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Why a database entry's TLS settings cannot be used; the texts name the config keys.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ClientConfigError {
+    /// ca_file, cert_file or key_file.
+    #[error(transparent)]
+    File(#[from] PemError),
+    #[error(
+        "databases[{index}].sslmode: sslmode {sslmode:?} without ca_file needs the system CA store, but {source}; set databases[{index}].ca_file"
+    )]
+    NoSystemRoots {
+        index: usize,
+        sslmode: &'static str,
+        source: NoSystemRoots,
+    },
+    #[error("databases[{index}].key_file: {source}")]
+    ClientAuth { index: usize, source: BuildError },
+    #[error("databases[{index}].sslmode: {source}")]
+    Other { index: usize, source: BuildError },
+}
+
 /// Builds the client configuration for a database entry, reading its ca_file, cert_file and
 /// key_file. `None` for sslmode=disable. Errors name the config key and the file.
-pub fn client_config(index: usize, db: &DatabaseConfig) -> Result<Option<Arc<ClientConfig>>, String> {
+pub(crate) fn client_config(index: usize, db: &DatabaseConfig) -> Result<Option<Arc<ClientConfig>>, ClientConfigError> {
     if db.sslmode == SslMode::Disable {
         return Ok(None);
     }
@@ -39,24 +61,28 @@ pub fn client_config(index: usize, db: &DatabaseConfig) -> Result<Option<Arc<Cli
         _ => None,
     };
     let config = build(db.sslmode, roots, client_auth).map_err(|e| match e {
-        BuildError::NoSystemRoots(why) => format!(
-            "{}: sslmode {:?} without ca_file needs the system CA store, but {why}; set {}",
-            key("sslmode"),
-            db.sslmode.as_str(),
-            key("ca_file"),
-        ),
-        BuildError::ClientAuth(why) => format!("{}: {why}", key("key_file")),
-        BuildError::Other(why) => format!("{}: {why}", key("sslmode")),
+        BuildError::NoSystemRoots(source) => ClientConfigError::NoSystemRoots {
+            index,
+            sslmode: db.sslmode.as_str(),
+            source,
+        },
+        e @ BuildError::ClientAuth(_) => ClientConfigError::ClientAuth { index, source: e },
+        e => ClientConfigError::Other { index, source: e },
     })?;
     Ok(Some(Arc::new(config)))
 }
 
 /// Why [`build`] failed.
-#[derive(Debug)]
-pub enum BuildError {
-    NoSystemRoots(String),
-    ClientAuth(String),
-    Other(String),
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BuildError {
+    #[error(transparent)]
+    NoSystemRoots(NoSystemRoots),
+    #[error("cannot use the client certificate and key: {0}")]
+    ClientAuth(rustls::Error),
+    #[error("cannot build certificate verifier: {0}")]
+    Verifier(rustls::client::VerifierBuilderError),
+    #[error("{0}")]
+    Protocol(rustls::Error),
 }
 
 /// Builds a client configuration from already-loaded material.
@@ -64,7 +90,7 @@ pub enum BuildError {
 /// `roots` is the ca_file contents. Following libpq, a CA file makes sslmode=require (and
 /// prefer, when TLS is used) verify the chain as verify-ca does; without one, verify-ca and
 /// verify-full use the system store and require/prefer verify nothing.
-pub fn build(
+pub(crate) fn build(
     sslmode: SslMode,
     roots: Option<RootCertStore>,
     client_auth: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
@@ -81,7 +107,7 @@ pub fn build(
             };
             let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .build()
-                .map_err(|e| BuildError::Other(format!("cannot build certificate verifier: {e}")))?;
+                .map_err(BuildError::Verifier)?;
             if mode == SslMode::VerifyFull {
                 webpki
             } else {
@@ -91,74 +117,17 @@ pub fn build(
     };
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| BuildError::Other(e.to_string()))?
+        .map_err(BuildError::Protocol)?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
     let mut config = match client_auth {
         Some((certs, key)) => builder
             .with_client_auth_cert(certs, key)
-            .map_err(|e| BuildError::ClientAuth(format!("cannot use the client certificate and key: {e}")))?,
+            .map_err(BuildError::ClientAuth)?,
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
     Ok(config)
-}
-
-fn read_file(key: &str, path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{key}: cannot read {:?}: {e}", path.display().to_string()))
-}
-
-pub(crate) fn load_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = read_file(key, path)?;
-    let certs = rustls_pemfile::certs(&mut &pem[..])
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{key}: cannot parse {:?}: {e}", path.display().to_string()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "{key}: {:?} contains no PEM certificate",
-            path.display().to_string()
-        ));
-    }
-    Ok(certs)
-}
-
-fn load_roots(key: &str, path: &Path) -> Result<RootCertStore, String> {
-    let mut roots = RootCertStore::empty();
-    for cert in load_certs(key, path)? {
-        roots.add(cert).map_err(|e| {
-            format!(
-                "{key}: {:?} holds a certificate that cannot be a trust anchor: {e}",
-                path.display().to_string()
-            )
-        })?;
-    }
-    Ok(roots)
-}
-
-pub(crate) fn load_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    let pem = read_file(key, path)?;
-    match rustls_pemfile::private_key(&mut &pem[..]) {
-        Ok(Some(k)) => Ok(k),
-        Ok(None) => Err(format!(
-            "{key}: {:?} contains no PEM private key",
-            path.display().to_string()
-        )),
-        Err(e) => Err(format!("{key}: cannot parse {:?}: {e}", path.display().to_string())),
-    }
-}
-
-fn system_roots() -> Result<RootCertStore, String> {
-    let loaded = rustls_native_certs::load_native_certs();
-    let mut roots = RootCertStore::empty();
-    let (_added, _ignored) = roots.add_parsable_certificates(loaded.certs);
-    if roots.is_empty() {
-        let why = match loaded.errors.first() {
-            Some(e) => format!("none could be loaded ({e})"),
-            None => "it is empty".to_string(),
-        };
-        return Err(why);
-    }
-    Ok(roots)
 }
 
 /// prefer/require without a CA file: encryption without authentication, as in libpq. The
@@ -258,7 +227,7 @@ impl ServerCertVerifier for ChainOnly {
 }
 
 /// Puts a failed TLS handshake into words: `certificate for db.internal not valid: unknown issuer ...`.
-pub fn describe_error(error: &io::Error, server_name: &ServerName<'_>) -> String {
+pub(crate) fn describe_error(error: &io::Error, server_name: &ServerName<'_>) -> String {
     let name = server_name.to_str();
     if let Some(e) = error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
         return describe_rustls(e, &name);
@@ -342,20 +311,46 @@ enum Hash {
     Sha512,
 }
 
-// Signature algorithm OIDs (DER content bytes).
-const RSA_PREFIX: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01]; // 1.2.840.113549.1.1
-const ECDSA_SHA1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x01]; // 1.2.840.10045.4.1
-const ECDSA_SHA2_PREFIX: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03]; // 1.2.840.10045.4.3
-const DSA_SHA1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x38, 0x04, 0x03]; // 1.2.840.10040.4.3
-const NIST_SIG_PREFIX: &[u8] = &[0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x03]; // 2.16.840.1.101.3.4.3
-const NIST_HASH_PREFIX: &[u8] = &[0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02]; // 2.16.840.1.101.3.4.2
-const SHA1: &[u8] = &[0x2b, 0x0e, 0x03, 0x02, 0x1a]; // 1.3.14.3.2.26
+/// ecdsa-with-SHA1 (RFC 5758), which const-oid's database lacks.
+const ECDSA_WITH_SHA_1: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.1");
+
+/// Signature algorithms and the hash tls-server-end-point uses for each: MD5 and SHA-1 become
+/// SHA-256 (RFC 5929 4.1). RSASSA-PSS names its hash in its parameters ([`pss_hash`]).
+const SIGNATURE_HASHES: &[(ObjectIdentifier, Hash)] = &[
+    (oids::MD_5_WITH_RSA_ENCRYPTION, Hash::Sha256),
+    (oids::SHA_1_WITH_RSA_ENCRYPTION, Hash::Sha256),
+    (oids::SHA_224_WITH_RSA_ENCRYPTION, Hash::Sha224),
+    (oids::SHA_256_WITH_RSA_ENCRYPTION, Hash::Sha256),
+    (oids::SHA_384_WITH_RSA_ENCRYPTION, Hash::Sha384),
+    (oids::SHA_512_WITH_RSA_ENCRYPTION, Hash::Sha512),
+    (ECDSA_WITH_SHA_1, Hash::Sha256),
+    (oids::ECDSA_WITH_SHA_224, Hash::Sha224),
+    (oids::ECDSA_WITH_SHA_256, Hash::Sha256),
+    (oids::ECDSA_WITH_SHA_384, Hash::Sha384),
+    (oids::ECDSA_WITH_SHA_512, Hash::Sha512),
+    (oids::DSA_WITH_SHA_1, Hash::Sha256),
+    (oids::DSA_WITH_SHA_224, Hash::Sha224),
+    (oids::DSA_WITH_SHA_256, Hash::Sha256),
+];
+
+/// Hash algorithms as RSASSA-PSS parameters name them; SHA-1 becomes SHA-256.
+const PSS_HASHES: &[(ObjectIdentifier, Hash)] = &[
+    (oids::ID_SHA_1, Hash::Sha256),
+    (oids::ID_SHA_224, Hash::Sha224),
+    (oids::ID_SHA_256, Hash::Sha256),
+    (oids::ID_SHA_384, Hash::Sha384),
+    (oids::ID_SHA_512, Hash::Sha512),
+];
+
+fn lookup(table: &[(ObjectIdentifier, Hash)], oid: &ObjectIdentifier) -> Option<Hash> {
+    table.iter().find(|(o, _)| o == oid).map(|(_, h)| *h)
+}
 
 /// The tls-server-end-point channel-binding data for a server certificate: its DER hashed with
 /// the hash of its signature algorithm, SHA-256 when that is MD5 or SHA-1 (RFC 5929 4.1, which
 /// Postgres follows). `None` for algorithms without a hash of their own (Ed25519, Ed448) or an
 /// unparsable certificate; Postgres cannot bind to those either.
-pub fn certificate_hash(der: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn certificate_hash(der: &[u8]) -> Option<Vec<u8>> {
     let hash = signature_hash(der)?;
     Some(match hash {
         Hash::Sha224 => sha2::Sha224::digest(der).to_vec(),
@@ -365,104 +360,30 @@ pub fn certificate_hash(der: &[u8]) -> Option<Vec<u8>> {
     })
 }
 
-/// Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm AlgorithmIdentifier, signature }
+/// The hash of the certificate's `signatureAlgorithm`.
 fn signature_hash(der: &[u8]) -> Option<Hash> {
-    let (0x30, cert, _) = der_tlv(der)? else {
-        return None;
-    };
-    let (0x30, _tbs, rest) = der_tlv(cert)? else {
-        return None;
-    };
-    let (0x30, alg, _) = der_tlv(rest)? else {
-        return None;
-    };
-    let (0x06, oid, params) = der_tlv(alg)? else {
-        return None;
-    };
-    if let Some(last) = oid.strip_prefix(RSA_PREFIX) {
-        return match last {
-            [4] | [5] => Some(Hash::Sha256), // md5WithRSA, sha1WithRSA
-            [11] => Some(Hash::Sha256),
-            [12] => Some(Hash::Sha384),
-            [13] => Some(Hash::Sha512),
-            [14] => Some(Hash::Sha224),
-            [10] => pss_hash(params), // RSASSA-PSS: the hash is in the parameters
-            _ => None,
-        };
+    let cert = x509_cert::Certificate::from_der(der).ok()?;
+    let alg = cert.signature_algorithm();
+    if alg.oid == oids::ID_RSASSA_PSS {
+        return pss_hash(alg.parameters.as_ref()?.into());
     }
-    if oid == ECDSA_SHA1 || oid == DSA_SHA1 {
-        return Some(Hash::Sha256);
-    }
-    if let Some(last) = oid.strip_prefix(ECDSA_SHA2_PREFIX) {
-        return match last {
-            [1] => Some(Hash::Sha224),
-            [2] => Some(Hash::Sha256),
-            [3] => Some(Hash::Sha384),
-            [4] => Some(Hash::Sha512),
-            _ => None,
-        };
-    }
-    if let Some(last) = oid.strip_prefix(NIST_SIG_PREFIX) {
-        // dsa-with-sha224/256 (1, 2), ecdsa-with-sha3-* and others have no SHA-2 digest we use.
-        return match last {
-            [1] => Some(Hash::Sha224),
-            [2] => Some(Hash::Sha256),
-            _ => None,
-        };
-    }
-    None
+    lookup(SIGNATURE_HASHES, &alg.oid)
 }
 
 /// RSASSA-PSS-params ::= SEQUENCE { hashAlgorithm [0] AlgorithmIdentifier DEFAULT sha1, ... }
-fn pss_hash(params: &[u8]) -> Option<Hash> {
-    let (0x30, seq, _) = der_tlv(params)? else {
-        return None;
-    };
-    if seq.is_empty() || seq[0] != 0xa0 {
-        return Some(Hash::Sha256); // default SHA-1
+fn pss_hash(params: AnyRef<'_>) -> Option<Hash> {
+    let hash = params
+        .sequence(|r| {
+            let hash: Option<AlgorithmIdentifierRef<'_>> = r.context_specific(TagNumber(0), TagMode::Explicit)?;
+            // maskGenAlgorithm, saltLength, trailerField: not needed here.
+            r.drain(r.remaining_len())?;
+            Ok::<_, der::Error>(hash)
+        })
+        .ok()?;
+    match hash {
+        None => Some(Hash::Sha256), // the default, SHA-1
+        Some(alg) => lookup(PSS_HASHES, &alg.oid),
     }
-    let (_, explicit, _) = der_tlv(seq)?;
-    let (0x30, alg, _) = der_tlv(explicit)? else {
-        return None;
-    };
-    let (0x06, oid, _) = der_tlv(alg)? else {
-        return None;
-    };
-    if oid == SHA1 {
-        return Some(Hash::Sha256);
-    }
-    match oid.strip_prefix(NIST_HASH_PREFIX)? {
-        [1] => Some(Hash::Sha256),
-        [2] => Some(Hash::Sha384),
-        [3] => Some(Hash::Sha512),
-        [4] => Some(Hash::Sha224),
-        _ => None,
-    }
-}
-
-/// One DER element: (tag, content, rest). Single-byte tags and definite lengths only, which is
-/// all a certificate's outer structure uses.
-fn der_tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    if tag & 0x1f == 0x1f {
-        return None;
-    }
-    let (&first, mut rest) = rest.split_first()?;
-    let len = if first < 0x80 {
-        first as usize
-    } else {
-        let n = (first & 0x7f) as usize;
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize);
-        rest = &rest[n..];
-        len
-    };
-    if rest.len() < len {
-        return None;
-    }
-    Some((tag, &rest[..len], &rest[len..]))
 }
 
 #[cfg(test)]
@@ -495,20 +416,25 @@ mod tests {
         let sha384 = [
             0x30, 0x0f, 0xa0, 0x0d, 0x30, 0x0b, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x02,
         ];
-        assert_eq!(pss_hash(&sha384), Some(Hash::Sha384));
-        assert_eq!(pss_hash(&[0x30, 0x00]), Some(Hash::Sha256));
+        fn any(der: &[u8]) -> AnyRef<'_> {
+            AnyRef::from_der(der).unwrap()
+        }
+        assert_eq!(pss_hash(any(&sha384)), Some(Hash::Sha384));
+        assert_eq!(pss_hash(any(&[0x30, 0x00])), Some(Hash::Sha256));
+        // SHA3-256 (2.16.840.1.101.3.4.2.8) has no SHA-2 digest here; an INTEGER is no sequence.
+        let sha3 = [
+            0x30, 0x0f, 0xa0, 0x0d, 0x30, 0x0b, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x08,
+        ];
+        assert_eq!(pss_hash(any(&sha3)), None);
+        assert_eq!(pss_hash(any(&[0x02, 0x01, 0x00])), None);
     }
 
     #[test]
-    fn der_lengths() {
-        assert_eq!(
-            der_tlv(&[0x04, 0x01, 0xaa, 0xbb]),
-            Some((0x04, &[0xaa][..], &[0xbb][..]))
-        );
-        let mut long = vec![0x04, 0x82, 0x01, 0x00];
-        long.extend(std::iter::repeat_n(0, 256));
-        assert_eq!(der_tlv(&long).unwrap().1.len(), 256);
-        assert_eq!(der_tlv(&[0x04, 0x05, 0x00]), None);
-        assert_eq!(der_tlv(&[0x04, 0x80]), None);
+    fn truncated_and_trailing_bytes_are_no_certificate() {
+        let p256 = cert_with(&rcgen::PKCS_ECDSA_P256_SHA256);
+        assert_eq!(certificate_hash(&p256[..p256.len() - 1]), None);
+        let mut trailing = p256.clone();
+        trailing.push(0);
+        assert_eq!(certificate_hash(&trailing), None);
     }
 }

@@ -193,38 +193,17 @@ impl std::fmt::Debug for VaultClient {
     }
 }
 
-/// Loads PEM certificates into a root store; the error names the file.
-pub fn load_roots(ca_file: Option<&std::path::Path>) -> Result<rustls::RootCertStore, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            let mut n = 0;
-            for cert in rustls_pemfile::certs(&mut &pem[..]) {
-                let cert = cert.map_err(|e| format!("{}: not a PEM certificate: {e}", path.display()))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;
-                n += 1;
-            }
-            if n == 0 {
-                return Err(format!("{} holds no PEM certificate", path.display()));
-            }
-        }
-        None => {
-            // Unreadable system certificates are skipped: one bad file must not stop start-up.
-            for cert in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(cert);
-            }
-        }
-    }
-    Ok(roots)
-}
-
 impl VaultClient {
     /// Builds the client; errors name the config key.
     pub fn new(cfg: &VaultConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, String> {
-        let roots = load_roots(cfg.ca_file.as_deref()).map_err(|e| format!("vault.ca_file: {e}"))?;
+        let roots = match &cfg.ca_file {
+            Some(path) => crate::tls_files::load_roots("vault.ca_file", path).map_err(|e| e.to_string())?,
+            // Plain http verifies no certificate, so it needs no system store.
+            None if cfg.address.starts_with("http://") => rustls::RootCertStore::empty(),
+            None => crate::tls_files::system_roots().map_err(|why| {
+                format!("vault.address: https without vault.ca_file needs the system CA store, but {why}; set vault.ca_file")
+            })?,
+        };
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("vault: TLS setup failed: {e}"))?
