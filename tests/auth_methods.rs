@@ -15,13 +15,6 @@ async fn whoami(port: u16, dbname: &str) -> Result<String, tokio_postgres::Error
     Ok(c.query_one("select current_user::text", &[]).await?.get(0))
 }
 
-/// Replaces the `[vault.auth]` table of a harness config.
-fn with_auth(config: &str, auth: &str) -> String {
-    let start = config.find("[vault.auth]").unwrap();
-    let end = config.find("[[databases]]").unwrap();
-    format!("{}{auth}\n\n{}", &config[..start], &config[end..])
-}
-
 #[tokio::test]
 async fn approle_login_reads_role_id_and_secret_id_files() {
     let s = servers();
@@ -41,17 +34,17 @@ async fn approle_login_reads_role_id_and_secret_id_files() {
     std::fs::write(&rid, format!("{role_id}\n")).unwrap();
     std::fs::write(&sid, &secret_id).unwrap();
 
-    let port = free_port();
-    let config = with_auth(
-        &app.config_toml("static", &[format!("127.0.0.1:{port}")]),
-        &format!(
-            "[vault.auth]\nmethod = \"approle\"\nmount = {}\nrole_id_file = {}\nsecret_id_file = {}",
-            toml_str(&mount),
-            toml_str(rid.to_str().unwrap()),
-            toml_str(sid.to_str().unwrap())
-        ),
+    let mut config = app.config("static");
+    config.auth = Auth::new(
+        "approle",
+        &[
+            ("mount", &mount),
+            ("role_id_file", rid.to_str().unwrap()),
+            ("secret_id_file", sid.to_str().unwrap()),
+        ],
     );
     let d = Dbward::start(&config);
+    let port = d.port();
     assert_eq!(whoami(port, &app.dbname).await.unwrap(), app.static_pg_role);
     assert_eq!(s.count_audit_requests(&format!("auth/{mount}/login")), 1);
     let log = d.log_contents();
@@ -69,20 +62,13 @@ async fn token_method_learns_policies_from_lookup_self_and_names_them_on_denial(
     let file = app.dir.join("vault-token");
     std::fs::write(&file, &token).unwrap();
 
-    let (port, denied_port) = (free_port(), free_port());
     // A second entry reads a path outside the policy.
-    let denied = format!(
-        "\n[[databases]]\nname = \"denied\"\nlisten = [\"127.0.0.1:{denied_port}\"]\nupstream = \"127.0.0.1:{}\"\n\
-         sslmode = \"disable\"\n[databases.credentials]\nkind = \"kv\"\npath = \"secret/data/elsewhere/db\"\n",
-        s.pg_port()
-    );
-    let config = with_auth(
-        &format!("{}{denied}", app.config_toml("static", &[format!("127.0.0.1:{port}")])),
-        &format!(
-            "[vault.auth]\nmethod = \"token\"\ntoken_file = {}",
-            toml_str(file.to_str().unwrap())
-        ),
-    );
+    let mut denied = app.entry("denied", "kv");
+    denied.dbname = None;
+    denied.credentials = Credentials::kv("secret/data/elsewhere/db");
+    let mut config = app.config("static").entry(denied);
+    config.auth = Auth::new("token", &[("token_file", file.to_str().unwrap())]);
+    let (port, denied_port) = (config.port(), config.databases[1].port());
     let d = Dbward::start(&config);
     assert_eq!(whoami(port, &app.dbname).await.unwrap(), app.static_pg_role);
     let err = whoami(denied_port, &app.dbname).await.unwrap_err();

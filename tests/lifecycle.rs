@@ -26,13 +26,6 @@ fn short_dynamic_role(app: &TestApp, default_ttl: &str, max_ttl: &str) -> String
     role
 }
 
-fn config_for_role(app: &TestApp, role: &str, port: u16) -> String {
-    app.config_toml("database", &[format!("127.0.0.1:{port}")]).replace(
-        &format!("role = {}\n", toml_str(&app.dynamic_role)),
-        &format!("role = {}\n", toml_str(role)),
-    )
-}
-
 async fn whoami(c: &tokio_postgres::Client) -> Result<String, tokio_postgres::Error> {
     Ok(c.query_one("select current_user::text", &[]).await?.get(0))
 }
@@ -48,8 +41,10 @@ async fn forty_seconds_of_connections_across_lease_and_token_expiry() {
     let app = s.new_app("life_steady");
     app.set_jwt_role_ttls("8s", Some("16s"));
     let role = short_dynamic_role(&app, "6s", "18s");
-    let port = free_port();
-    let d = Dbward::start(&config_for_role(&app, &role, port));
+    let mut cfg = app.config("database");
+    cfg.databases[0].credentials = Credentials::database(&role);
+    let d = Dbward::start(&cfg);
+    let port = d.port();
 
     let long = connect(port, &app.dbname, "long").await;
     let first_user = whoami(&long).await.unwrap();
@@ -133,8 +128,8 @@ async fn leases_revoked_behind_our_back_are_replaced_transparently() {
     let s = servers();
     let _g = s.shared();
     let app = s.new_app("life_revoked");
-    let port = free_port();
-    let d = Dbward::start(&app.config_toml("database", &[format!("127.0.0.1:{port}")]));
+    let d = Dbward::start(&app.config("database"));
+    let port = d.port();
     let before = whoami(&connect(port, &app.dbname, "x").await).await.unwrap();
     s.vault_write(
         &format!("sys/leases/revoke-prefix/database/creds/{}", app.dynamic_role),
@@ -155,8 +150,8 @@ async fn frozen_vault_does_not_delay_connections_with_a_cached_credential() {
     let s = servers();
     let _g = s.exclusive();
     let app = s.new_app("life_frozen");
-    let port = free_port();
-    let _d = Dbward::start(&app.config_toml("database", &[format!("127.0.0.1:{port}")]));
+    let d = Dbward::start(&app.config("database"));
+    let port = d.port();
     let user = whoami(&connect(port, &app.dbname, "x").await).await.unwrap();
 
     struct Thaw(&'static Servers);
@@ -184,12 +179,11 @@ async fn unreachable_vault_without_cache_is_08001() {
     let s = servers();
     let _g = s.shared();
     let app = s.new_app("life_novault");
-    let port = free_port();
     let dead = free_port();
-    let cfg = app
-        .config_toml("database", &[format!("127.0.0.1:{port}")])
-        .replace(s.vault_addr(), &format!("http://127.0.0.1:{dead}"));
-    let _d = Dbward::start(&cfg);
+    let mut cfg = app.config("database");
+    cfg.vault_address = format!("http://127.0.0.1:{dead}");
+    let d = Dbward::start(&cfg);
+    let port = d.port();
     let err = try_connect(port, &app.dbname, "x").await.expect_err("must fail");
     let db = err.as_db_error().expect("a Postgres error");
     assert_eq!(db.code().code(), "08001");
@@ -208,8 +202,8 @@ fn clean_shutdown_revokes_held_leases() {
     let s = servers();
     let _g = s.shared();
     let app = s.new_app("life_shutdown");
-    let port = free_port();
-    let mut d = Dbward::start(&app.config_toml("database", &[format!("127.0.0.1:{port}")]));
+    let mut d = Dbward::start(&app.config("database"));
+    let port = d.port();
     // psql, a separate process, so the session is closed before the shutdown starts.
     let out = psql(&[
         &format!("host=127.0.0.1 port={port} dbname={} user=x", app.dbname),

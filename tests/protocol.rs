@@ -17,13 +17,6 @@ use common::*;
 use tokio::io::AsyncWriteExt;
 use wire::*;
 
-/// dbward for `app` on one fresh TCP port, with extra `[[databases]]` lines and top-level TOML.
-fn start(app: &TestApp, kind: &str, db_extra: &str, top_extra: &str) -> Dbward {
-    let port = free_port();
-    let cfg = app.config_toml_with(kind, &[format!("127.0.0.1:{port}")], db_extra) + top_extra;
-    Dbward::start(&cfg)
-}
-
 /// A CA and a certificate for localhost/127.0.0.1 in `app.dir/tls`, and the `client_tls` line.
 fn client_tls(app: &TestApp) -> (Pki, String, String) {
     let pki = Pki::new(&["localhost", "127.0.0.1"]);
@@ -66,7 +59,7 @@ fn client_tls_serves_sslmode_require_and_verify_full() {
     let _g = s.shared();
     let app = s.new_app("proto_tls_psql");
     let (_pki, ca, line) = client_tls(&app);
-    let d = start(&app, "static", &line, "");
+    let d = Dbward::start(&app.config("static").db_line(&line));
     let port = d.port();
 
     let require = format!(
@@ -114,7 +107,7 @@ fn without_client_tls_sslmode_require_fails_with_libpqs_message() {
     let s = servers();
     let _g = s.shared();
     let app = s.new_app("proto_no_tls");
-    let d = start(&app, "static", "", "");
+    let d = Dbward::start(&app.config("static"));
     let base = format!("host=127.0.0.1 port={} dbname={} user=app", d.port(), app.dbname);
     let out = psql_conn(&format!("{base} sslmode=require"), "select 1");
     assert!(!out.status.success());
@@ -133,7 +126,7 @@ async fn direct_tls_requires_alpn_postgresql() {
     let _g = s.shared();
     let app = s.new_app("proto_direct_tls");
     let (pki, _, line) = client_tls(&app);
-    let d = start(&app, "static", &line, "");
+    let d = Dbward::start(&app.config("static").db_line(&line));
     let port = d.port();
     let params = [("user", "app"), ("database", app.dbname.as_str())];
 
@@ -173,7 +166,7 @@ async fn direct_tls_without_client_tls_is_closed() {
     let s = servers();
     let _g = s.shared();
     let app = s.new_app("proto_direct_off");
-    let d = start(&app, "static", "", "");
+    let d = Dbward::start(&app.config("static"));
     let pki = Pki::new(&["localhost"]);
     let connector = tokio_rustls::TlsConnector::from(pki.client_config(&[b"postgresql"]));
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", d.port())).await.unwrap();
@@ -188,7 +181,7 @@ async fn gssenc_is_declined_then_tls_and_startup_work() {
     let _g = s.shared();
     let app = s.new_app("proto_gssenc");
     let (pki, _, line) = client_tls(&app);
-    let d = start(&app, "static", &line, "");
+    let d = Dbward::start(&app.config("static").db_line(&line));
     let mut w = Wire::tcp(d.port()).await;
     w.send(&gssenc_request()).await;
     assert_eq!(w.recv_byte().await, Some(b'N'));
@@ -197,7 +190,7 @@ async fn gssenc_is_declined_then_tls_and_startup_work() {
     assert_eq!(Wire::first_column(&w.simple("select 7").await), ["7"]);
 
     // Without client_tls, GSSENC and SSL both get 'N' and the session goes on in plaintext.
-    let plain = start(&app, "static", "", "");
+    let plain = Dbward::start(&app.config("static"));
     let mut w = Wire::tcp(plain.port()).await;
     w.send(&gssenc_request()).await;
     assert_eq!(w.recv_byte().await, Some(b'N'));
@@ -213,7 +206,7 @@ async fn plaintext_bytes_after_ssl_request_are_refused() {
     let _g = s.shared();
     let app = s.new_app("proto_cve_2021_3935");
     let (_pki, _, line) = client_tls(&app);
-    let d = start(&app, "static", &line, "");
+    let d = Dbward::start(&app.config("static").db_line(&line));
     let mut w = Wire::tcp(d.port()).await;
     // A man-in-the-middle appends its own StartupMessage to the client's SSLRequest.
     let mut bytes = ssl_request();
@@ -232,7 +225,7 @@ async fn negotiation_is_bounded_by_startup_timeout() {
     let _g = s.shared();
     let app = s.new_app("proto_slow_tls");
     let (_pki, _, line) = client_tls(&app);
-    let d = start(&app, "static", &line, "\n[proxy]\nstartup_timeout = \"1s\"\n");
+    let d = Dbward::start(&app.config("static").db_line(&line).proxy("startup_timeout", "1s"));
     let started = Instant::now();
     // SSLRequest answered, then no handshake: the connection must not stay open.
     let mut w = Wire::tcp(d.port()).await;
@@ -268,7 +261,10 @@ async fn cancel_reaches_the_backend_through_another_listener_and_over_tls() {
     let app = s.new_app("proto_cancel");
     let (pki, _, line) = client_tls(&app);
     let (p1, p2) = (free_port(), free_port());
-    let cfg = app.config_toml_with("static", &[format!("127.0.0.1:{p1}"), format!("127.0.0.1:{p2}")], &line);
+    let cfg = app
+        .config("static")
+        .listen(&[format!("127.0.0.1:{p1}"), format!("127.0.0.1:{p2}")])
+        .db_line(&line);
     let d = Dbward::start(&cfg);
 
     let (mut w, greeting) = login(p1, &app, V3_0, &[]).await;
@@ -311,7 +307,7 @@ async fn protocol_3_2_client_gets_a_long_key_in_front_of_a_3_0_server() {
     let s = servers();
     let _g = s.shared();
     let app = s.new_app("proto_v32");
-    let d = start(&app, "static", "", "");
+    let d = Dbward::start(&app.config("static"));
     let (w, greeting) = login(d.port(), &app, V3_2, &[]).await;
     assert!(
         greeting.iter().all(|m| m.tag != b'v'),
@@ -348,7 +344,7 @@ async fn grease_probe_gets_negotiate_protocol_version_and_the_session_works() {
     let s = servers();
     let _g = s.shared();
     let app = s.new_app("proto_grease");
-    let d = start(&app, "static", "", "");
+    let d = Dbward::start(&app.config("static"));
     // What libpq's max_protocol_version=grease sends: 3.9999 and made-up _pq_ options.
     let (mut w, greeting) = login(
         d.port(),
@@ -380,7 +376,7 @@ async fn other_major_versions_and_malformed_startups_are_refused() {
     let s = servers();
     let _g = s.shared();
     let app = s.new_app("proto_malformed");
-    let d = start(&app, "static", "", "");
+    let d = Dbward::start(&app.config("static"));
     let cases: Vec<(Vec<u8>, &str, &str)> = vec![
         (
             startup(4 << 16, &[("user", "u")]),
@@ -425,7 +421,7 @@ fn replication_startups_pass_only_when_allowed() {
     let app = s.new_app("proto_replication");
     app.pg_exec(&format!("alter role {} replication", pg_ident(&app.static_pg_role)));
 
-    let off = start(&app, "static", "", "");
+    let off = Dbward::start(&app.config("static"));
     let conninfo = |port: u16, mode: &str| {
         format!(
             "host=127.0.0.1 port={port} dbname={} user=app replication={mode}",
@@ -441,7 +437,7 @@ fn replication_startups_pass_only_when_allowed() {
     );
     assert!(err.contains("allow_replication"), "{err}");
 
-    let on = start(&app, "static", "allow_replication = true", "");
+    let on = Dbward::start(&app.config("static").db_line("allow_replication = true"));
     let out = psql_conn(&conninfo(on.port(), "database"), "IDENTIFY_SYSTEM");
     assert!(out.status.success(), "{}\n{}", stderr(&out), on.log_contents());
     let system_id = s.pg_exec("postgres", "select system_identifier from pg_control_system()");
@@ -471,7 +467,7 @@ async fn max_client_connections_gives_53300() {
     let s = servers();
     let _g = s.shared();
     let app = s.new_app("proto_max_clients");
-    let d = start(&app, "static", "max_client_connections = 1", "");
+    let d = Dbward::start(&app.config("static").db_line("max_client_connections = 1"));
     // Dbward::start's readiness probe was a client too; its slot frees as soon as dbward sees
     // it close.
     let mut held = connect_when_free(d.port(), &app).await;
@@ -511,7 +507,7 @@ async fn vault_denial_is_28000_and_unreachable_upstream_is_08001() {
     let _g = s.shared();
     let app = s.new_app("proto_errors");
     app.set_policy("path \"sys/leases/renew\" { capabilities = [\"update\"] }\n");
-    let d = start(&app, "static", "", "");
+    let d = Dbward::start(&app.config("static"));
     let mut w = Wire::tcp(d.port()).await;
     w.send(&startup(V3_0, &[("user", "app"), ("database", &app.dbname)]))
         .await;
@@ -521,11 +517,8 @@ async fn vault_denial_is_28000_and_unreachable_upstream_is_08001() {
     app.set_policy(&app.default_policy_hcl());
 
     let closed = free_port();
-    let port = free_port();
-    let cfg = app.config_toml("static", &[format!("127.0.0.1:{port}")]).replace(
-        &format!("\"127.0.0.1:{}\"", s.pg_port()),
-        &format!("\"127.0.0.1:{closed}\""),
-    );
+    let mut cfg = app.config("static");
+    cfg.databases[0].upstream = format!("127.0.0.1:{closed}");
     let d = Dbward::start(&cfg);
     let mut w = Wire::tcp(d.port()).await;
     w.send(&startup(V3_0, &[("user", "app"), ("database", &app.dbname)]))
@@ -536,9 +529,8 @@ async fn vault_denial_is_28000_and_unreachable_upstream_is_08001() {
     assert!(f[&'M'].contains(&format!("127.0.0.1:{closed}")), "{f:?}");
 
     // The server's own errors are relayed as sent: a database that does not exist (3D000).
-    let cfg = app
-        .config_toml("static", &[format!("127.0.0.1:{}", free_port())])
-        .replace(&format!("dbname = {}", toml_str(&app.dbname)), "");
+    let mut cfg = app.config("static");
+    cfg.databases[0].dbname = None;
     let d = Dbward::start(&cfg);
     let mut w = Wire::tcp(d.port()).await;
     w.send(&startup(V3_0, &[("user", "app"), ("database", "no_such_db")]))
@@ -554,7 +546,7 @@ async fn shutdown_sends_57p01_between_server_messages() {
     let s = servers();
     let _g = s.shared();
     let app = s.new_app("proto_shutdown");
-    let d = start(&app, "static", "", "\n[proxy]\nshutdown_grace = \"1s\"\n");
+    let d = Dbward::start(&app.config("static").proxy("shutdown_grace", "1s"));
     let (mut idle, _) = login(d.port(), &app, V3_0, &[]).await;
     let (mut busy, _) = login(d.port(), &app, V3_0, &[]).await;
     // Rows of uneven sizes, more than can pass before the grace period ends.
@@ -611,7 +603,7 @@ async fn sessions_end_without_leaking_upstream_connections() {
     let s = servers();
     let _g = s.shared();
     let app = s.new_app("proto_leaks");
-    let d = start(&app, "static", "", "");
+    let d = Dbward::start(&app.config("static"));
     let port = d.port();
     let user = app.static_pg_role.clone();
 
@@ -800,7 +792,7 @@ async fn relayed_bytes_equal_a_direct_connection() {
     let direct_greeting = direct.login_scram(&p, &password).await;
     let direct_out = run_script(&mut direct).await;
 
-    let d = start(&app, "static", "", "");
+    let d = Dbward::start(&app.config("static"));
     let mut proxied = Wire::tcp(d.port()).await;
     let p = params("whoever");
     let p: Vec<(&str, &str)> = p.iter().map(|(k, v)| (*k, v.as_str())).collect();
