@@ -10,16 +10,14 @@ mod common;
 use common::*;
 use serde_json::json;
 
-async fn whoami(port: u16, dbname: &str) -> Result<String, tokio_postgres::Error> {
-    let c = try_connect(port, dbname, "x").await?;
-    Ok(c.query_one("select current_user::text", &[]).await?.get(0))
+/// `current_user` of a new session through dbward on `port`.
+async fn user_via(port: u16, dbname: &str) -> Result<String, tokio_postgres::Error> {
+    whoami(&try_connect(port, dbname, "x").await?).await
 }
 
 #[tokio::test]
 async fn approle_login_reads_role_id_and_secret_id_files() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("auth_approle");
+    let (s, _g, app) = shared_app("auth_approle");
     let mount = format!("approle-{}", app.tag.replace('_', "-"));
     s.vault_write(&format!("sys/auth/{mount}"), &json!({"type": "approle"}));
     s.vault_write(
@@ -45,7 +43,7 @@ async fn approle_login_reads_role_id_and_secret_id_files() {
     );
     let d = Dbward::start(&config);
     let port = d.port();
-    assert_eq!(whoami(port, &app.dbname).await.unwrap(), app.static_pg_role);
+    assert_eq!(user_via(port, &app.dbname).await.unwrap(), app.static_pg_role);
     assert_eq!(s.count_audit_requests(&format!("auth/{mount}/login")), 1);
     let log = d.log_contents();
     assert!(!log.contains(&secret_id), "the secret_id reached the log");
@@ -54,9 +52,7 @@ async fn approle_login_reads_role_id_and_secret_id_files() {
 
 #[tokio::test]
 async fn token_method_learns_policies_from_lookup_self_and_names_them_on_denial() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("auth_token");
+    let (s, _g, app) = shared_app("auth_token");
     let created = s.vault_write("auth/token/create", &json!({"policies": [app.policy], "ttl": "1h"}));
     let token = created["auth"]["client_token"].as_str().unwrap().to_string();
     let file = app.dir.join("vault-token");
@@ -70,8 +66,8 @@ async fn token_method_learns_policies_from_lookup_self_and_names_them_on_denial(
     config.auth = Auth::new("token", &[("token_file", file.to_str().unwrap())]);
     let (port, denied_port) = (config.port(), config.databases[1].port());
     let d = Dbward::start(&config);
-    assert_eq!(whoami(port, &app.dbname).await.unwrap(), app.static_pg_role);
-    let err = whoami(denied_port, &app.dbname).await.unwrap_err();
+    assert_eq!(user_via(port, &app.dbname).await.unwrap(), app.static_pg_role);
+    let err = user_via(denied_port, &app.dbname).await.unwrap_err();
     let db = err.as_db_error().unwrap();
     assert_eq!(db.code().code(), "28000");
     assert!(

@@ -79,6 +79,14 @@ fn check(app: &TestApp, name: &str, config: &TestConfig, extra: &[&str]) -> Out 
     dbward(&app.dir, name, config, &args, &[])
 }
 
+/// `check` of the app's KV entry, which must fail; returns its output and its login line.
+fn failed_login(app: &TestApp, name: &str) -> (Out, String) {
+    let out = check(app, name, &app.config("kv"), &[]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    let line = out.line("login (jwt role");
+    (out, line)
+}
+
 /// Leases Vault still holds under `database/creds/<role>/`.
 fn leases_of(s: &Servers, role: &str) -> Vec<String> {
     let (status, body) = s.vault_request(
@@ -102,14 +110,8 @@ fn leases_of(s: &Servers, role: &str) -> Vec<String> {
 /// the role; `dbward policy` prints a policy that, applied, makes the same check pass.
 #[test]
 fn moved_secret_fails_check_and_the_generated_policy_fixes_it() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_seed");
-    let new_path = app.kv_path.replace("/db", "/db-v2");
-    s.vault_write(
-        &new_path,
-        &json!({"data": {"username": app.kv_username, "password": app.kv_password}}),
-    );
+    let (_, _g, app) = shared_app("chk_seed");
+    let new_path = app.move_kv_secret();
     let mut cfg = app.config("kv").entry(app.entry("dyn", "database"));
     cfg.databases[0].credentials = Credentials::kv(&new_path);
 
@@ -189,9 +191,7 @@ fn moved_secret_fails_check_and_the_generated_policy_fixes_it() {
 /// The check's lease is revoked (its Postgres role dropped) and so is the check's token.
 #[test]
 fn check_revokes_its_test_lease_and_its_token() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_cleanup");
+    let (s, _g, app) = shared_app("chk_cleanup");
     let out = check(&app, "cleanup", &app.config("database"), &["--json"]);
     assert_eq!(out.code, 0, "{}", out.all());
     let j = out.json();
@@ -231,9 +231,7 @@ fn check_revokes_its_test_lease_and_its_token() {
 /// Neither the passwords Vault issued, nor the JWT, nor a Vault token appear in any output.
 #[test]
 fn output_never_contains_secrets() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_secrets");
+    let (_, _g, app) = shared_app("chk_secrets");
     let (_, static_password, _) = app.read_creds("static");
     let cfg = app
         .config("kv")
@@ -271,13 +269,9 @@ fn output_never_contains_secrets() {
 
 #[test]
 fn expired_jwt_is_named_and_not_sent() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_jwt_exp");
+    let (_, _g, app) = shared_app("chk_jwt_exp");
     app.write_jwt(&app.jwt_subject, JWT_AUDIENCE, -300);
-    let out = check(&app, "exp", &app.config("kv"), &[]);
-    assert_eq!(out.code, 1, "{}", out.all());
-    let line = out.line("login (jwt role");
+    let (out, line) = failed_login(&app, "exp");
     assert!(line.starts_with("FAIL vault"), "{line}");
     assert!(line.contains("the workload JWT has expired"), "{line}");
     assert!(line.contains(app.jwt_path.to_str().unwrap()), "{line}");
@@ -294,9 +288,7 @@ fn expired_jwt_is_named_and_not_sent() {
 
 #[test]
 fn jwt_not_yet_valid_is_named() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_jwt_nbf");
+    let (_, _g, app) = shared_app("chk_jwt_nbf");
     // dbward reads the claims without verifying the signature (Vault verifies), so any key does.
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
     let jwt = jsonwebtoken::encode(
@@ -329,13 +321,9 @@ fn jwt_not_yet_valid_is_named() {
 
 #[test]
 fn audience_not_bound_by_the_role_is_named() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_aud");
+    let (_, _g, app) = shared_app("chk_aud");
     app.write_jwt(&app.jwt_subject, "not-vault", 3600);
-    let out = check(&app, "aud", &app.config("kv"), &[]);
-    assert_eq!(out.code, 1, "{}", out.all());
-    let line = out.line("login (jwt role");
+    let (_, line) = failed_login(&app, "aud");
     assert!(line.starts_with("FAIL"), "{line}");
     assert!(
         line.contains("the JWT's aud (not-vault) is not one of the role's bound_audiences"),
@@ -352,13 +340,9 @@ fn audience_not_bound_by_the_role_is_named() {
 
 #[test]
 fn subject_not_bound_by_the_role_is_named() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_sub");
+    let (_, _g, app) = shared_app("chk_sub");
     app.write_jwt("system:serviceaccount:intruder", JWT_AUDIENCE, 3600);
-    let out = check(&app, "sub", &app.config("kv"), &[]);
-    assert_eq!(out.code, 1, "{}", out.all());
-    let line = out.line("login (jwt role");
+    let (_, line) = failed_login(&app, "sub");
     assert!(
         line.contains("the JWT's sub (system:serviceaccount:intruder) does not match the role's bound subject"),
         "{line}"
@@ -376,9 +360,7 @@ fn subject_not_bound_by_the_role_is_named() {
 /// would die with the token. A warning (exit 0), a failure with --strict.
 #[test]
 fn token_max_ttl_shorter_than_lease_max_ttl_is_a_warning() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_tokttl");
+    let (s, _g, app) = shared_app("chk_tokttl");
     app.set_jwt_role_ttls("10m", Some("30m"));
     let cfg = app.config("database");
     let out = check(&app, "tokttl", &cfg, &[]);
@@ -407,17 +389,10 @@ fn token_max_ttl_shorter_than_lease_max_ttl_is_a_warning() {
 /// ~13 s.
 #[test]
 fn very_short_lease_max_ttl_warns_of_constant_rotation() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_shortttl");
-    let role = format!("{}-short", app.tag);
-    app.create_dynamic_role(&role, "20s", "30s");
+    let (_, _g, app) = shared_app("chk_shortttl");
+    let role = app.short_dynamic_role("20s", "30s");
     let mut cfg = app.config("database");
     cfg.databases[0].credentials = Credentials::database(&role);
-    app.set_policy(&format!(
-        "{}path \"database/creds/{role}\" {{ capabilities = [\"read\"] }}\n",
-        app.default_policy_hcl()
-    ));
     let out = check(&app, "short", &cfg, &["--json"]);
     assert_eq!(out.code, 0, "{}", out.all());
     let j = out.json();
@@ -500,9 +475,7 @@ fn vault_tls_errors_and_a_sealed_vault_are_named() {
 /// The KV secret holds a password the server does not accept.
 #[test]
 fn upstream_refusing_the_credential_is_named() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_28p01");
+    let (s, _g, app) = shared_app("chk_28p01");
     app.write_kv(&app.kv_username, "not-the-password");
     let out = check(&app, "28p01", &app.config("kv"), &[]);
     assert_eq!(out.code, 1, "{}", out.all());
@@ -529,9 +502,7 @@ fn upstream_refusing_the_credential_is_named() {
 
 #[test]
 fn missing_database_is_named() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_3d000");
+    let (_, _g, app) = shared_app("chk_3d000");
     let mut cfg = app.config("static");
     cfg.databases[0].dbname = Some("no_such_db".into());
     let out = check(&app, "3d000", &cfg, &["--json"]);
@@ -639,9 +610,7 @@ fn bad_config_exits_64() {
 /// the config no longer uses are warnings; the generated policy has neither.
 #[test]
 fn diff_policy_shows_missing_and_unused_paths() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_diff");
+    let (_, _g, app) = shared_app("chk_diff");
     let new_path = app.kv_path.replace("/db", "/db-v2");
     let mut cfg = app.config("kv");
     cfg.databases[0].credentials = Credentials::kv(&new_path);

@@ -109,9 +109,7 @@ fn hba_prepend(lines: &str) {
 
 #[test]
 fn psql_script_with_copy_and_meta_commands() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("compat_psql");
+    let (_, _g, app) = shared_app("compat_psql");
     let d = Dbward::start(&app.config("static"));
     let dir = &app.dir;
     let input = dir.join("in.csv");
@@ -192,9 +190,7 @@ fn tps(o: &Output) -> f64 {
 
 #[test]
 fn pgbench_runs_through_dbward() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("compat_pgbench");
+    let (s, _g, app) = shared_app("compat_pgbench");
     let d = Dbward::start(&app.config("static"));
     let port = d.port().to_string();
     let proxied = ["-h", "127.0.0.1", "-p", &port, "-U", "app"];
@@ -247,9 +243,7 @@ async fn connect_listening(
 
 #[tokio::test]
 async fn tokio_postgres_prepared_binary_pipelined_listen_notify_cancel() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("compat_tokio_pg");
+    let (_, _g, app) = shared_app("compat_tokio_pg");
     let d = Dbward::start(&app.config("static"));
     let mut cfg = pg_config(d.port(), &app.dbname, "app");
     cfg.application_name("compat-app")
@@ -347,13 +341,8 @@ async fn tokio_postgres_prepared_binary_pipelined_listen_notify_cancel() {
 
 #[tokio::test]
 async fn copy_in_and_out_of_tens_of_megabytes() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("compat_copy");
-    app.pg_exec(&format!(
-        "create table big(id int, payload text); alter table big owner to {}",
-        pg_ident(&app.owner_role)
-    ));
+    let (_, _g, app) = shared_app("compat_copy");
+    app.create_table("big(id int, payload text)");
     let d = Dbward::start(&app.config("static"));
     let client = connect(d.port(), &app.dbname, "app").await;
 
@@ -505,9 +494,7 @@ async fn ssl_on_server_with_hostssl_only_and_verify_full() {
 
 #[tokio::test]
 async fn password_methods_that_leak_the_password_are_refused_with_08004() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("compat_cleartext");
+    let (_, _g, app) = shared_app("compat_cleartext");
     // The server asks this role for its password in cleartext.
     hba_prepend(&format!(
         "host all {} 127.0.0.1/32 password",

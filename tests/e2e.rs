@@ -12,7 +12,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::json;
 
 /// The SQLSTATE and message of a failed connection or query.
 fn db_error(e: &tokio_postgres::Error) -> (String, String) {
@@ -21,15 +20,12 @@ fn db_error(e: &tokio_postgres::Error) -> (String, String) {
 }
 
 async fn current_user(port: u16, dbname: &str) -> String {
-    let c = connect(port, dbname, "whoever").await;
-    c.query_one("select current_user::text", &[]).await.unwrap().get(0)
+    whoami(&connect(port, dbname, "whoever").await).await.unwrap()
 }
 
 #[tokio::test]
 async fn dynamic_credentials_psql_and_tokio_postgres_without_password() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("e2e_dyn");
+    let (s, _g, app) = shared_app("e2e_dyn");
     let d = Dbward::start(&app.config("database"));
     let port = d.port();
 
@@ -64,9 +60,7 @@ async fn dynamic_credentials_psql_and_tokio_postgres_without_password() {
 
 #[tokio::test]
 async fn static_role_credentials() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("e2e_static");
+    let (_, _g, app) = shared_app("e2e_static");
     let d = Dbward::start(&app.config("static"));
     let port = d.port();
     assert_eq!(current_user(port, &app.dbname).await, app.static_pg_role);
@@ -74,9 +68,7 @@ async fn static_role_credentials() {
 
 #[tokio::test]
 async fn kv_credentials_and_no_secret_in_logs() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("e2e_kv");
+    let (_, _g, app) = shared_app("e2e_kv");
     let d = Dbward::start(&app.config("kv"));
     let port = d.port();
     assert_eq!(current_user(port, &app.dbname).await, app.kv_username);
@@ -88,9 +80,7 @@ async fn kv_credentials_and_no_secret_in_logs() {
 
 #[tokio::test]
 async fn unix_socket_listener_with_mode_0660_and_stale_socket_replaced() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("e2e_unix");
+    let (_, _g, app) = shared_app("e2e_unix");
     let port = free_port();
     let sock = app.dir.join(format!(".s.PGSQL.{port}"));
     // A socket file left behind by a crashed run: bound, never unlinked.
@@ -124,9 +114,7 @@ async fn unix_socket_listener_with_mode_0660_and_stale_socket_replaced() {
 
 #[tokio::test]
 async fn wrong_database_name_gets_the_servers_3d000() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("e2e_nodb");
+    let (_, _g, app) = shared_app("e2e_nodb");
     // Without `dbname`, the client's database name is used.
     let mut cfg = app.config("static");
     cfg.databases[0].dbname = None;
@@ -146,14 +134,8 @@ async fn wrong_database_name_gets_the_servers_3d000() {
 /// policy fixes the next connection, without a restart.
 #[tokio::test]
 async fn moved_secret_with_stale_policy_names_the_path_and_recovers_when_fixed() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("e2e_3am");
-    let new_path = app.kv_path.replace("/db", "/db-v2");
-    s.vault_write(
-        &new_path,
-        &json!({"data": {"username": app.kv_username, "password": app.kv_password}}),
-    );
+    let (_, _g, app) = shared_app("e2e_3am");
+    let new_path = app.move_kv_secret();
     // A second database entry in the same dbward, reading a path the policy does allow.
     let mut cfg = app.config("kv").entry(app.entry("other", "static"));
     cfg.databases[0].credentials = Credentials::kv(&new_path);
@@ -184,16 +166,13 @@ async fn moved_secret_with_stale_policy_names_the_path_and_recovers_when_fixed()
         new_path
     ));
     let c = connect_eventually(moved_port, &app.dbname, Duration::from_secs(20), "after the policy fix").await;
-    let u: String = c.query_one("select current_user::text", &[]).await.unwrap().get(0);
-    assert_eq!(u, app.kv_username);
+    assert_eq!(whoami(&c).await.unwrap(), app.kv_username);
     assert!(d.is_running());
 }
 
 #[tokio::test]
 async fn expired_workload_jwt_is_named_not_sent() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("e2e_jwtexp");
+    let (_, _g, app) = shared_app("e2e_jwtexp");
     app.write_jwt(&app.jwt_subject, JWT_AUDIENCE, -60);
     let d = Dbward::start(&app.config("static"));
     let port = d.port();
@@ -209,9 +188,7 @@ async fn expired_workload_jwt_is_named_not_sent() {
 
 #[tokio::test]
 async fn jwt_with_wrong_subject_reports_the_claims() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("e2e_jwtsub");
+    let (_, _g, app) = shared_app("e2e_jwtsub");
     app.write_jwt("system:serviceaccount:someone-else", JWT_AUDIENCE, 3600);
     let d = Dbward::start(&app.config("static"));
     let port = d.port();
@@ -226,9 +203,7 @@ async fn jwt_with_wrong_subject_reports_the_claims() {
 
 #[tokio::test]
 async fn cancel_reaches_the_right_backend() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("e2e_cancel");
+    let (_, _g, app) = shared_app("e2e_cancel");
     let d = Dbward::start(&app.config("static"));
     let port = d.port();
     let client = connect(port, &app.dbname, "x").await;
@@ -281,9 +256,7 @@ async fn postgres_restart_then_new_connections_work() {
 
 #[tokio::test]
 async fn postgres_down_gives_08001_naming_the_upstream() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("e2e_pgdown");
+    let (_, _g, app) = shared_app("e2e_pgdown");
     let dead = free_port();
     let mut cfg = app.config("static");
     cfg.databases[0].upstream = format!("127.0.0.1:{dead}");

@@ -37,9 +37,7 @@ fn servers_start_and_answer() {
 
 #[tokio::test]
 async fn dynamic_credentials_log_in_to_postgres() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("smoke_dyn");
+    let (s, _g, app) = shared_app("smoke_dyn");
 
     let (user, password, resp) = app.read_creds("database");
     assert_eq!(resp["lease_duration"], 3600, "{resp}");
@@ -75,9 +73,7 @@ async fn dynamic_credentials_log_in_to_postgres() {
 
 #[tokio::test]
 async fn static_and_kv_credentials_log_in() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("smoke_creds");
+    let (s, _g, app) = shared_app("smoke_creds");
 
     let (user, password, resp) = app.read_creds("static");
     assert_eq!(user, app.static_pg_role);
@@ -118,9 +114,7 @@ async fn static_and_kv_credentials_log_in() {
 
 #[tokio::test]
 async fn jwt_login_token_reads_only_its_policy_paths() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("smoke_jwt");
+    let (s, _g, app) = shared_app("smoke_jwt");
     let other = s.new_app("smoke_jwt_other");
 
     let token = app.login();
@@ -206,9 +200,7 @@ async fn jwt_login_token_reads_only_its_policy_paths() {
 
 #[test]
 fn audit_log_counts_requests() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("smoke_audit");
+    let (s, _g, app) = shared_app("smoke_audit");
     let path = format!("database/creds/{}", app.dynamic_role);
     let before = s.count_audit_requests(&path);
     for _ in 0..3 {
@@ -227,9 +219,7 @@ fn audit_log_counts_requests() {
 
 #[test]
 fn test_config_is_accepted_by_the_real_parser() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("smoke_config");
+    let (s, _g, app) = shared_app("smoke_config");
     for (kind, path) in [
         ("database", format!("database/creds/{}", app.dynamic_role)),
         ("static", format!("database/static-creds/{}", app.static_role)),

@@ -594,11 +594,7 @@ async fn live_metrics_pass_promtool_and_cover_the_dashboard_and_alerts() {
             .unwrap();
         child.stdin.take().unwrap().write_all(m.as_bytes()).unwrap();
         let out = child.wait_with_output().unwrap();
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let said = output_text(&out);
         assert!(
             out.status.success() && said.trim().is_empty(),
             "promtool check metrics:\n{said}\n---\n{m}"
@@ -653,10 +649,9 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
         let out = Command::new("promtool").args(args).current_dir(REPO).output().unwrap();
         assert!(
             out.status.success(),
-            "promtool {}:\n{}{}",
+            "promtool {}:\n{}",
             args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            output_text(&out)
         );
     }
     let exprs = alert_exprs();
@@ -740,11 +735,7 @@ fn systemd_units_are_hardened_and_verify_clean() {
         .arg(dir.path().join("dbward.socket"))
         .output()
         .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = output_text(&out);
     // Unknown or misspelt keys are only warnings: a clean unit prints nothing at all.
     assert!(
         out.status.success() && said.trim().is_empty(),
@@ -763,6 +754,18 @@ fn refused(port: u16) -> bool {
     )
 }
 
+/// Waits until the client listener on `port` refuses connections.
+async fn wait_listener_closed(port: u16) {
+    wait_until_async(Duration::from_secs(10), "client listener closed", move || {
+        if refused(port) {
+            Ok(())
+        } else {
+            Err("still accepting".into())
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_then_ends_open_sessions_with_57p01_and_exits_0() {
     let s = servers();
@@ -776,14 +779,7 @@ async fn sigterm_drains_then_ends_open_sessions_with_57p01_and_exits_0() {
     let sent = Instant::now();
     d.signal(libc::SIGTERM);
     // Listeners close at once; the admin server keeps answering through the drain, not ready.
-    wait_until_async(Duration::from_secs(10), "client listener closed", move || {
-        if refused(port) {
-            Ok(())
-        } else {
-            Err("still accepting".into())
-        }
-    })
-    .await;
+    wait_listener_closed(port).await;
     let (status, body, _) = admin_get(admin, "/readyz").expect("admin answers during the drain");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("shutting down"), "{body}");
@@ -824,14 +820,7 @@ async fn sigterm_exits_as_soon_as_the_last_session_ends() {
         .unwrap();
 
     d.signal(libc::SIGTERM);
-    wait_until_async(Duration::from_secs(10), "client listener closed", move || {
-        if refused(port) {
-            Ok(())
-        } else {
-            Err("still accepting".into())
-        }
-    })
-    .await;
+    wait_listener_closed(port).await;
     // The session is not cut: it keeps working during the drain.
     let rows = client
         .simple_query("select count(*) from t")

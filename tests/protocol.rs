@@ -41,6 +41,19 @@ fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).trim().to_string()
 }
 
+/// A TLS handshake with dbward on `port` straight away (direct TLS, no SSLRequest), trusting
+/// `pki`'s CA and offering `alpn`.
+async fn direct_tls(
+    port: u16,
+    pki: &Pki,
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let connector = tokio_rustls::TlsConnector::from(pki.client_config(alpn));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await
+}
+
 /// Plain startup through dbward as any user; returns the connection and the greeting.
 async fn login(port: u16, app: &TestApp, version: u32, extra: &[(&str, &str)]) -> (Wire, Vec<Msg>) {
     let mut w = Wire::tcp(port).await;
@@ -55,9 +68,7 @@ async fn login(port: u16, app: &TestApp, version: u32, extra: &[(&str, &str)]) -
 
 #[test]
 fn client_tls_serves_sslmode_require_and_verify_full() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_tls_psql");
+    let (_, _g, app) = shared_app("proto_tls_psql");
     let (_pki, ca, line) = client_tls(&app);
     let d = Dbward::start(&app.config("static").db_line(&line));
     let port = d.port();
@@ -104,9 +115,7 @@ fn client_tls_serves_sslmode_require_and_verify_full() {
 
 #[test]
 fn without_client_tls_sslmode_require_fails_with_libpqs_message() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_no_tls");
+    let (_, _g, app) = shared_app("proto_no_tls");
     let d = Dbward::start(&app.config("static"));
     let base = format!("host=127.0.0.1 port={} dbname={} user=app", d.port(), app.dbname);
     let out = psql_conn(&format!("{base} sslmode=require"), "select 1");
@@ -122,9 +131,7 @@ fn without_client_tls_sslmode_require_fails_with_libpqs_message() {
 
 #[tokio::test]
 async fn direct_tls_requires_alpn_postgresql() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_direct_tls");
+    let (_, _g, app) = shared_app("proto_direct_tls");
     let (pki, _, line) = client_tls(&app);
     let d = Dbward::start(&app.config("static").db_line(&line));
     let port = d.port();
@@ -152,10 +159,9 @@ async fn direct_tls_requires_alpn_postgresql() {
     assert!(e.fields()[&'M'].contains("without ALPN"), "{e:?}");
 
     // Offering only another protocol fails the handshake.
-    let connector = tokio_rustls::TlsConnector::from(pki.client_config(&[b"http/1.1"]));
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let err = connector.connect(name, tcp).await.expect_err("handshake must fail");
+    let err = direct_tls(port, &pki, &[b"http/1.1"])
+        .await
+        .expect_err("handshake must fail");
     assert!(err.to_string().contains("NoApplicationProtocol"), "{err}");
 
     d.wait_for_log("client TLS handshake failed", Duration::from_secs(5));
@@ -163,23 +169,16 @@ async fn direct_tls_requires_alpn_postgresql() {
 
 #[tokio::test]
 async fn direct_tls_without_client_tls_is_closed() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_direct_off");
+    let (_, _g, app) = shared_app("proto_direct_off");
     let d = Dbward::start(&app.config("static"));
     let pki = Pki::new(&["localhost"]);
-    let connector = tokio_rustls::TlsConnector::from(pki.client_config(&[b"postgresql"]));
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", d.port())).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    assert!(connector.connect(name, tcp).await.is_err());
+    assert!(direct_tls(d.port(), &pki, &[b"postgresql"]).await.is_err());
     d.wait_for_log("client_tls is not configured", Duration::from_secs(5));
 }
 
 #[tokio::test]
 async fn gssenc_is_declined_then_tls_and_startup_work() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_gssenc");
+    let (_, _g, app) = shared_app("proto_gssenc");
     let (pki, _, line) = client_tls(&app);
     let d = Dbward::start(&app.config("static").db_line(&line));
     let mut w = Wire::tcp(d.port()).await;
@@ -202,9 +201,7 @@ async fn gssenc_is_declined_then_tls_and_startup_work() {
 
 #[tokio::test]
 async fn plaintext_bytes_after_ssl_request_are_refused() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_cve_2021_3935");
+    let (_, _g, app) = shared_app("proto_cve_2021_3935");
     let (_pki, _, line) = client_tls(&app);
     let d = Dbward::start(&app.config("static").db_line(&line));
     let mut w = Wire::tcp(d.port()).await;
@@ -221,9 +218,7 @@ async fn plaintext_bytes_after_ssl_request_are_refused() {
 
 #[tokio::test]
 async fn negotiation_is_bounded_by_startup_timeout() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_slow_tls");
+    let (_, _g, app) = shared_app("proto_slow_tls");
     let (_pki, _, line) = client_tls(&app);
     let d = Dbward::start(&app.config("static").db_line(&line).proxy("startup_timeout", "1s"));
     let started = Instant::now();
@@ -256,9 +251,7 @@ async fn start_sleep(mut w: Wire) -> tokio::task::JoinHandle<(Vec<Msg>, Duration
 
 #[tokio::test]
 async fn cancel_reaches_the_backend_through_another_listener_and_over_tls() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_cancel");
+    let (_, _g, app) = shared_app("proto_cancel");
     let (pki, _, line) = client_tls(&app);
     let (p1, p2) = (free_port(), free_port());
     let cfg = app
@@ -304,9 +297,7 @@ async fn cancel_reaches_the_backend_through_another_listener_and_over_tls() {
 
 #[tokio::test]
 async fn protocol_3_2_client_gets_a_long_key_in_front_of_a_3_0_server() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_v32");
+    let (_, _g, app) = shared_app("proto_v32");
     let d = Dbward::start(&app.config("static"));
     let (w, greeting) = login(d.port(), &app, V3_2, &[]).await;
     assert!(
@@ -341,9 +332,7 @@ async fn protocol_3_2_client_gets_a_long_key_in_front_of_a_3_0_server() {
 
 #[tokio::test]
 async fn grease_probe_gets_negotiate_protocol_version_and_the_session_works() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_grease");
+    let (_, _g, app) = shared_app("proto_grease");
     let d = Dbward::start(&app.config("static"));
     // What libpq's max_protocol_version=grease sends: 3.9999 and made-up _pq_ options.
     let (mut w, greeting) = login(
@@ -373,9 +362,7 @@ async fn grease_probe_gets_negotiate_protocol_version_and_the_session_works() {
 
 #[tokio::test]
 async fn other_major_versions_and_malformed_startups_are_refused() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_malformed");
+    let (_, _g, app) = shared_app("proto_malformed");
     let d = Dbward::start(&app.config("static"));
     let cases: Vec<(Vec<u8>, &str, &str)> = vec![
         (
@@ -416,9 +403,7 @@ async fn other_major_versions_and_malformed_startups_are_refused() {
 
 #[test]
 fn replication_startups_pass_only_when_allowed() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_replication");
+    let (s, _g, app) = shared_app("proto_replication");
     app.pg_exec(&format!("alter role {} replication", pg_ident(&app.static_pg_role)));
 
     let off = Dbward::start(&app.config("static"));
@@ -464,9 +449,7 @@ fn replication_startups_pass_only_when_allowed() {
 
 #[tokio::test]
 async fn max_client_connections_gives_53300() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_max_clients");
+    let (_, _g, app) = shared_app("proto_max_clients");
     let d = Dbward::start(&app.config("static").db_line("max_client_connections = 1"));
     // Dbward::start's readiness probe was a client too; its slot frees as soon as dbward sees
     // it close.
@@ -503,9 +486,7 @@ async fn connect_when_free(port: u16, app: &TestApp) -> Wire {
 
 #[tokio::test]
 async fn vault_denial_is_28000_and_unreachable_upstream_is_08001() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_errors");
+    let (_, _g, app) = shared_app("proto_errors");
     app.set_policy("path \"sys/leases/renew\" { capabilities = [\"update\"] }\n");
     let d = Dbward::start(&app.config("static"));
     let mut w = Wire::tcp(d.port()).await;
@@ -543,9 +524,7 @@ async fn vault_denial_is_28000_and_unreachable_upstream_is_08001() {
 
 #[tokio::test]
 async fn shutdown_sends_57p01_between_server_messages() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_shutdown");
+    let (_, _g, app) = shared_app("proto_shutdown");
     let d = Dbward::start(&app.config("static").proxy("shutdown_grace", "1s"));
     let (mut idle, _) = login(d.port(), &app, V3_0, &[]).await;
     let (mut busy, _) = login(d.port(), &app, V3_0, &[]).await;
@@ -600,9 +579,7 @@ fn wait_no_backends(app: &TestApp, user: &str, what: &str) {
 
 #[tokio::test]
 async fn sessions_end_without_leaking_upstream_connections() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_leaks");
+    let (_, _g, app) = shared_app("proto_leaks");
     let d = Dbward::start(&app.config("static"));
     let port = d.port();
     let user = app.static_pg_role.clone();
@@ -770,13 +747,8 @@ async fn run_script(w: &mut Wire) -> Vec<Vec<Msg>> {
 
 #[tokio::test]
 async fn relayed_bytes_equal_a_direct_connection() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_differential");
-    app.pg_exec(&format!(
-        "create table items(id int primary key, name text, price numeric(6,2), data bytea); alter table items owner to {}",
-        pg_ident(&app.owner_role)
-    ));
+    let (s, _g, app) = shared_app("proto_differential");
+    app.create_table("items(id int primary key, name text, price numeric(6,2), data bytea)");
     let (user, password, _) = app.read_creds("static");
     let params = |u: &str| {
         vec![

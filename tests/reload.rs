@@ -11,13 +11,6 @@ use std::time::Duration;
 
 use common::*;
 
-async fn whoami(c: &tokio_postgres::Client) -> String {
-    c.query_one("select current_user::text", &[])
-        .await
-        .expect("query")
-        .get(0)
-}
-
 /// Writes `config` over dbward's config file, sends SIGHUP and waits until the log shows
 /// `expect_in_log` for the `nth` time.
 fn reload(d: &Dbward, config: &TestConfig, expect_in_log: &str, nth: usize) {
@@ -39,25 +32,26 @@ fn reload(d: &Dbward, config: &TestConfig, expect_in_log: &str, nth: usize) {
 
 #[tokio::test]
 async fn sighup_adds_changes_and_removes_databases_without_dropping_sessions() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("reload_live");
+    let (_, _g, app) = shared_app("reload_live");
     let base = app.config("kv");
     let b = app.entry("b", "static");
     let (pa, pb) = (base.port(), b.port());
     let mut d = Dbward::start(&base);
     let on_a = connect(pa, &app.dbname, "x").await;
-    assert_eq!(whoami(&on_a).await, app.kv_username);
+    assert_eq!(whoami(&on_a).await.unwrap(), app.kv_username);
 
     // Add entry B and change A (switch it to the static role).
     let mut changed_a = base.clone().entry(b.clone());
     changed_a.databases[0].credentials = app.credentials("static");
     reload(&d, &changed_a, "configuration reloaded", 1);
     let on_b = connect(pb, &app.dbname, "x").await;
-    assert_eq!(whoami(&on_b).await, app.static_pg_role);
+    assert_eq!(whoami(&on_b).await.unwrap(), app.static_pg_role);
     // A's next client gets the changed entry; the session from before keeps its own login.
-    assert_eq!(whoami(&connect(pa, &app.dbname, "x").await).await, app.static_pg_role);
-    assert_eq!(whoami(&on_a).await, app.kv_username);
+    assert_eq!(
+        whoami(&connect(pa, &app.dbname, "x").await).await.unwrap(),
+        app.static_pg_role
+    );
+    assert_eq!(whoami(&on_a).await.unwrap(), app.kv_username);
 
     // Remove A: its port closes, its established session lives on.
     let only_b = TestConfig {
@@ -67,8 +61,8 @@ async fn sighup_adds_changes_and_removes_databases_without_dropping_sessions() {
     reload(&d, &only_b, "configuration reloaded", 2);
     let refused = try_connect(pa, &app.dbname, "x").await;
     assert!(refused.is_err(), "removed listener still accepts");
-    assert_eq!(whoami(&on_a).await, app.kv_username);
-    assert_eq!(whoami(&on_b).await, app.static_pg_role);
+    assert_eq!(whoami(&on_a).await.unwrap(), app.kv_username);
+    assert_eq!(whoami(&on_b).await.unwrap(), app.static_pg_role);
 
     // A bad config is refused with the key named; everything keeps working.
     let mut bad = only_b.clone();
@@ -80,15 +74,16 @@ async fn sighup_adds_changes_and_removes_databases_without_dropping_sessions() {
         "{}",
         d.log_contents()
     );
-    assert_eq!(whoami(&connect(pb, &app.dbname, "x").await).await, app.static_pg_role);
+    assert_eq!(
+        whoami(&connect(pb, &app.dbname, "x").await).await.unwrap(),
+        app.static_pg_role
+    );
     assert!(d.is_running());
 }
 
 #[tokio::test]
 async fn reload_that_cannot_bind_keeps_the_old_config() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("reload_bind");
+    let (_, _g, app) = shared_app("reload_bind");
     let base = app.config("static");
     let b = app.entry("b", "static");
     let (pa, pb) = (base.port(), b.port());
@@ -101,5 +96,8 @@ async fn reload_that_cannot_bind_keeps_the_old_config() {
         "{}",
         d.log_contents()
     );
-    assert_eq!(whoami(&connect(pa, &app.dbname, "x").await).await, app.static_pg_role);
+    assert_eq!(
+        whoami(&connect(pa, &app.dbname, "x").await).await.unwrap(),
+        app.static_pg_role
+    );
 }

@@ -210,6 +210,39 @@ impl TestApp {
         );
     }
 
+    /// A second dynamic role, `<tag>-short`, with these TTLs, which the app's policy may read
+    /// too; returns its name.
+    pub fn short_dynamic_role(&self, default_ttl: &str, max_ttl: &str) -> String {
+        let role = format!("{}-short", self.tag);
+        self.create_dynamic_role(&role, default_ttl, max_ttl);
+        self.set_policy(&format!(
+            "{}path \"database/creds/{role}\" {{ capabilities = [\"read\"] }}\n",
+            self.default_policy_hcl()
+        ));
+        role
+    }
+
+    /// Copies the KV secret to `<kv_path>-v2` without touching the policy, as when a secret
+    /// is moved; returns the new path.
+    pub fn move_kv_secret(&self) -> String {
+        let new_path = format!("{}-v2", self.kv_path);
+        self.servers.vault_write(
+            &new_path,
+            &json!({"data": {"username": self.kv_username, "password": self.kv_password}}),
+        );
+        new_path
+    }
+
+    /// Creates the table `definition` (`name(columns)`) in this app's database, owned by
+    /// `<tag>_owner` so that every login role of the app may use it.
+    pub fn create_table(&self, definition: &str) {
+        let name = definition.split('(').next().unwrap().trim();
+        self.pg_exec(&format!(
+            "create table {definition}; alter table {name} owner to {}",
+            pg_ident(&self.owner_role)
+        ));
+    }
+
     /// Writes the KV secret (a new version). Does not touch the Postgres role's password.
     pub fn write_kv(&self, username: &str, password: &str) {
         self.servers.vault_write(

@@ -49,9 +49,11 @@ pub use self::{
     config::{Auth, Credentials, Entry, TestConfig},
     daemon::Dbward,
     fixture::TestApp,
-    postgres::{connect, connect_eventually, connect_with_password, pg_config, psql, psql_command, try_connect},
+    postgres::{
+        connect, connect_eventually, connect_with_password, pg_config, psql, psql_command, try_connect, whoami,
+    },
     process::{wait_until, wait_until_async, ChildGuard},
-    servers::{servers, Servers},
+    servers::{servers, shared_app, Servers},
     vault::{bao_binary, TlsBao},
 };
 

@@ -319,6 +319,11 @@ async fn finish_connect(cfg: tokio_postgres::Config) -> Result<tokio_postgres::C
     Ok(client)
 }
 
+/// `current_user` of the session.
+pub async fn whoami(c: &tokio_postgres::Client) -> Result<String, tokio_postgres::Error> {
+    Ok(c.query_one("select current_user::text", &[]).await?.get(0))
+}
+
 fn psql_bin() -> PathBuf {
     let p = Path::new(PG_BIN).join("psql");
     if p.exists() {

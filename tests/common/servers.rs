@@ -15,7 +15,7 @@ use serde_json::json;
 use super::postgres::start_postgres_cluster;
 use super::process::{keeper, make_temp_dir};
 use super::vault::{http_agent, start_openbao};
-use super::{JWT_ISSUER, ROOT_TOKEN};
+use super::{TestApp, JWT_ISSUER, ROOT_TOKEN};
 
 /// The servers of this test binary. Get it with [`servers()`].
 pub struct Servers {
@@ -55,6 +55,14 @@ pub fn servers() -> &'static Servers {
         Ok(s) => s,
         Err(e) => panic!("test servers failed to start:\n{e}"),
     }
+}
+
+/// The opening of most tests: the servers, [`Servers::shared`] held, and a fresh app named
+/// `tag`. Keep the guard bound for the whole test (`_g`, not `_`).
+pub fn shared_app(tag: &str) -> (&'static Servers, RwLockReadGuard<'static, ()>, TestApp) {
+    let s = servers();
+    let guard = s.shared();
+    (s, guard, s.new_app(tag))
 }
 
 impl Servers {
