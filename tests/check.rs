@@ -87,6 +87,16 @@ fn failed_login(app: &TestApp, name: &str) -> (Out, String) {
     (out, line)
 }
 
+/// The first entry of kind `kind` in a `check --json` report.
+fn check_of<'a>(report: &'a Value, kind: &str) -> &'a Value {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} in {report:#}"))
+}
+
 /// Leases Vault still holds under `database/creds/<role>/`.
 fn leases_of(s: &Servers, role: &str) -> Vec<String> {
     let (status, body) = s.vault_request(
@@ -195,15 +205,7 @@ fn check_revokes_its_test_lease_and_its_token() {
     let out = check(&app, "cleanup", &app.config("database"), &["--json"]);
     assert_eq!(out.code, 0, "{}", out.all());
     let j = out.json();
-    let by = |kind: &str| -> Value {
-        j["checks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["check"] == kind)
-            .cloned()
-            .unwrap_or_else(|| panic!("no {kind} in {j:#}"))
-    };
+    let by = |kind: &str| check_of(&j, kind);
     assert_eq!(by("upstream")["verdict"], "pass", "{j:#}");
     let revoke = by("revoke_lease");
     assert_eq!(revoke["verdict"], "pass", "{j:#}");
@@ -301,12 +303,7 @@ fn jwt_not_yet_valid_is_named() {
     let out = check(&app, "nbf", &app.config("kv"), &["--json"]);
     assert_eq!(out.code, 1, "{}", out.all());
     let j = out.json();
-    let login = j["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["check"] == "login")
-        .unwrap();
+    let login = check_of(&j, "login");
     assert_eq!(login["verdict"], "fail");
     assert_eq!(login["problem"], "jwt_not_yet_valid", "{login:#}");
     assert!(
@@ -396,12 +393,7 @@ fn very_short_lease_max_ttl_warns_of_constant_rotation() {
     let out = check(&app, "short", &cfg, &["--json"]);
     assert_eq!(out.code, 0, "{}", out.all());
     let j = out.json();
-    let ttl = j["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["check"] == "lease_ttl")
-        .unwrap();
+    let ttl = check_of(&j, "lease_ttl");
     assert_eq!(ttl["verdict"], "warn", "{ttl:#}");
     assert_eq!(ttl["lease_ttl_seconds"], 20);
     let max = ttl["lease_max_ttl_seconds"].as_u64().unwrap();
@@ -508,12 +500,7 @@ fn missing_database_is_named() {
     let out = check(&app, "3d000", &cfg, &["--json"]);
     assert_eq!(out.code, 1, "{}", out.all());
     let j = out.json();
-    let up = j["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["check"] == "upstream")
-        .unwrap();
+    let up = check_of(&j, "upstream");
     assert_eq!(up["verdict"], "fail");
     assert_eq!(up["sqlstate"], "3D000", "{up:#}");
     assert!(
@@ -573,12 +560,7 @@ fn clock_skew_against_vault_is_named() {
     let out = check(&app, "skew", &cfg, &["--json"]);
     assert_eq!(out.code, 1, "{}", out.all());
     let j = out.json();
-    let clock = j["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["check"] == "clock")
-        .unwrap();
+    let clock = check_of(&j, "clock");
     assert_eq!(clock["verdict"], "fail", "{clock:#}");
     let skew = clock["skew_seconds"].as_i64().unwrap();
     assert!((595..=605).contains(&skew), "{clock:#}");

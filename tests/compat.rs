@@ -443,10 +443,7 @@ async fn ssl_on_server_with_hostssl_only_and_verify_full() {
 
     // Without TLS upstream, the server's own hostssl refusal reaches the client as sent.
     let d = Dbward::start(&app.config("static"));
-    let err = try_connect(d.port(), &app.dbname, "app")
-        .await
-        .expect_err("plaintext must be refused");
-    let db = err.as_db_error().unwrap_or_else(|| panic!("{err}"));
+    let db = connect_refused(d.port(), &app.dbname, "app").await;
     assert_eq!(db.code().code(), "28000", "{db}");
     assert!(db.message().contains("no encryption"), "{db}");
     drop(d);
@@ -465,10 +462,7 @@ async fn ssl_on_server_with_hostssl_only_and_verify_full() {
     let wrong = Pki::new(&["127.0.0.1"]);
     let (wrong_ca, _, _) = wrong.write(&app.dir.join("wrong"));
     let d = start_tls(&app, "verify-full", Some(&wrong_ca), None);
-    let err = try_connect(d.port(), &app.dbname, "app")
-        .await
-        .expect_err("wrong CA must be refused");
-    let db = err.as_db_error().unwrap_or_else(|| panic!("{err}"));
+    let db = connect_refused(d.port(), &app.dbname, "app").await;
     assert_eq!(db.code().code(), "08001", "{db}");
     assert!(db.message().contains("TLS"), "{db}");
     assert!(
@@ -480,10 +474,7 @@ async fn ssl_on_server_with_hostssl_only_and_verify_full() {
 
     // The right CA but a name the certificate does not have.
     let d = start_tls(&app, "verify-full", Some(&ca), Some("db.wrong.example"));
-    let err = try_connect(d.port(), &app.dbname, "app")
-        .await
-        .expect_err("wrong name must be refused");
-    let db = err.as_db_error().unwrap_or_else(|| panic!("{err}"));
+    let db = connect_refused(d.port(), &app.dbname, "app").await;
     assert_eq!(db.code().code(), "08001", "{db}");
     assert!(db.message().contains("db.wrong.example"), "{db}");
 
@@ -501,12 +492,7 @@ async fn password_methods_that_leak_the_password_are_refused_with_08004() {
         pg_ident(&app.static_pg_role)
     ));
     let d = Dbward::start(&app.config("static"));
-    let mut w = Wire::tcp(d.port()).await;
-    w.send(&startup(V3_0, &[("user", "app"), ("database", &app.dbname)]))
-        .await;
-    let msgs = w.until_eof().await;
-    let f = msgs[0].fields();
-    assert_eq!((f[&'S'].as_str(), f[&'C'].as_str()), ("FATAL", "08004"), "{f:?}");
+    let f = refused_startup(d.port(), &[("user", "app"), ("database", &app.dbname)], "08004").await;
     assert!(f[&'M'].contains("cleartext password"), "{f:?}");
 
     // Over verified TLS it may be sent.

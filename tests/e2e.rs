@@ -120,10 +120,8 @@ async fn wrong_database_name_gets_the_servers_3d000() {
     cfg.databases[0].dbname = None;
     let d = Dbward::start(&cfg);
     let port = d.port();
-    let err = try_connect(port, "no_such_db", "x")
-        .await
-        .expect_err("connect must fail");
-    let (code, msg) = db_error(&err);
+    let db = connect_refused(port, "no_such_db", "x").await;
+    let (code, msg) = (db.code().code(), db.message());
     assert_eq!(code, "3D000");
     assert!(msg.contains("no_such_db"), "{msg}");
     assert_eq!(current_user(port, &app.dbname).await, app.static_pg_role);
@@ -142,10 +140,7 @@ async fn moved_secret_with_stale_policy_names_the_path_and_recovers_when_fixed()
     let (moved_port, other_port) = (cfg.port(), cfg.databases[1].port());
     let mut d = Dbward::start(&cfg);
 
-    let err = try_connect(moved_port, &app.dbname, "x")
-        .await
-        .expect_err("must be denied");
-    let db = err.as_db_error().unwrap();
+    let db = connect_refused(moved_port, &app.dbname, "x").await;
     assert_eq!(db.code().code(), "28000");
     assert_eq!(
         db.message(),
@@ -176,8 +171,8 @@ async fn expired_workload_jwt_is_named_not_sent() {
     app.write_jwt(&app.jwt_subject, JWT_AUDIENCE, -60);
     let d = Dbward::start(&app.config("static"));
     let port = d.port();
-    let err = try_connect(port, &app.dbname, "x").await.expect_err("must fail");
-    let (code, msg) = db_error(&err);
+    let db = connect_refused(port, &app.dbname, "x").await;
+    let (code, msg) = (db.code().code(), db.message());
     assert_eq!(code, "28000");
     assert!(msg.contains("the JWT expired at"), "{msg}");
     assert!(msg.contains(app.jwt_path.to_str().unwrap()), "{msg}");
@@ -192,8 +187,8 @@ async fn jwt_with_wrong_subject_reports_the_claims() {
     app.write_jwt("system:serviceaccount:someone-else", JWT_AUDIENCE, 3600);
     let d = Dbward::start(&app.config("static"));
     let port = d.port();
-    let err = try_connect(port, &app.dbname, "x").await.expect_err("must fail");
-    let (code, msg) = db_error(&err);
+    let db = connect_refused(port, &app.dbname, "x").await;
+    let (code, msg) = (db.code().code(), db.message());
     assert_eq!(code, "28000");
     assert!(msg.contains("Vault login of auth/jwt/login failed"), "{msg}");
     assert!(msg.contains("sub=system:serviceaccount:someone-else"), "{msg}");
@@ -262,8 +257,8 @@ async fn postgres_down_gives_08001_naming_the_upstream() {
     cfg.databases[0].upstream = format!("127.0.0.1:{dead}");
     let d = Dbward::start(&cfg);
     let port = d.port();
-    let err = try_connect(port, &app.dbname, "x").await.expect_err("must fail");
-    let (code, msg) = db_error(&err);
+    let db = connect_refused(port, &app.dbname, "x").await;
+    let (code, msg) = (db.code().code(), db.message());
     assert_eq!(code, "08001");
     assert!(msg.contains(&format!("127.0.0.1:{dead}")), "{msg}");
     assert!(msg.contains(&app.tag), "names the database entry: {msg}");

@@ -163,8 +163,7 @@ async fn unreachable_vault_without_cache_is_08001() {
     cfg.vault_address = format!("http://127.0.0.1:{dead}");
     let d = Dbward::start(&cfg);
     let port = d.port();
-    let err = try_connect(port, &app.dbname, "x").await.expect_err("must fail");
-    let db = err.as_db_error().expect("a Postgres error");
+    let db = connect_refused(port, &app.dbname, "x").await;
     assert_eq!(db.code().code(), "08001");
     assert!(
         db.message()

@@ -454,12 +454,7 @@ async fn max_client_connections_gives_53300() {
     // Dbward::start's readiness probe was a client too; its slot frees as soon as dbward sees
     // it close.
     let mut held = connect_when_free(d.port(), &app).await;
-    let mut w = Wire::tcp(d.port()).await;
-    w.send(&startup(V3_0, &[("user", "app"), ("database", &app.dbname)]))
-        .await;
-    let msgs = w.until_eof().await;
-    let f = msgs[0].fields();
-    assert_eq!((f[&'S'].as_str(), f[&'C'].as_str()), ("FATAL", "53300"), "{f:?}");
+    let f = refused_startup(d.port(), &[("user", "app"), ("database", &app.dbname)], "53300").await;
     assert!(f[&'M'].contains("max_client_connections (1)"), "{f:?}");
     held.send(&terminate()).await;
     assert!(held.until_eof().await.is_empty());
@@ -489,36 +484,21 @@ async fn vault_denial_is_28000_and_unreachable_upstream_is_08001() {
     let (_, _g, app) = shared_app("proto_errors");
     app.set_policy("path \"sys/leases/renew\" { capabilities = [\"update\"] }\n");
     let d = Dbward::start(&app.config("static"));
-    let mut w = Wire::tcp(d.port()).await;
-    w.send(&startup(V3_0, &[("user", "app"), ("database", &app.dbname)]))
-        .await;
-    let msgs = w.until_eof().await;
-    let f = msgs[0].fields();
-    assert_eq!((f[&'S'].as_str(), f[&'C'].as_str()), ("FATAL", "28000"), "{f:?}");
+    refused_startup(d.port(), &[("user", "app"), ("database", &app.dbname)], "28000").await;
     app.set_policy(&app.default_policy_hcl());
 
     let closed = free_port();
     let mut cfg = app.config("static");
     cfg.databases[0].upstream = format!("127.0.0.1:{closed}");
     let d = Dbward::start(&cfg);
-    let mut w = Wire::tcp(d.port()).await;
-    w.send(&startup(V3_0, &[("user", "app"), ("database", &app.dbname)]))
-        .await;
-    let msgs = w.until_eof().await;
-    let f = msgs[0].fields();
-    assert_eq!((f[&'S'].as_str(), f[&'C'].as_str()), ("FATAL", "08001"), "{f:?}");
+    let f = refused_startup(d.port(), &[("user", "app"), ("database", &app.dbname)], "08001").await;
     assert!(f[&'M'].contains(&format!("127.0.0.1:{closed}")), "{f:?}");
 
     // The server's own errors are relayed as sent: a database that does not exist (3D000).
     let mut cfg = app.config("static");
     cfg.databases[0].dbname = None;
     let d = Dbward::start(&cfg);
-    let mut w = Wire::tcp(d.port()).await;
-    w.send(&startup(V3_0, &[("user", "app"), ("database", "no_such_db")]))
-        .await;
-    let msgs = w.until_eof().await;
-    let f = msgs[0].fields();
-    assert_eq!((f[&'S'].as_str(), f[&'C'].as_str()), ("FATAL", "3D000"), "{f:?}");
+    let f = refused_startup(d.port(), &[("user", "app"), ("database", "no_such_db")], "3D000").await;
     assert_eq!(f[&'M'], "database \"no_such_db\" does not exist");
 }
 

@@ -50,7 +50,8 @@ pub use self::{
     daemon::Dbward,
     fixture::TestApp,
     postgres::{
-        connect, connect_eventually, connect_with_password, pg_config, psql, psql_command, try_connect, whoami,
+        connect, connect_eventually, connect_refused, connect_with_password, pg_config, psql, psql_command,
+        try_connect, whoami,
     },
     process::{wait_until, wait_until_async, ChildGuard},
     servers::{servers, shared_app, Servers},

@@ -281,6 +281,18 @@ pub async fn try_connect(port: u16, dbname: &str, user: &str) -> Result<tokio_po
     finish_connect(pg_config(port, dbname, user)).await
 }
 
+/// [`try_connect`] that must fail with an error from the server (dbward or Postgres); returns
+/// that error (SQLSTATE, message, detail, hint).
+pub async fn connect_refused(port: u16, dbname: &str, user: &str) -> tokio_postgres::error::DbError {
+    match try_connect(port, dbname, user).await {
+        Ok(_) => panic!("connect to 127.0.0.1:{port}/{dbname} as {user} succeeded; it must be refused"),
+        Err(e) => e
+            .as_db_error()
+            .cloned()
+            .unwrap_or_else(|| panic!("not a server error: {e:?}")),
+    }
+}
+
 /// [`try_connect`] until it succeeds (e.g. after a fix that takes effect asynchronously);
 /// panics with the last error and `what` after `timeout`.
 pub async fn connect_eventually(port: u16, dbname: &str, timeout: Duration, what: &str) -> tokio_postgres::Client {
