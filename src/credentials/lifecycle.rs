@@ -80,7 +80,7 @@ impl CredentialStore {
             let now = Instant::now();
             match next_refresh(entry.cfg.kind, cached.as_deref(), login, retry_at, now) {
                 Next::Now(reason) => tokio::select! {
-                    _ = self.refresh_step(&name, &entry, reason) => {}
+                    _ = self.refresh_step(&name, &entry, reason, cached.is_some()) => {}
                     _ = entry.retired.cancelled() => return,
                     _ = stop.stopping() => return,
                 },
@@ -96,13 +96,12 @@ impl CredentialStore {
     }
 
     /// Replaces `database`'s credential now; on failure the entry backs off and the cached
-    /// credential serves while it is valid.
-    async fn refresh_step(&self, database: &str, entry: &Entry, reason: &'static str) {
+    /// credential serves while it is valid. `cached` is what the decision saw: when nothing was
+    /// cached, a client may have fetched one since, and going through the cache then reuses it.
+    async fn refresh_step(&self, database: &str, entry: &Entry, reason: &'static str, cached: bool) {
         tracing::debug!(database, reason, "refreshing credential");
-        let result = match self.cache.get(database).await {
-            // Through the cache's single flight, shared with clients that ask meanwhile.
-            None => self.get(database).await.map(|_| ()),
-            Some(_) => match self.fetch(database).await {
+        let result = if cached {
+            match self.fetch(database).await {
                 Ok(new) => {
                     self.cache.insert(database.to_string(), new).await;
                     // The replaced lease is renewed or revoked from now on.
@@ -110,7 +109,10 @@ impl CredentialStore {
                     Ok(())
                 }
                 Err(e) => Err(e),
-            },
+            }
+        } else {
+            // Through the cache's single flight, shared with clients that ask meanwhile.
+            self.get(database).await.map(|_| ())
         };
         let outcome = if result.is_ok() { "ok" } else { "error" };
         self.metrics
@@ -203,7 +205,7 @@ impl CredentialStore {
 mod tests {
     use super::*;
     use crate::credentials::schedule::{schedule, LeaseClock};
-    use crate::credentials::tests::{creds, held, leased, store};
+    use crate::credentials::test_support::{creds, held, leased, store};
 
     fn refreshes(store: &CredentialStore, outcome: &str) -> u64 {
         store

@@ -118,10 +118,10 @@ impl Held {
 /// from the [`crate::vault::Lease`] Vault granted at the start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct LeaseClock {
-    pub renewed_at: Instant,
-    pub duration: Duration,
+    pub(crate) renewed_at: Instant,
+    pub(crate) duration: Duration,
     /// Vault granted less than asked: the max TTL is reached, renewing further is pointless.
-    pub at_max: bool,
+    pub(crate) at_max: bool,
 }
 
 impl LeaseClock {
@@ -156,14 +156,14 @@ pub(crate) enum LeaseRole {
 /// Everything the lease decision depends on.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LeaseView {
-    pub clock: LeaseClock,
-    pub role: LeaseRole,
+    pub(crate) clock: LeaseClock,
+    pub(crate) role: LeaseRole,
     /// Vault said the lease can be renewed.
-    pub renewable: bool,
-    pub renew_in_use: bool,
-    pub revoke_unused: bool,
+    pub(crate) renewable: bool,
+    pub(crate) renew_in_use: bool,
+    pub(crate) revoke_unused: bool,
     /// The end of the backoff after a failed renewal or revocation.
-    pub retry_at: Option<Instant>,
+    pub(crate) retry_at: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,7 +222,7 @@ pub(crate) fn wake_at(next: Option<Instant>, now: Instant) -> Option<Instant> {
 mod tests {
     use super::*;
     use crate::backoff::Backoff;
-    use crate::credentials::tests::{creds, held};
+    use crate::credentials::test_support::{creds, held};
 
     const S: fn(u64) -> Duration = Duration::from_secs;
     const MS: fn(u64) -> Duration = Duration::from_millis;
