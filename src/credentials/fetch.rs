@@ -11,9 +11,9 @@ use std::time::Instant;
 use rand::Rng;
 
 use super::schedule::{schedule, LeaseClock};
-use super::{CredentialError, CredentialStore, Held};
+use super::{CredentialError, CredentialStore, Entry, Held};
 use crate::clock::unix_now;
-use crate::vault::{self, VaultError, VaultToken};
+use crate::vault::{self, Credential, VaultError, VaultToken};
 
 impl CredentialStore {
     pub(crate) async fn fetch(&self, database: &str) -> Result<Arc<Held>, CredentialError> {
@@ -28,58 +28,48 @@ impl CredentialStore {
                 login: self.login_description(),
             });
         };
+        match self.read(database, &entry).await {
+            Ok((cred, token_generation)) => Ok(self.keep(database, &entry, cred, token_generation)),
+            Err(e) => {
+                self.report_failure(database, &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads the entry's secret with a usable token; returns it with the login generation
+    /// that obtained it.
+    async fn read(&self, database: &str, entry: &Entry) -> Result<(Credential, u64), CredentialError> {
         let cfg = &entry.cfg;
-        let path = cfg.vault_path();
         let wrap = |error: VaultError, policies: Option<String>| CredentialError {
             database: database.to_string(),
-            path: path.clone(),
+            path: cfg.vault_path(),
             error,
             policies,
             login: self.login_description(),
         };
-        let result = async {
-            let token = self.auth.token().await.map_err(|e| wrap(e, None))?;
-            self.note_token(&token);
-            match vault::secrets::fetch(&self.vault, &token.token, cfg).await {
-                Err(e) if e.is_denied() => match self.auth.relogin_after_denial(&token).await {
-                    Some(Ok(new)) => {
-                        self.note_token(&new);
-                        vault::secrets::fetch(&self.vault, &new.token, cfg)
-                            .await
-                            .map(|c| (c, new.generation))
-                            .map_err(|e| wrap(e, Some(new.policies_text())))
-                    }
-                    Some(Err(login_err)) => Err(wrap(login_err, None)),
-                    None => Err(wrap(e, Some(token.policies_text()))),
-                },
-                other => other
-                    .map(|c| (c, token.generation))
-                    .map_err(|e| wrap(e, Some(token.policies_text()))),
-            }
-        }
-        .await;
-        let (mut cred, token_generation) = match result {
-            Ok(got) => got,
-            Err(e) => {
-                self.metrics
-                    .credential_fetch_total
-                    .with_label_values(&[database, "error"])
-                    .inc();
-                if e.error.is_denied() {
-                    self.metrics.vault_denied_total.with_label_values(&[database]).inc();
+        let token = self.auth.token().await.map_err(|e| wrap(e, None))?;
+        self.note_token(&token);
+        match vault::secrets::fetch(&self.vault, &token.token, cfg).await {
+            Err(e) if e.is_denied() => match self.auth.relogin_after_denial(&token).await {
+                Some(Ok(new)) => {
+                    self.note_token(&new);
+                    vault::secrets::fetch(&self.vault, &new.token, cfg)
+                        .await
+                        .map(|c| (c, new.generation))
+                        .map_err(|e| wrap(e, Some(new.policies_text())))
                 }
-                tracing::warn!(
-                    database,
-                    path = %e.path,
-                    capability = if e.error.is_denied() { "read (missing)" } else { "read" },
-                    policies = e.policies.as_deref().unwrap_or("-"),
-                    login = %e.login,
-                    error = %e.error,
-                    "credential fetch failed"
-                );
-                return Err(e);
-            }
-        };
+                Some(Err(login_err)) => Err(wrap(login_err, None)),
+                None => Err(wrap(e, Some(token.policies_text()))),
+            },
+            other => other
+                .map(|c| (c, token.generation))
+                .map_err(|e| wrap(e, Some(token.policies_text()))),
+        }
+    }
+
+    /// Numbers, schedules, counts and logs a fetched credential, and holds its lease.
+    fn keep(&self, database: &str, entry: &Entry, mut cred: Credential, token_generation: u64) -> Arc<Held> {
         cred.generation = entry.generation.fetch_add(1, Ordering::SeqCst) + 1;
         self.metrics
             .credential_fetch_total
@@ -100,13 +90,32 @@ impl CredentialStore {
             "fetched credential from Vault"
         );
         let jitter = rand::thread_rng().gen_range(0.95..=1.0);
-        let when = schedule(cfg, cred.valid_for, jitter);
+        let when = schedule(&entry.cfg, cred.valid_for, jitter);
         let held = Arc::new(Held::new(cred, token_generation, when));
         if let Some(lease) = &held.cred.lease {
             let clock = LeaseClock::new(held.fetched_at(), lease.duration);
             self.leases.add(database, held.clone(), clock);
         }
-        Ok(held)
+        held
+    }
+
+    fn report_failure(&self, database: &str, e: &CredentialError) {
+        self.metrics
+            .credential_fetch_total
+            .with_label_values(&[database, "error"])
+            .inc();
+        if e.error.is_denied() {
+            self.metrics.vault_denied_total.with_label_values(&[database]).inc();
+        }
+        tracing::warn!(
+            database,
+            path = %e.path,
+            capability = if e.error.is_denied() { "read (missing)" } else { "read" },
+            policies = e.policies.as_deref().unwrap_or("-"),
+            login = %e.login,
+            error = %e.error,
+            "credential fetch failed"
+        );
     }
 
     /// Publishes the token's expiry, and tells the lifecycle about a new login (dynamic

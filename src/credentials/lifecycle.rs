@@ -283,4 +283,26 @@ mod tests {
         let failures = store.leases.failures("database/creds/r/abc");
         assert!((5..=8).contains(&failures), "{failures} revocation attempts in 60 s");
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_last_session_of_a_replaced_lease_ending_wakes_its_revocation() {
+        let store = store(creds("database", ""));
+        let when = schedule(&creds("database", ""), Some(Duration::from_secs(3600)), 1.0);
+        let cur = leased(when, "database/creds/r/abc");
+        store.cache.insert("d".into(), cur.clone()).await;
+        let clock = LeaseClock::new(Instant::now(), Duration::from_secs(3600));
+        store.leases.add("d", cur, clock);
+        let session = store.checkout("d").await.unwrap();
+        let stop = Shutdown::new();
+        tokio::spawn(store.clone().keep_leases(stop.clone()));
+        // Replaced while a session uses it: kept, renewal due only at 2/3 of the hour.
+        store.cache.invalidate("d").await;
+        store.leases.wake.notify_one();
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(store.leases.failures("database/creds/r/abc"), 0);
+        drop(session);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // Revocation attempted at once (it fails here: no Vault token).
+        assert_eq!(store.leases.failures("database/creds/r/abc"), 1);
+    }
 }
