@@ -8,7 +8,7 @@
 //!   call hanging for one entry holds up no other entry and no lease;
 //! - one task keeps the held leases ([`super::leases`]): woken when a credential is replaced or
 //!   its last session ends;
-//! - one task notices the token being replaced by `Auth::keep_alive` (see [`watch_token`]);
+//! - one task notices the token being replaced by `Auth::keep_alive` (see [`CredentialStore::watch_token`]);
 //! - `Auth::keep_alive` itself keeps the Vault token alive.
 //!
 //! Failures back off ([`crate::backoff`]); the backoff's end is one of the deadlines.

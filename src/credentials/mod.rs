@@ -1,14 +1,14 @@
 //! Credentials for every database entry: the cache and what a connection asks of it. The cache
 //! (moka) holds each entry's current credential for as long as Vault says it is valid (minus a
 //! margin), shared by all connections and fetched once however many connections ask at the same
-//! moment; Vault errors are remembered briefly ([`recent_errors`]).
+//! moment; Vault errors are remembered briefly (`recent_errors.rs`).
 //!
 //! The rest of the module keeps the cache full without clients waiting on Vault:
-//! - [`fetch`]: one read from Vault (with one re-login on a denial), its metrics and logs;
-//! - [`schedule`]: the pure timing (when to refresh, renew, revoke);
-//! - [`lifecycle`]: the background tasks, each sleeping until its next deadline or a wake-up;
-//! - [`leases`]: the leases dbward holds, renewed while in use and revoked when unused;
-//! - [`error`]: why an entry has no credential, and what the client is told.
+//! - `fetch.rs`: one read from Vault (with one re-login on a denial), its metrics and logs;
+//! - `schedule.rs`: the pure timing (when to refresh, renew, revoke), unit-tested with paused time;
+//! - `lifecycle.rs`: the background tasks, each sleeping until its next deadline or a wake-up;
+//! - `leases.rs`: the leases dbward holds, renewed while in use and revoked when unused;
+//! - `error.rs`: why an entry has no credential, and what the client is told.
 
 mod error;
 mod fetch;
@@ -42,7 +42,7 @@ use leases::Leases;
 use recent_errors::RecentErrors;
 
 /// A credential dbward holds, with what the lifecycle needs to know about it. The renewal clock
-/// of its lease is kept by [`leases`], not here: `Held` does not change after the fetch, apart
+/// of its lease is kept by `leases.rs`, not here: `Held` does not change after the fetch, apart
 /// from how many sessions use it.
 pub struct Held {
     cred: Credential,
