@@ -305,4 +305,28 @@ mod tests {
         // Revocation attempted at once (it fails here: no Vault token).
         assert_eq!(store.leases.failures("database/creds/r/abc"), 1);
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_retires_removed_entries_tasks_and_starts_added_ones() {
+        let store = store(creds("database", ""));
+        let stop = Shutdown::new();
+        tokio::spawn(store.clone().maintain(stop.clone()));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let d_before = refreshes(&store, "error");
+        assert!(d_before > 0, "no warm-start attempt for d");
+        store.update_entries([("e".to_string(), creds("kv", ""))]).await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(
+            refreshes(&store, "error"),
+            d_before,
+            "the removed entry's task still runs"
+        );
+        let e = store
+            .metrics
+            .credential_refreshes_total
+            .with_label_values(&["e", "error"])
+            .get();
+        assert!((5..=8).contains(&e), "{e} attempts for the added entry in 60 s");
+        stop.run(Duration::ZERO).await;
+    }
 }
