@@ -24,6 +24,12 @@ impl Backoff {
         self.next.is_none_or(|n| Instant::now() >= n)
     }
 
+    /// When the next attempt may happen (None: now). Background tasks sleep until then rather
+    /// than asking `ready` on a tick.
+    pub fn next_attempt(&self) -> Option<Instant> {
+        self.next
+    }
+
     pub fn failures(&self) -> u32 {
         self.failures
     }
@@ -70,6 +76,7 @@ mod tests {
         assert!(wait >= step(2) / 2 && wait <= step(2), "{wait:?}");
         tokio::time::advance(wait - Duration::from_millis(10)).await;
         assert!(!b.ready(), "ready before the wait is over");
+        assert_eq!(b.next_attempt(), Some(Instant::now() + Duration::from_millis(10)));
         tokio::time::advance(Duration::from_millis(10)).await;
         assert!(b.ready());
     }

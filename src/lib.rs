@@ -9,6 +9,7 @@ pub mod admin;
 pub mod app;
 pub mod backoff;
 pub mod check;
+pub mod clock;
 pub mod config;
 pub mod credentials;
 mod entry;
