@@ -7,7 +7,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -17,6 +17,7 @@ use hyper_util::rt::TokioIo;
 use prometheus::core::Collector;
 use tokio::net::TcpListener;
 
+use crate::clock::unix_now;
 use crate::credentials::CredentialStore;
 use crate::entry::Entries;
 use crate::metrics::Metrics;
@@ -188,13 +189,6 @@ fn forget_removed_databases(m: &Metrics, current: &[&str]) {
     for db in stale(&m.database_ready, current) {
         let _ = m.database_ready.remove_label_values(&[&db]);
     }
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64()
 }
 
 /// Ready when not shutting down and every database entry has (or can get) a credential.
