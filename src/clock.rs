@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 /// Seconds since the Unix epoch, as Prometheus timestamps are written; 0 if the clock is before
 /// 1970.
-pub fn unix_now() -> f64 {
+pub(crate) fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()

@@ -26,37 +26,37 @@ pub const LABEL_NAMES: &[&str] = &[
 ];
 
 pub struct Metrics {
-    pub registry: Registry,
-    pub client_connections_total: IntCounterVec,
-    pub client_connections_active: IntGaugeVec,
-    pub client_connections_rejected_total: IntCounterVec,
-    pub upstream_connect_seconds: HistogramVec,
-    pub upstream_connect_failures_total: IntCounterVec,
-    pub bytes_total: IntCounterVec,
-    pub credential_cache_total: IntCounterVec,
-    pub credential_fetch_total: IntCounterVec,
-    pub credential_expiry_timestamp_seconds: GaugeVec,
+    pub(crate) registry: Registry,
+    pub(crate) client_connections_total: IntCounterVec,
+    pub(crate) client_connections_active: IntGaugeVec,
+    pub(crate) client_connections_rejected_total: IntCounterVec,
+    pub(crate) upstream_connect_seconds: HistogramVec,
+    pub(crate) upstream_connect_failures_total: IntCounterVec,
+    pub(crate) bytes_total: IntCounterVec,
+    pub(crate) credential_cache_total: IntCounterVec,
+    pub(crate) credential_fetch_total: IntCounterVec,
+    pub(crate) credential_expiry_timestamp_seconds: GaugeVec,
     /// Set at scrape time: seconds until the cached credential stops being valid; 0 when none
     /// is cached; absent for credentials without expiry (KV).
-    pub credential_expires_in_seconds: GaugeVec,
+    pub(crate) credential_expires_in_seconds: GaugeVec,
     /// Fetches by the background lifecycle (ahead of expiry, or when none is cached), not by
     /// clients; incremented in `CredentialStore::refresh_step`.
-    pub credential_refreshes_total: IntCounterVec,
+    pub(crate) credential_refreshes_total: IntCounterVec,
     /// Set at scrape time: 1 when the entry holds a valid credential and dbward is not
     /// shutting down (what `/readyz` reports, without asking Vault).
-    pub database_ready: IntGaugeVec,
-    pub credential_rejected_total: IntCounterVec,
-    pub vault_requests_total: IntCounterVec,
-    pub vault_request_seconds: HistogramVec,
-    pub vault_denied_total: IntCounterVec,
-    pub vault_token_expiry_timestamp_seconds: IntGauge,
+    pub(crate) database_ready: IntGaugeVec,
+    pub(crate) credential_rejected_total: IntCounterVec,
+    pub(crate) vault_requests_total: IntCounterVec,
+    pub(crate) vault_request_seconds: HistogramVec,
+    pub(crate) vault_denied_total: IntCounterVec,
+    pub(crate) vault_token_expiry_timestamp_seconds: IntGauge,
     /// Set at scrape time; no labels. Absent before the first login and for tokens that never
     /// expire, so dashboards do not show a misleading 0 or infinity.
-    pub vault_token_expires_in_seconds: GaugeVec,
-    pub cancel_requests_total: IntCounterVec,
-    pub lease_renewals_total: IntCounterVec,
-    pub lease_revocations_total: IntCounterVec,
-    pub build_info: IntGaugeVec,
+    pub(crate) vault_token_expires_in_seconds: GaugeVec,
+    pub(crate) cancel_requests_total: IntCounterVec,
+    pub(crate) lease_renewals_total: IntCounterVec,
+    pub(crate) lease_revocations_total: IntCounterVec,
+    pub(crate) build_info: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -94,7 +94,7 @@ impl Registrar {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let r = Registrar(Registry::new());
         let db = &["database"][..];
         let m = Metrics {
@@ -195,7 +195,7 @@ impl Metrics {
     }
 
     /// The text exposition format for `/metrics`.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)

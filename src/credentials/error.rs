@@ -8,20 +8,20 @@ use crate::vault::VaultError;
 /// Why no credential could be had for a database entry.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("database entry {database:?}: {error}")]
-pub struct CredentialError {
-    pub database: String,
+pub(crate) struct CredentialError {
+    pub(crate) database: String,
     /// The Vault path the entry reads.
-    pub path: String,
-    pub error: VaultError,
+    pub(crate) path: String,
+    pub(crate) error: VaultError,
     /// The policies of the token that was denied, when Vault denied.
-    pub policies: Option<String>,
+    pub(crate) policies: Option<String>,
     /// Human description of how dbward logs in ("jwt role payments-service at auth/jwt").
-    pub login: String,
+    pub(crate) login: String,
 }
 
 impl CredentialError {
     /// What the client is told: what failed, and what to check.
-    pub fn to_pg_error(&self) -> PgError {
+    pub(crate) fn to_pg_error(&self) -> PgError {
         let e = &self.error;
         let is_login = matches!(e, VaultError::Status { op: "login", .. }) || matches!(e, VaultError::Local { .. });
         if e.is_denied() && !is_login {

@@ -236,7 +236,7 @@ impl CredentialStore {
     }
 
     /// On clean shutdown: revoke every lease dbward still holds (one attempt each).
-    pub async fn revoke_all(&self) {
+    pub(crate) async fn revoke_all(&self) {
         for l in self.leases.snapshot() {
             self.revoke(&l.id, &l.database, &l.held, "dbward is shutting down")
                 .await;

@@ -41,7 +41,7 @@ impl CredentialStore {
     /// fetched at start), refreshes credentials before they are due, renews replaced leases
     /// still in use, revokes unused ones, keeps the Vault token alive. Entries a reload adds get
     /// their task here.
-    pub async fn maintain(self: Arc<Self>, stop: Shutdown) {
+    pub(crate) async fn maintain(self: Arc<Self>, stop: Shutdown) {
         tokio::spawn(self.auth.clone().keep_alive({
             let stop = stop.clone();
             async move { stop.stopping().await }

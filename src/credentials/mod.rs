@@ -35,7 +35,7 @@ use crate::metrics::Metrics;
 use crate::upstream::scram::KeyCache;
 use crate::vault::{Auth, Credential, VaultClient};
 
-pub use error::CredentialError;
+pub(crate) use error::CredentialError;
 use schedule::Schedule;
 
 use leases::Leases;
@@ -44,7 +44,7 @@ use recent_errors::RecentErrors;
 /// A credential dbward holds, with what the lifecycle needs to know about it. The renewal clock
 /// of its lease is kept by `leases.rs`, not here: `Held` does not change after the fetch, apart
 /// from how many sessions use it.
-pub struct Held {
+pub(crate) struct Held {
     cred: Credential,
     /// The Vault login that obtained it: its lease dies with that token.
     token_generation: u64,
@@ -89,7 +89,7 @@ impl Held {
 }
 
 /// A session's use of a credential; the count drops when the session ends.
-pub struct InUse {
+pub(crate) struct InUse {
     held: Arc<Held>,
     /// The lease task is told when the last session of a leased credential ends: a replaced
     /// lease nobody uses is revoked then.
@@ -104,7 +104,7 @@ impl std::ops::Deref for InUse {
 }
 
 impl InUse {
-    pub fn scram_keys(&self) -> &Arc<KeyCache> {
+    pub(crate) fn scram_keys(&self) -> &Arc<KeyCache> {
         &self.held.scram_keys
     }
 }
@@ -172,7 +172,7 @@ impl Entry {
 }
 
 /// The cache of credentials for every database entry, and the leases behind them.
-pub struct CredentialStore {
+pub(crate) struct CredentialStore {
     vault: Arc<VaultClient>,
     auth: Arc<Auth>,
     /// Changed only by a reload.
@@ -189,7 +189,7 @@ pub struct CredentialStore {
 }
 
 impl CredentialStore {
-    pub fn new(
+    pub(crate) fn new(
         vault: Arc<VaultClient>,
         auth: Arc<Auth>,
         databases: impl IntoIterator<Item = (String, CredentialsConfig)>,
@@ -213,7 +213,7 @@ impl CredentialStore {
         })
     }
 
-    pub fn auth(&self) -> &Arc<Auth> {
+    pub(crate) fn auth(&self) -> &Arc<Auth> {
         &self.auth
     }
 
@@ -224,7 +224,7 @@ impl CredentialStore {
     /// Applies reloaded database entries: new ones are added, changed ones start over with a
     /// fresh credential, removed ones are dropped. Credentials that sessions still use stay held
     /// (renewed, then revoked when unused) like any replaced credential.
-    pub async fn update_entries(&self, databases: impl IntoIterator<Item = (String, CredentialsConfig)>) {
+    pub(crate) async fn update_entries(&self, databases: impl IntoIterator<Item = (String, CredentialsConfig)>) {
         let wanted: HashMap<String, CredentialsConfig> = databases.into_iter().collect();
         let mut stale = Vec::new();
         {
@@ -251,7 +251,7 @@ impl CredentialStore {
 
     /// The current credential (cached, or fetched now), counted as in use until the returned
     /// guard is dropped.
-    pub async fn checkout(&self, database: &str) -> Result<InUse, CredentialError> {
+    pub(crate) async fn checkout(&self, database: &str) -> Result<InUse, CredentialError> {
         let held = self.get(database).await?;
         held.in_use.fetch_add(1, Ordering::SeqCst);
         Ok(InUse {
@@ -261,7 +261,7 @@ impl CredentialStore {
     }
 
     /// The cached credential, or one fetched now (one fetch however many callers wait).
-    pub async fn get(&self, database: &str) -> Result<Arc<Held>, CredentialError> {
+    pub(crate) async fn get(&self, database: &str) -> Result<Arc<Held>, CredentialError> {
         if let Some(c) = self.cache.get(database).await {
             self.metrics
                 .credential_cache_total
@@ -294,12 +294,12 @@ impl CredentialStore {
     }
 
     /// The cached credential without asking Vault.
-    pub async fn peek(&self, database: &str) -> Option<Arc<Held>> {
+    pub(crate) async fn peek(&self, database: &str) -> Option<Arc<Held>> {
         self.cache.get(database).await
     }
 
     /// Drops a credential the upstream refused (28P01), unless a newer one already replaced it.
-    pub async fn rejected(&self, database: &str, generation: u64) {
+    pub(crate) async fn rejected(&self, database: &str, generation: u64) {
         self.metrics
             .credential_rejected_total
             .with_label_values(&[database])
