@@ -10,7 +10,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::client::{VaultClient, VaultError};
+use super::client::{string_list, LocalError, Malformed, VaultClient, VaultError};
 use crate::config::{AuthConfig, AuthMethod};
 
 /// A Vault token and what Vault said about it. Debug never shows the token.
@@ -60,16 +60,40 @@ impl VaultToken {
     }
 
     pub fn policies_text(&self) -> String {
-        if self.policies.is_empty() {
-            "none".into()
-        } else {
-            self.policies.join(", ")
+        policies_text(&self.policies)
+    }
+}
+
+/// A token's policies as messages list them: `payments-db, default`, or `none`.
+pub fn policies_text(policies: &[String]) -> String {
+    if policies.is_empty() {
+        "none".into()
+    } else {
+        policies.join(", ")
+    }
+}
+
+/// How the config logs in, as messages name it: `jwt role payments-service at auth/jwt`,
+/// `approle at auth/approle`, `the token in /etc/dbward/token`.
+pub fn login_description(a: &AuthConfig) -> String {
+    let mount = a.mount().trim_matches('/');
+    match a.method {
+        AuthMethod::Jwt | AuthMethod::Kubernetes => {
+            format!("{} role {} at auth/{mount}", a.method, a.role.as_deref().unwrap_or(""))
         }
+        AuthMethod::Approle => format!("approle at auth/{mount}"),
+        AuthMethod::Token => format!(
+            "the token in {}",
+            a.token_file
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        ),
     }
 }
 
 /// The claims dbward looks at; Vault verifies the signature, dbward only reads.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct JwtClaims {
     pub sub: Option<String>,
     #[serde(default, deserialize_with = "one_or_many")]
@@ -109,71 +133,60 @@ impl JwtClaims {
     }
 }
 
-fn rfc3339(unix: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
-}
-
 /// Reads the JWT's claims without verifying it (Vault verifies). Errors name the file, never the token.
-pub fn read_claims(jwt: &str, file: &Path) -> Result<JwtClaims, VaultError> {
+pub fn read_claims(jwt: &str, file: &Path) -> Result<JwtClaims, LocalError> {
     let mut validation = jsonwebtoken::Validation::default();
     validation.insecure_disable_signature_validation();
     validation.validate_exp = false;
     validation.validate_aud = false;
     validation.required_spec_claims.clear();
-    let header = jsonwebtoken::decode_header(jwt).map_err(|e| VaultError::Local {
-        detail: format!("vault.auth.token_file {}: not a JWT ({e})", file.display()),
+    let header = jsonwebtoken::decode_header(jwt).map_err(|source| LocalError::NotAJwt {
+        file: file.to_path_buf(),
+        source,
     })?;
     validation.algorithms = vec![header.alg];
     let data = jsonwebtoken::decode::<JwtClaims>(jwt, &jsonwebtoken::DecodingKey::from_secret(&[]), &validation)
-        .map_err(|e| VaultError::Local {
-            detail: format!(
-                "vault.auth.token_file {}: cannot read the JWT's claims ({e})",
-                file.display()
-            ),
+        .map_err(|source| LocalError::UnreadableClaims {
+            file: file.to_path_buf(),
+            source,
         })?;
     Ok(data.claims)
 }
 
-/// Refuses to send a JWT Vault would refuse for its times, saying so in terms an operator can act on.
-pub fn check_jwt_times(claims: &JwtClaims, file: &Path, now: SystemTime) -> Result<(), VaultError> {
+/// Refuses to send a JWT Vault would refuse for its times, saying so in terms an operator can act
+/// on. The error keeps the claims, for the diagnosis and for the message.
+pub fn check_jwt_times(claims: &JwtClaims, file: &Path, now: SystemTime) -> Result<(), LocalError> {
     let now = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-    if let Some(exp) = claims.exp {
-        if exp <= now {
-            return Err(VaultError::Local {
-                detail: format!(
-                    "vault.auth.token_file {}: the JWT expired at {} ({}); whatever writes this file (the projected service-account token, the identity agent) has stopped rotating it",
-                    file.display(),
-                    rfc3339(exp),
-                    claims.describe()
-                ),
-            });
-        }
+    if let Some(exp) = claims.exp.filter(|exp| *exp <= now) {
+        return Err(LocalError::JwtExpired {
+            file: file.to_path_buf(),
+            exp,
+            claims: Arc::new(claims.clone()),
+        });
     }
-    if let Some(nbf) = claims.nbf {
-        // A minute of leeway, as Vault allows for clock skew by default.
-        if nbf > now + 60 {
-            return Err(VaultError::Local {
-                detail: format!(
-                    "vault.auth.token_file {}: the JWT is not valid before {} ({}); check this host's clock",
-                    file.display(),
-                    rfc3339(nbf),
-                    claims.describe()
-                ),
-            });
-        }
+    // A minute of leeway, as Vault allows for clock skew by default.
+    if let Some(nbf) = claims.nbf.filter(|nbf| *nbf > now + 60) {
+        return Err(LocalError::JwtNotYetValid {
+            file: file.to_path_buf(),
+            nbf,
+            claims: Arc::new(claims.clone()),
+        });
     }
     Ok(())
 }
 
-fn read_secret_file(key: &str, path: &Path) -> Result<SecretString, VaultError> {
-    let text = std::fs::read_to_string(path).map_err(|e| VaultError::Local {
-        detail: format!("vault.auth.{key} {}: cannot read: {e}", path.display()),
+fn read_secret_file(key: &'static str, path: &Path) -> Result<SecretString, LocalError> {
+    let text = std::fs::read_to_string(path).map_err(|e| LocalError::SecretFileUnreadable {
+        key,
+        path: path.to_path_buf(),
+        source: Arc::new(e),
     })?;
     let text = zeroize::Zeroizing::new(text);
     let trimmed = text.trim();
     if trimmed.is_empty() {
-        return Err(VaultError::Local {
-            detail: format!("vault.auth.{key} {}: the file is empty", path.display()),
+        return Err(LocalError::SecretFileEmpty {
+            key,
+            path: path.to_path_buf(),
         });
     }
     Ok(SecretString::from(trimmed.to_string()))
@@ -209,6 +222,11 @@ impl Auth {
 
     pub fn config(&self) -> &AuthConfig {
         &self.cfg
+    }
+
+    /// [`login_description`] of this login.
+    pub fn login_description(&self) -> String {
+        login_description(&self.cfg)
     }
 
     /// The token as it is now, without logging in.
@@ -282,12 +300,12 @@ impl Auth {
             let ok = if tok.renewable {
                 self.renew(&tok).await
             } else {
-                Err(None)
+                Err(NeedsLogin::NotRenewable)
             };
             let result = match ok {
                 Ok(()) => Ok(()),
                 Err(why) => {
-                    if let Some(why) = why {
+                    if !matches!(why, NeedsLogin::NotRenewable) {
                         tracing::info!(generation = tok.generation, reason = %why, "logging in to Vault anew");
                     }
                     let _guard = self.login_lock.lock().await;
@@ -307,38 +325,26 @@ impl Auth {
         }
     }
 
-    /// Renews the token; Err(Some(reason)) when a new login is needed instead.
-    async fn renew(&self, tok: &Arc<VaultToken>) -> Result<(), Option<String>> {
+    /// Renews the token; the error says why a new login is needed instead.
+    async fn renew(&self, tok: &Arc<VaultToken>) -> Result<(), NeedsLogin> {
         let asked = tok.initial_ttl.or(tok.ttl).unwrap_or_default();
-        let body = json!({ "increment": asked.as_secs() });
         let started = Instant::now();
-        let resp = match self
-            .client
-            .write("renew-self", "auth/token/renew-self", Some(&tok.token), &body)
-            .await
-        {
+        let renewal = match renew_self(&self.client, &tok.token, asked).await {
             Ok(r) => r,
-            Err(e) if e.is_unavailable() => return Err(Some(format!("renewal failed: {e}"))),
-            Err(e) => return Err(Some(format!("Vault refused to renew the token: {e}"))),
+            Err(e) if e.is_unavailable() => return Err(NeedsLogin::Unavailable(e)),
+            Err(e) => return Err(NeedsLogin::Refused(e)),
         };
-        let granted = resp
-            .u64_field("/auth/lease_duration")
-            .map(Duration::from_secs)
-            .unwrap_or_default();
+        let granted = renewal.granted.unwrap_or_default();
         // Less than asked means the token's max TTL is near: leases it owns die with it.
         if granted + Duration::from_secs(1) < asked {
-            return Err(Some(format!(
-                "Vault renewed the token for {}s only (asked {}s): its max TTL is near",
-                granted.as_secs(),
-                asked.as_secs()
-            )));
+            return Err(NeedsLogin::Capped { granted, asked });
         }
         let renewed = Arc::new(VaultToken {
             token: tok.token.clone(),
             policies: tok.policies.clone(),
             ttl: Some(granted),
             initial_ttl: tok.initial_ttl,
-            renewable: resp.body["auth"]["renewable"].as_bool().unwrap_or(tok.renewable),
+            renewable: renewal.renewable.unwrap_or(tok.renewable),
             obtained_at: started,
             generation: tok.generation,
         });
@@ -390,22 +396,14 @@ impl Auth {
                     tracing::warn!(role, claims = %claims.describe(), error = %e, "Vault login failed");
                     match e {
                         VaultError::Status {
-                            op,
+                            path, status, errors, ..
+                        } => VaultError::JwtLoginRefused {
                             path,
                             status,
-                            mut errors,
-                        } => {
-                            errors.push(format!(
-                                "the JWT has {}; compare with the bound claims of Vault role {role:?}",
-                                claims.describe()
-                            ));
-                            VaultError::Status {
-                                op,
-                                path,
-                                status,
-                                errors,
-                            }
-                        }
+                            errors,
+                            role: role.to_string(),
+                            claims: Arc::new(claims),
+                        },
                         other => other,
                     }
                 })?;
@@ -424,15 +422,13 @@ impl Auth {
             }
             AuthMethod::Token => {
                 let token = read_secret_file("token_file", self.cfg.token_file.as_deref().expect("validated"))?;
-                let resp = self.client.read(&token, "auth/token/lookup-self").await?;
-                let data = &resp.body["data"];
-                let ttl = data["ttl"].as_u64().filter(|t| *t > 0).map(Duration::from_secs);
+                let found = lookup_self(&self.client, &token).await?;
                 Ok(VaultToken {
                     token,
-                    policies: string_list(&data["policies"]),
-                    ttl,
-                    initial_ttl: ttl,
-                    renewable: data["renewable"].as_bool().unwrap_or(false),
+                    policies: found.policies,
+                    ttl: found.ttl,
+                    initial_ttl: found.ttl,
+                    renewable: found.renewable.unwrap_or(false),
                     obtained_at: Instant::now(),
                     generation: 0,
                 })
@@ -454,12 +450,6 @@ struct AppRoleLogin<'a> {
     secret_id: &'a str,
 }
 
-fn string_list(v: &serde_json::Value) -> Vec<String> {
-    v.as_array()
-        .map(|a| a.iter().filter_map(|p| p.as_str().map(str::to_string)).collect())
-        .unwrap_or_default()
-}
-
 fn token_from_auth(body: &serde_json::Value, path: &str) -> Result<VaultToken, VaultError> {
     let auth = &body["auth"];
     let token = auth["client_token"]
@@ -468,7 +458,7 @@ fn token_from_auth(body: &serde_json::Value, path: &str) -> Result<VaultToken, V
         .ok_or_else(|| VaultError::Malformed {
             op: "login",
             path: path.to_string(),
-            detail: "no auth.client_token in the answer".into(),
+            problem: Malformed::NoClientToken,
         })?;
     let ttl = auth["lease_duration"]
         .as_u64()
@@ -483,6 +473,82 @@ fn token_from_auth(body: &serde_json::Value, path: &str) -> Result<VaultToken, V
         obtained_at: Instant::now(),
         generation: 0,
     })
+}
+
+/// Why [`Auth::keep_alive`] logs in anew instead of renewing.
+#[derive(Debug, thiserror::Error)]
+enum NeedsLogin {
+    #[error("the token is not renewable")]
+    NotRenewable,
+    #[error("renewal failed: {0}")]
+    Unavailable(VaultError),
+    #[error("Vault refused to renew the token: {0}")]
+    Refused(VaultError),
+    #[error("Vault renewed the token for {}s only (asked {}s): its max TTL is near", .granted.as_secs(), .asked.as_secs())]
+    Capped { granted: Duration, asked: Duration },
+}
+
+/// What `auth/token/lookup-self` says about a token. Only names and numbers are taken from the
+/// answer: it also holds the token.
+#[derive(Debug, Clone, Default)]
+pub struct TokenLookup {
+    /// In Vault's order (sorted), without identity policies.
+    pub policies: Vec<String>,
+    /// Policies from the token's identity entity and groups.
+    pub identity_policies: Vec<String>,
+    /// What is left of the TTL; None: the token does not expire.
+    pub ttl: Option<Duration>,
+    pub renewable: Option<bool>,
+    /// Set for periodic tokens, which can be renewed forever.
+    pub period: Option<Duration>,
+    pub explicit_max_ttl: Option<Duration>,
+}
+
+/// `auth/token/lookup-self`.
+pub async fn lookup_self(client: &VaultClient, token: &SecretString) -> Result<TokenLookup, VaultError> {
+    let resp = client.read(token, "auth/token/lookup-self").await?;
+    let data = &resp.body["data"];
+    let secs = |key: &str| data[key].as_u64().filter(|t| *t > 0).map(Duration::from_secs);
+    Ok(TokenLookup {
+        policies: string_list(&data["policies"]),
+        identity_policies: string_list(&data["identity_policies"]),
+        ttl: secs("ttl"),
+        renewable: data["renewable"].as_bool(),
+        period: secs("period"),
+        explicit_max_ttl: secs("explicit_max_ttl"),
+    })
+}
+
+/// What a renewal granted.
+#[derive(Debug, Clone, Copy)]
+pub struct Renewal {
+    /// The new TTL; Vault caps it at what is left of the max TTL. None: the answer had none.
+    pub granted: Option<Duration>,
+    pub renewable: Option<bool>,
+}
+
+/// `auth/token/renew-self` by `increment`.
+pub async fn renew_self(
+    client: &VaultClient,
+    token: &SecretString,
+    increment: Duration,
+) -> Result<Renewal, VaultError> {
+    let body = json!({ "increment": increment.as_secs() });
+    let resp = client
+        .write("renew-self", "auth/token/renew-self", Some(token), &body)
+        .await?;
+    Ok(Renewal {
+        granted: resp.u64_field("/auth/lease_duration").map(Duration::from_secs),
+        renewable: resp.body["auth"]["renewable"].as_bool(),
+    })
+}
+
+/// `auth/token/revoke-self`: the token, and every lease it obtained, are gone.
+pub async fn revoke_self(client: &VaultClient, token: &SecretString) -> Result<(), VaultError> {
+    client
+        .write("revoke-self", "auth/token/revoke-self", Some(token), &json!({}))
+        .await
+        .map(drop)
 }
 
 #[cfg(test)]

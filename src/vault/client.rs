@@ -2,8 +2,9 @@
 //! roots, `X-Vault-Namespace`, a timeout on every request, and errors that keep Vault's status
 //! and message.
 
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{header, Method, Request, StatusCode};
@@ -14,6 +15,7 @@ use hyper_util::rt::TokioExecutor;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
+use super::auth::JwtClaims;
 use crate::config::VaultConfig;
 use crate::metrics::Metrics;
 
@@ -21,6 +23,7 @@ use crate::metrics::Metrics;
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
 
 /// A Vault API failure. Display texts name the operation and the path; none carries a secret.
+/// Callers decide by variant: the texts are for people.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum VaultError {
     /// Vault answered with an error status.
@@ -29,7 +32,19 @@ pub enum VaultError {
         op: &'static str,
         path: String,
         status: u16,
+        /// Vault's own messages, multierror wrapping removed.
         errors: Vec<String>,
+    },
+    /// Vault refused a jwt or kubernetes login. The claims are the JWT's as read on this host:
+    /// the text shows them so they can be compared with the role's bindings.
+    #[error("{}", jwt_login_message(.path, *.status, .errors, .role, .claims))]
+    JwtLoginRefused {
+        path: String,
+        status: u16,
+        /// Vault's own messages, as in [`VaultError::Status`].
+        errors: Vec<String>,
+        role: String,
+        claims: Arc<JwtClaims>,
     },
     /// No TCP/TLS connection to Vault.
     #[error("Vault at {address} is unreachable ({op} {path}): {detail}")]
@@ -37,6 +52,8 @@ pub enum VaultError {
         op: &'static str,
         path: String,
         address: String,
+        kind: TransportKind,
+        /// The cause chain, for people.
         detail: String,
     },
     /// Vault accepted the connection but did not answer in time (hung, or frozen).
@@ -48,15 +65,124 @@ pub enum VaultError {
         after: Duration,
     },
     /// Vault answered 2xx with a body dbward cannot use.
-    #[error("Vault answered {op} of {path} with an unusable response: {detail}")]
+    #[error("Vault answered {op} of {path} with an unusable response: {problem}")]
     Malformed {
         op: &'static str,
         path: String,
-        detail: String,
+        problem: Malformed,
     },
     /// A problem on this host before any request (token file unreadable, JWT expired...).
-    #[error("{detail}")]
-    Local { detail: String },
+    #[error(transparent)]
+    Local(#[from] LocalError),
+}
+
+/// What kind of transport failure kept dbward from Vault, read from the error chain's types.
+/// DNS failures are [`TransportKind::Other`]: hyper-util's connect error type is private and
+/// std reports a failed lookup with an unnamed error kind, so only their text would tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    /// The TLS handshake failed (certificate, protocol, or a plain-HTTP server on https://).
+    Tls,
+    /// Nothing listens at the address.
+    Refused,
+    Other,
+}
+
+/// Why a 2xx answer is unusable.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Malformed {
+    #[error("not JSON ({0})")]
+    NotJson(Arc<serde_json::Error>),
+    #[error("no auth.client_token in the answer")]
+    NoClientToken,
+    #[error("no data in the answer")]
+    NoData,
+    #[error("no data.data: is this a KV v2 path, and does the secret have a current version (not deleted)?")]
+    NoKvData,
+    #[error("key {key:?} is not a non-empty string")]
+    NotAString { key: String },
+    /// Key names only: the values are secrets.
+    #[error("the secret has no key {key:?} (keys present: {})", .present.join(", "))]
+    MissingKey { key: String, present: Vec<String> },
+}
+
+/// Problems on this host, found before anything is sent to Vault. Texts name the config key and
+/// the file, never the secret in it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LocalError {
+    #[error("vault.auth.{key} {}: cannot read: {source}", .path.display())]
+    SecretFileUnreadable {
+        key: &'static str,
+        path: PathBuf,
+        source: Arc<std::io::Error>,
+    },
+    #[error("vault.auth.{key} {}: the file is empty", .path.display())]
+    SecretFileEmpty { key: &'static str, path: PathBuf },
+    #[error("vault.auth.token_file {}: not a JWT ({source})", .file.display())]
+    NotAJwt {
+        file: PathBuf,
+        source: jsonwebtoken::errors::Error,
+    },
+    #[error("vault.auth.token_file {}: cannot read the JWT's claims ({source})", .file.display())]
+    UnreadableClaims {
+        file: PathBuf,
+        source: jsonwebtoken::errors::Error,
+    },
+    #[error(
+        "vault.auth.token_file {}: the JWT expired at {} ({}); whatever writes this file (the projected service-account token, the identity agent) has stopped rotating it",
+        .file.display(), rfc3339(*.exp), .claims.describe()
+    )]
+    JwtExpired {
+        file: PathBuf,
+        exp: u64,
+        claims: Arc<JwtClaims>,
+    },
+    #[error(
+        "vault.auth.token_file {}: the JWT is not valid before {} ({}); check this host's clock",
+        .file.display(), rfc3339(*.nbf), .claims.describe()
+    )]
+    JwtNotYetValid {
+        file: PathBuf,
+        nbf: u64,
+        claims: Arc<JwtClaims>,
+    },
+    #[error("the Vault token contains characters not allowed in an HTTP header")]
+    TokenNotHeaderSafe,
+    #[error("bad Vault request URL {url}: {source}")]
+    BadRequestUrl { url: String, source: Arc<http::Error> },
+    /// A request for a database entry a reload removed while it was in flight.
+    #[error("database entry {database:?} was removed by a reload")]
+    EntryRemoved { database: String },
+}
+
+/// The Vault client cannot be built from the config.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultSetupError {
+    /// `load_roots`' message, which names the file.
+    #[error("vault.ca_file: {0}")]
+    CaFile(String),
+    #[error("vault: TLS setup failed: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// `App::new` still reports start-up problems as text.
+impl From<VaultSetupError> for String {
+    fn from(e: VaultSetupError) -> String {
+        e.to_string()
+    }
+}
+
+fn rfc3339(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
+}
+
+fn jwt_login_message(path: &str, status: u16, errors: &[String], role: &str, claims: &JwtClaims) -> String {
+    let mut all = errors.to_vec();
+    all.push(format!(
+        "the JWT has {}; compare with the bound claims of Vault role {role:?}",
+        claims.describe()
+    ));
+    status_message("login", path, status, &all)
 }
 
 fn status_message(op: &str, path: &str, status: u16, errors: &[String]) -> String {
@@ -78,9 +204,17 @@ fn status_message(op: &str, path: &str, status: u16, errors: &[String]) -> Strin
 impl VaultError {
     pub fn status(&self) -> Option<u16> {
         match self {
-            VaultError::Status { status, .. } => Some(*status),
+            VaultError::Status { status, .. } | VaultError::JwtLoginRefused { status, .. } => Some(*status),
             _ => None,
         }
+    }
+
+    /// The login failed, or a problem on this host stopped it before anything was sent.
+    pub fn is_login(&self) -> bool {
+        matches!(
+            self,
+            VaultError::Status { op: "login", .. } | VaultError::JwtLoginRefused { .. } | VaultError::Local(_)
+        )
     }
 
     pub fn is_denied(&self) -> bool {
@@ -92,15 +226,14 @@ impl VaultError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             VaultError::Unreachable { .. } | VaultError::Timeout { .. } => true,
-            VaultError::Status { status, .. } => matches!(status, 429 | 500..=599),
-            _ => false,
+            _ => matches!(self.status(), Some(429 | 500..=599)),
         }
     }
 
     /// A short label for metrics: the status code or the failure class.
     pub fn label(&self) -> String {
         match self {
-            VaultError::Status { status, .. } => status.to_string(),
+            VaultError::Status { status, .. } | VaultError::JwtLoginRefused { status, .. } => status.to_string(),
             VaultError::Unreachable { .. } => "unreachable".into(),
             VaultError::Timeout { .. } => "timeout".into(),
             VaultError::Malformed { .. } => "malformed".into(),
@@ -177,6 +310,13 @@ impl VaultResponse {
     }
 }
 
+/// The strings of a JSON array (policies, capabilities); anything else is no strings.
+pub(crate) fn string_list(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(|p| p.as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
+}
+
 pub struct VaultClient {
     address: String,
     namespace: Option<String>,
@@ -223,11 +363,10 @@ pub fn load_roots(ca_file: Option<&std::path::Path>) -> Result<rustls::RootCertS
 
 impl VaultClient {
     /// Builds the client; errors name the config key.
-    pub fn new(cfg: &VaultConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, String> {
-        let roots = load_roots(cfg.ca_file.as_deref()).map_err(|e| format!("vault.ca_file: {e}"))?;
+    pub fn new(cfg: &VaultConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, VaultSetupError> {
+        let roots = load_roots(cfg.ca_file.as_deref()).map_err(VaultSetupError::CaFile)?;
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("vault: TLS setup failed: {e}"))?
+            .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
         let https = hyper_rustls::HttpsConnectorBuilder::new()
@@ -319,9 +458,7 @@ impl VaultClient {
             req = req.header("X-Vault-Namespace", ns);
         }
         if let Some(t) = token {
-            let mut v = http::HeaderValue::from_str(t.expose_secret()).map_err(|_| VaultError::Local {
-                detail: "the Vault token contains characters not allowed in an HTTP header".into(),
-            })?;
+            let mut v = http::HeaderValue::from_str(t.expose_secret()).map_err(|_| LocalError::TokenNotHeaderSafe)?;
             v.set_sensitive(true);
             req = req.header("X-Vault-Token", v);
         }
@@ -330,14 +467,16 @@ impl VaultClient {
         }
         let req = req
             .body(Full::new(body.unwrap_or_default()))
-            .map_err(|e| VaultError::Local {
-                detail: format!("bad Vault request URL {url}: {e}"),
+            .map_err(|e| LocalError::BadRequestUrl {
+                url: url.clone(),
+                source: Arc::new(e),
             })?;
 
-        let unreachable = |detail: String| VaultError::Unreachable {
+        let unreachable = |e: &(dyn std::error::Error + 'static), detail: String| VaultError::Unreachable {
             op,
             path: path.to_string(),
             address: self.address.clone(),
+            kind: transport_kind(e),
             detail,
         };
         let exchange = async {
@@ -345,7 +484,7 @@ impl VaultClient {
                 .http
                 .request(req)
                 .await
-                .map_err(|e| unreachable(describe_hyper_error(&e)))?;
+                .map_err(|e| unreachable(&e, describe_hyper_error(&e)))?;
             let status = resp.status().as_u16();
             let date = resp
                 .headers()
@@ -355,7 +494,7 @@ impl VaultClient {
             let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
                 .collect()
                 .await
-                .map_err(|e| unreachable(format!("reading the response failed: {e}")))?
+                .map_err(|e| unreachable(&*e, format!("reading the response failed: {e}")))?
                 .to_bytes();
             Ok::<_, VaultError>((status, date, body))
         };
@@ -388,7 +527,7 @@ impl VaultClient {
             serde_json::from_slice(&body).map_err(|e| VaultError::Malformed {
                 op,
                 path: path.to_string(),
-                detail: format!("not JSON ({e})"),
+                problem: Malformed::NotJson(Arc::new(e)),
             })?
         };
         Ok(VaultResponse { status, body, date })
@@ -411,6 +550,31 @@ fn describe_hyper_error(e: &(dyn std::error::Error + 'static)) -> String {
         parts.remove(0);
     }
     parts.join(": ")
+}
+
+/// Classifies by the types in the chain. io::Error hides what it wraps from `source()` (it
+/// returns the wrapped error's source), so its payload is looked at too: that is where
+/// hyper-rustls puts the rustls error.
+fn transport_kind(e: &(dyn std::error::Error + 'static)) -> TransportKind {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<rustls::Error>() {
+            return TransportKind::Tls;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return TransportKind::Refused;
+            }
+            if let Some(inner) = io.get_ref() {
+                let kind = transport_kind(inner);
+                if kind != TransportKind::Other {
+                    return kind;
+                }
+            }
+        }
+        cur = err.source();
+    }
+    TransportKind::Other
 }
 
 #[cfg(test)]
@@ -533,7 +697,82 @@ mod tests {
         )
         .unwrap();
         let err = c.read(&SecretString::from("t"), "database/creds/x").await.unwrap_err();
-        assert!(matches!(err, VaultError::Unreachable { .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                VaultError::Unreachable {
+                    kind: TransportKind::Refused,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         assert!(err.to_string().contains("refused"), "{err}");
+    }
+
+    /// Stands in for hyper's and hyper-util's error types, which cannot be built outside them:
+    /// a message and a boxed cause.
+    #[derive(Debug)]
+    struct Wrapped(&'static str, Box<dyn std::error::Error + Send + Sync>);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&*self.1)
+        }
+    }
+
+    #[test]
+    fn transport_failures_are_classified_by_type_not_text() {
+        use std::io::{Error, ErrorKind};
+        let tls = || rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let cases: Vec<(Box<dyn std::error::Error + Send + Sync>, TransportKind)> = vec![
+            // hyper-rustls: the handshake's rustls error inside an io::Error, boxed by hyper-util.
+            (
+                Box::new(Wrapped(
+                    "client error (Connect)",
+                    Box::new(Error::new(ErrorKind::InvalidData, tls())),
+                )),
+                TransportKind::Tls,
+            ),
+            (
+                Box::new(Wrapped(
+                    "client error (Connect)",
+                    Box::new(Error::new(
+                        ErrorKind::InvalidData,
+                        rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType),
+                    )),
+                )),
+                TransportKind::Tls,
+            ),
+            (Box::new(tls()), TransportKind::Tls),
+            (
+                Box::new(Wrapped(
+                    "client error (Connect)",
+                    Box::new(Wrapped(
+                        "tcp connect error",
+                        Box::new(Error::from(ErrorKind::ConnectionRefused)),
+                    )),
+                )),
+                TransportKind::Refused,
+            ),
+            // Words do not count: a message mentioning a certificate is not a TLS failure.
+            (
+                Box::new(Wrapped(
+                    "dns error",
+                    Box::new(Error::other("failed to lookup address certificate.example")),
+                )),
+                TransportKind::Other,
+            ),
+            (Box::new(Error::from(ErrorKind::ConnectionReset)), TransportKind::Other),
+        ];
+        for (e, want) in cases {
+            assert_eq!(transport_kind(&*e), want, "{e}: {e:?}");
+        }
     }
 }
