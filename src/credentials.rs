@@ -365,11 +365,7 @@ impl CredentialStore {
     }
 
     pub fn login_description(&self) -> String {
-        let a = self.auth.config();
-        match &a.role {
-            Some(role) => format!("{} role {role} at auth/{}", a.method, a.mount()),
-            None => format!("{} auth at auth/{}", a.method, a.mount()),
-        }
+        self.auth.login_description()
     }
 
     async fn fetch(&self, database: &str) -> Result<Arc<Held>, CredentialError> {
@@ -377,7 +373,7 @@ impl CredentialStore {
             return Err(CredentialError {
                 database: database.to_string(),
                 path: String::new(),
-                error: vault::client::LocalError::EntryRemoved {
+                error: vault::error::LocalError::EntryRemoved {
                     database: database.to_string(),
                 }
                 .into(),

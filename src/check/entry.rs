@@ -212,7 +212,7 @@ impl Run<'_> {
                 "create Vault role {role:?} ({mount}/{}roles/{role}), or correct databases[{index}].credentials.role",
                 if c.kind == CredentialKind::Static { "static-" } else { "" }
             )),
-            (VaultError::Malformed { problem: vault::client::Malformed::MissingKey { .. }, .. }, CredentialKind::Kv) => Some(format!(
+            (VaultError::Malformed { problem: vault::error::Malformed::MissingKey { .. }, .. }, CredentialKind::Kv) => Some(format!(
                 "set databases[{index}].credentials.username_key / password_key to the secret's keys, or add the keys to the secret"
             )),
             (VaultError::Malformed { .. }, CredentialKind::Kv) => {

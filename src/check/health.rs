@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::report::{fmt_duration, Check, Report, Verdict};
 use super::{Run, VAULT_SCOPE};
-use crate::vault::client::TransportKind;
+use crate::vault::error::TransportKind;
 use crate::vault::VaultError;
 
 /// Clock differences above this are reported; above [`SKEW_FAIL`] they fail the check.

@@ -11,7 +11,8 @@ use super::{Run, VAULT_SCOPE};
 use crate::config::AuthMethod;
 use crate::policy::{Requirement, Rule};
 use crate::vault::auth::{self, JwtClaims};
-use crate::vault::client::{string_list, LocalError};
+use crate::vault::client::string_list;
+use crate::vault::error::LocalError;
 use crate::vault::{VaultError, VaultToken};
 
 /// What Vault says about the check's token.

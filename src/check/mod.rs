@@ -33,7 +33,7 @@ use crate::config::{AuthMethod, Config, DatabaseConfig};
 use crate::metrics::Metrics;
 use crate::policy;
 use crate::upstream::UpstreamSettings;
-use crate::vault::client::VaultSetupError;
+use crate::vault::error::VaultSetupError;
 use crate::vault::{self, Auth, VaultClient, VaultToken};
 
 pub use report::Report;

@@ -10,21 +10,22 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::client::{string_list, LocalError, Malformed, VaultClient, VaultError};
+use super::client::{string_list, VaultClient};
+use super::error::{LocalError, Malformed, VaultError};
 use crate::config::{AuthConfig, AuthMethod};
 
 /// A Vault token and what Vault said about it. Debug never shows the token.
-pub struct VaultToken {
-    pub token: SecretString,
-    pub policies: Vec<String>,
+pub(crate) struct VaultToken {
+    pub(crate) token: SecretString,
+    pub(crate) policies: Vec<String>,
     /// None: the token does not expire (root, or a periodic token without TTL).
-    pub ttl: Option<Duration>,
+    pub(crate) ttl: Option<Duration>,
     /// The TTL the login granted; renewals ask for this much again.
-    pub initial_ttl: Option<Duration>,
-    pub renewable: bool,
-    pub obtained_at: Instant,
+    pub(crate) initial_ttl: Option<Duration>,
+    pub(crate) renewable: bool,
+    pub(crate) obtained_at: Instant,
     /// Login number since start: 1, 2, ... (for logs).
-    pub generation: u64,
+    pub(crate) generation: u64,
 }
 
 impl std::fmt::Debug for VaultToken {
@@ -41,31 +42,31 @@ impl std::fmt::Debug for VaultToken {
 }
 
 impl VaultToken {
-    pub fn expires_at(&self) -> Option<Instant> {
+    pub(crate) fn expires_at(&self) -> Option<Instant> {
         self.ttl.map(|t| self.obtained_at + t)
     }
 
     /// Time left before the token expires (None: never).
-    pub fn remaining(&self, now: Instant) -> Option<Duration> {
+    pub(crate) fn remaining(&self, now: Instant) -> Option<Duration> {
         self.expires_at().map(|e| e.saturating_duration_since(now))
     }
 
     /// A token is used while more than a third of its life is left; after that a new login
     /// happens first, so leases are never obtained by a token about to die (leases die with it).
-    pub fn usable(&self, now: Instant) -> bool {
+    pub(crate) fn usable(&self, now: Instant) -> bool {
         match (self.ttl, self.remaining(now)) {
             (Some(ttl), Some(left)) => left > ttl / 3 && left > Duration::from_secs(1),
             _ => true,
         }
     }
 
-    pub fn policies_text(&self) -> String {
+    pub(crate) fn policies_text(&self) -> String {
         policies_text(&self.policies)
     }
 }
 
 /// A token's policies as messages list them: `payments-db, default`, or `none`.
-pub fn policies_text(policies: &[String]) -> String {
+pub(crate) fn policies_text(policies: &[String]) -> String {
     if policies.is_empty() {
         "none".into()
     } else {
@@ -75,7 +76,7 @@ pub fn policies_text(policies: &[String]) -> String {
 
 /// How the config logs in, as messages name it: `jwt role payments-service at auth/jwt`,
 /// `approle at auth/approle`, `the token in /etc/dbward/token`.
-pub fn login_description(a: &AuthConfig) -> String {
+pub(crate) fn login_description(a: &AuthConfig) -> String {
     let mount = a.mount().trim_matches('/');
     match a.method {
         AuthMethod::Jwt | AuthMethod::Kubernetes => {
@@ -95,12 +96,12 @@ pub fn login_description(a: &AuthConfig) -> String {
 /// The claims dbward looks at; Vault verifies the signature, dbward only reads.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct JwtClaims {
-    pub sub: Option<String>,
+    pub(crate) sub: Option<String>,
     #[serde(default, deserialize_with = "one_or_many")]
-    pub aud: Vec<String>,
-    pub iss: Option<String>,
-    pub exp: Option<u64>,
-    pub nbf: Option<u64>,
+    pub(crate) aud: Vec<String>,
+    pub(crate) iss: Option<String>,
+    pub(crate) exp: Option<u64>,
+    pub(crate) nbf: Option<u64>,
 }
 
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -119,7 +120,7 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
 
 impl JwtClaims {
     /// `sub=..., aud=...` for log lines and errors, so they can be matched against the role's bound claims.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         format!(
             "sub={}, aud={}, iss={}",
             self.sub.as_deref().unwrap_or("(none)"),
@@ -134,7 +135,7 @@ impl JwtClaims {
 }
 
 /// Reads the JWT's claims without verifying it (Vault verifies). Errors name the file, never the token.
-pub fn read_claims(jwt: &str, file: &Path) -> Result<JwtClaims, LocalError> {
+pub(crate) fn read_claims(jwt: &str, file: &Path) -> Result<JwtClaims, LocalError> {
     let mut validation = jsonwebtoken::Validation::default();
     validation.insecure_disable_signature_validation();
     validation.validate_exp = false;
@@ -155,7 +156,7 @@ pub fn read_claims(jwt: &str, file: &Path) -> Result<JwtClaims, LocalError> {
 
 /// Refuses to send a JWT Vault would refuse for its times, saying so in terms an operator can act
 /// on. The error keeps the claims, for the diagnosis and for the message.
-pub fn check_jwt_times(claims: &JwtClaims, file: &Path, now: SystemTime) -> Result<(), LocalError> {
+pub(crate) fn check_jwt_times(claims: &JwtClaims, file: &Path, now: SystemTime) -> Result<(), LocalError> {
     let now = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     if let Some(exp) = claims.exp.filter(|exp| *exp <= now) {
         return Err(LocalError::JwtExpired {
@@ -209,7 +210,7 @@ pub struct Auth {
 const FORCED_LOGIN_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Auth {
-    pub fn new(client: Arc<VaultClient>, cfg: AuthConfig) -> Arc<Self> {
+    pub(crate) fn new(client: Arc<VaultClient>, cfg: AuthConfig) -> Arc<Self> {
         Arc::new(Auth {
             client,
             cfg,
@@ -220,22 +221,18 @@ impl Auth {
         })
     }
 
-    pub fn config(&self) -> &AuthConfig {
-        &self.cfg
-    }
-
     /// [`login_description`] of this login.
-    pub fn login_description(&self) -> String {
+    pub(crate) fn login_description(&self) -> String {
         login_description(&self.cfg)
     }
 
     /// The token as it is now, without logging in.
-    pub fn current(&self) -> Option<Arc<VaultToken>> {
+    pub(crate) fn current(&self) -> Option<Arc<VaultToken>> {
         self.current.lock().unwrap().clone()
     }
 
     /// A usable token: the current one, or a new login.
-    pub async fn token(&self) -> Result<Arc<VaultToken>, VaultError> {
+    pub(crate) async fn token(&self) -> Result<Arc<VaultToken>, VaultError> {
         if let Some(t) = self.current().filter(|t| t.usable(Instant::now())) {
             return Ok(t);
         }
@@ -250,7 +247,10 @@ impl Auth {
     /// After Vault denied a request made with `used`: log in again once (a revoked token or
     /// changed role needs a new login; policies themselves apply per request). Returns None when
     /// a forced login happened recently: the caller reports the denial instead of looping.
-    pub async fn relogin_after_denial(&self, used: &Arc<VaultToken>) -> Option<Result<Arc<VaultToken>, VaultError>> {
+    pub(crate) async fn relogin_after_denial(
+        &self,
+        used: &Arc<VaultToken>,
+    ) -> Option<Result<Arc<VaultToken>, VaultError>> {
         let _guard = self.login_lock.lock().await;
         if let Some(cur) = self.current() {
             if !Arc::ptr_eq(&cur, used) {
@@ -267,16 +267,8 @@ impl Auth {
         Some(self.login_now().await)
     }
 
-    /// Forgets the current token (e.g. Vault said it is invalid).
-    pub fn forget(&self, used: &Arc<VaultToken>) {
-        let mut cur = self.current.lock().unwrap();
-        if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, used)) {
-            *cur = None;
-        }
-    }
-
     /// The generation of the current login (0 before the first).
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         self.current().map(|t| t.generation).unwrap_or(0)
     }
 
@@ -284,7 +276,7 @@ impl Auth {
     /// passed, and logs in anew when it cannot be renewed or when Vault grants less than asked
     /// (the max TTL is near). A new login happens while the old token still has time left, so
     /// credentials can move to leases of the new token before the old token's leases die with it.
-    pub async fn keep_alive(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
+    pub(crate) async fn keep_alive(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
         let mut backoff = crate::backoff::Backoff::default();
         loop {
@@ -491,21 +483,21 @@ enum NeedsLogin {
 /// What `auth/token/lookup-self` says about a token. Only names and numbers are taken from the
 /// answer: it also holds the token.
 #[derive(Debug, Clone, Default)]
-pub struct TokenLookup {
+pub(crate) struct TokenLookup {
     /// In Vault's order (sorted), without identity policies.
-    pub policies: Vec<String>,
+    pub(crate) policies: Vec<String>,
     /// Policies from the token's identity entity and groups.
-    pub identity_policies: Vec<String>,
+    pub(crate) identity_policies: Vec<String>,
     /// What is left of the TTL; None: the token does not expire.
-    pub ttl: Option<Duration>,
-    pub renewable: Option<bool>,
+    pub(crate) ttl: Option<Duration>,
+    pub(crate) renewable: Option<bool>,
     /// Set for periodic tokens, which can be renewed forever.
-    pub period: Option<Duration>,
-    pub explicit_max_ttl: Option<Duration>,
+    pub(crate) period: Option<Duration>,
+    pub(crate) explicit_max_ttl: Option<Duration>,
 }
 
 /// `auth/token/lookup-self`.
-pub async fn lookup_self(client: &VaultClient, token: &SecretString) -> Result<TokenLookup, VaultError> {
+pub(crate) async fn lookup_self(client: &VaultClient, token: &SecretString) -> Result<TokenLookup, VaultError> {
     let resp = client.read(token, "auth/token/lookup-self").await?;
     let data = &resp.body["data"];
     let secs = |key: &str| data[key].as_u64().filter(|t| *t > 0).map(Duration::from_secs);
@@ -521,14 +513,14 @@ pub async fn lookup_self(client: &VaultClient, token: &SecretString) -> Result<T
 
 /// What a renewal granted.
 #[derive(Debug, Clone, Copy)]
-pub struct Renewal {
+pub(crate) struct Renewal {
     /// The new TTL; Vault caps it at what is left of the max TTL. None: the answer had none.
-    pub granted: Option<Duration>,
-    pub renewable: Option<bool>,
+    pub(crate) granted: Option<Duration>,
+    pub(crate) renewable: Option<bool>,
 }
 
 /// `auth/token/renew-self` by `increment`.
-pub async fn renew_self(
+pub(crate) async fn renew_self(
     client: &VaultClient,
     token: &SecretString,
     increment: Duration,
@@ -544,7 +536,7 @@ pub async fn renew_self(
 }
 
 /// `auth/token/revoke-self`: the token, and every lease it obtained, are gone.
-pub async fn revoke_self(client: &VaultClient, token: &SecretString) -> Result<(), VaultError> {
+pub(crate) async fn revoke_self(client: &VaultClient, token: &SecretString) -> Result<(), VaultError> {
     client
         .write("revoke-self", "auth/token/revoke-self", Some(token), &json!({}))
         .await

@@ -6,30 +6,31 @@ use std::time::{Duration, Instant};
 
 use secrecy::SecretString;
 
-use super::client::{Malformed, VaultClient, VaultError, VaultResponse};
+use super::client::{VaultClient, VaultResponse};
+use super::error::{Malformed, VaultError};
 use crate::config::{CredentialKind, CredentialsConfig};
 
 /// A Vault lease on a dynamic credential.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lease {
-    pub id: String,
-    pub duration: Duration,
-    pub renewable: bool,
+pub(crate) struct Lease {
+    pub(crate) id: String,
+    pub(crate) duration: Duration,
+    pub(crate) renewable: bool,
 }
 
 /// A database login from Vault. Debug shows the user and lease, never the password.
 pub struct Credential {
-    pub username: String,
-    pub password: SecretString,
-    pub lease: Option<Lease>,
+    pub(crate) username: String,
+    pub(crate) password: SecretString,
+    pub(crate) lease: Option<Lease>,
     /// How long Vault says it stays valid (lease duration, or a static role's time to rotation);
     /// None for KV secrets, which carry no lease.
-    pub valid_for: Option<Duration>,
-    pub fetched_at: Instant,
+    pub(crate) valid_for: Option<Duration>,
+    pub(crate) fetched_at: Instant,
     /// The Vault path it came from, exactly as a policy names it.
-    pub path: String,
+    pub(crate) path: String,
     /// Numbered per database entry: 1 for the first credential, 2 after the first refresh...
-    pub generation: u64,
+    pub(crate) generation: u64,
 }
 
 impl std::fmt::Debug for Credential {
@@ -46,13 +47,13 @@ impl std::fmt::Debug for Credential {
 }
 
 impl Credential {
-    pub fn expires_at(&self) -> Option<Instant> {
+    pub(crate) fn expires_at(&self) -> Option<Instant> {
         self.valid_for.map(|d| self.fetched_at + d)
     }
 }
 
 /// Reads one credential. `token` must be a usable Vault token.
-pub async fn fetch(
+pub(crate) async fn fetch(
     client: &VaultClient,
     token: &SecretString,
     cfg: &CredentialsConfig,
@@ -109,7 +110,7 @@ pub async fn fetch(
 
 /// `sys/leases/renew` of `lease_id` by `increment`: the duration Vault granted (capped at what is
 /// left of the lease's max TTL), None when the answer has none.
-pub async fn renew_lease(
+pub(crate) async fn renew_lease(
     client: &VaultClient,
     token: &SecretString,
     lease_id: &str,
@@ -121,7 +122,7 @@ pub async fn renew_lease(
 }
 
 /// `sys/leases/revoke` of `lease_id`: Vault drops the database role it created.
-pub async fn revoke_lease(client: &VaultClient, token: &SecretString, lease_id: &str) -> Result<(), VaultError> {
+pub(crate) async fn revoke_lease(client: &VaultClient, token: &SecretString, lease_id: &str) -> Result<(), VaultError> {
     let body = serde_json::json!({ "lease_id": lease_id });
     client
         .write("revoke", "sys/leases/revoke", Some(token), &body)
