@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use super::report::{fmt_duration, Check, Verdict};
+use super::report::{fmt_duration, Check, Report, Verdict};
 use super::ttl::{self, MaxTtl};
 use super::{Run, VAULT_SCOPE};
 use crate::config::AuthMethod;
@@ -143,7 +143,18 @@ impl Run<'_> {
         info
     }
 
-    pub(super) fn login_line(&self, info: &TokenInfo) -> Check {
+    /// The login line (policies, TTLs), and a warning when the token cannot look itself up.
+    pub(super) fn token_checks(&self, r: &mut Report, info: &TokenInfo) {
+        r.push(self.login_line(info));
+        if let Some(w) = &info.lookup_error {
+            r.push(
+                Check::new(VAULT_SCOPE, "token_lookup", "token lookup (auth/token/lookup-self)", Verdict::Warn, format!("cannot look up the token: {w}"))
+                    .fix("attach Vault's built-in \"default\" policy to the auth role (do not set token_no_default_policy): dbward renews its token with it"),
+            );
+        }
+    }
+
+    fn login_line(&self, info: &TokenInfo) -> Check {
         let ttl = info.ttl.map(fmt_duration).unwrap_or_else(|| "none".into());
         let renewable = if info.renewable { "renewable" } else { "not renewable" };
         let mut c = Check::new(
@@ -168,14 +179,16 @@ impl Run<'_> {
         c
     }
 
-    /// `sys/capabilities-self` for every path the config uses.
+    /// `sys/capabilities-self` for every path the config uses. None (and a warning): Vault would
+    /// not say, and the reads themselves will tell.
     pub(super) async fn capabilities(
         &self,
+        r: &mut Report,
         token: &VaultToken,
         reqs: &[Requirement],
-    ) -> Result<Capabilities, VaultError> {
+    ) -> Option<Capabilities> {
         let paths: Vec<&str> = reqs.iter().map(|r| r.path.as_str()).collect();
-        let resp = self
+        let answer = self
             .client
             .write(
                 "capabilities",
@@ -183,8 +196,20 @@ impl Run<'_> {
                 Some(&token.token),
                 &serde_json::json!({ "paths": paths }),
             )
-            .await?;
-        Ok(capabilities_from(&resp.body, &paths))
+            .await;
+        match answer {
+            Ok(resp) => Some(capabilities_from(&resp.body, &paths)),
+            Err(e) => {
+                r.push(Check::new(
+                    VAULT_SCOPE,
+                    "capabilities",
+                    "capabilities (sys/capabilities-self)",
+                    Verdict::Warn,
+                    format!("cannot ask Vault what the token may do ({e}); reading the paths directly instead"),
+                ));
+                None
+            }
+        }
     }
 }
 

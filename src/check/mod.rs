@@ -109,28 +109,9 @@ pub async fn run(config: &Config, opts: &Options) -> Result<Report, SetupError> 
         }
     };
     let info = run.token_info(&token).await;
-    r.push(run.login_line(&info));
-    if let Some(w) = &info.lookup_error {
-        r.push(
-            Check::new(VAULT_SCOPE, "token_lookup", "token lookup (auth/token/lookup-self)", Verdict::Warn, format!("cannot look up the token: {w}"))
-                .fix("attach Vault's built-in \"default\" policy to the auth role (do not set token_no_default_policy): dbward renews its token with it"),
-        );
-    }
-
+    run.token_checks(&mut r, &info);
     let reqs = policy::requirements(config);
-    let caps = match run.capabilities(&token, &reqs).await {
-        Ok(c) => Some(c),
-        Err(e) => {
-            r.push(Check::new(
-                VAULT_SCOPE,
-                "capabilities",
-                "capabilities (sys/capabilities-self)",
-                Verdict::Warn,
-                format!("cannot ask Vault what the token may do ({e}); reading the paths directly instead"),
-            ));
-            None
-        }
-    };
+    let caps = run.capabilities(&mut r, &token, &reqs).await;
     let access = entry::Access {
         token: &token,
         info: &info,

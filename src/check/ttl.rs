@@ -75,9 +75,6 @@ impl Run<'_> {
         issued: Instant,
         can_renew: bool,
     ) -> Vec<Check> {
-        let db = e.db;
-        let c = &db.credentials;
-        let role_path = format!("{}/roles/{}", e.secrets_mount(), e.role());
         // Without the right to renew (or for a lease that cannot be renewed) the max TTL is the
         // lease duration.
         let max = if lease.renewable && can_renew {
@@ -89,18 +86,47 @@ impl Run<'_> {
         } else {
             MaxTtl::Unknown
         };
-        let title = "lease TTL";
-        let mut out = Vec::new();
+        let a = &self.config.vault.auth;
+        let lifetimes = Lifetimes {
+            lease,
+            max,
+            token_max: access.info.max_ttl,
+            auth_role: format!(
+                "auth/{}/role/{}",
+                a.mount().trim_matches('/'),
+                a.role.as_deref().unwrap_or("")
+            ),
+        };
+        lifetimes.checks(e)
+    }
+}
+
+/// What is known about one test lease's lifetime and the token that holds it.
+struct Lifetimes<'a> {
+    lease: &'a vault::Lease,
+    /// The lease's max TTL.
+    max: MaxTtl,
+    token_max: MaxTtl,
+    /// The auth role that issued the token, as a Vault path.
+    auth_role: String,
+}
+
+impl Lifetimes<'_> {
+    /// Warnings for constant rotation and for leases outliving their token; else one pass.
+    fn checks(&self, e: &Entry<'_>) -> Vec<Check> {
+        let (db, lease, max) = (e.db, self.lease, self.max);
+        let c = &db.credentials;
+        let role_path = format!("{}/roles/{}", e.secrets_mount(), e.role());
         let base = |verdict, message: String| {
-            let mut ch = Check::new(&db.name, "lease_ttl", title, verdict, message)
+            let mut ch = Check::new(&db.name, "lease_ttl", "lease TTL", verdict, message)
                 .detail("lease_ttl_seconds", lease.duration.as_secs());
             if let MaxTtl::Limited(m) = max {
                 ch = ch.detail("lease_max_ttl_seconds", m.as_secs());
             }
             ch
         };
-        let max_d = max.limited();
-        let effective = max_d.map_or(lease.duration, |m| m.min(lease.duration));
+        let mut out = Vec::new();
+        let effective = max.limited().map_or(lease.duration, |m| m.min(lease.duration));
         let rotation = effective.mul_f64(c.refresh_fraction);
         if rotation < MIN_ROTATION {
             out.push(
@@ -116,42 +142,10 @@ impl Run<'_> {
                 .fix(format!("raise default_ttl and max_ttl of Vault role {role_path} (e.g. 1h and 24h)")),
             );
         }
-        let token_max = access.info.max_ttl;
-        if let (Some(lease_max), MaxTtl::Limited(token_max)) = (max_d, token_max) {
-            // A second of slack: both were measured a moment apart.
-            if token_max + Duration::from_secs(1) < lease_max {
-                let a = &self.config.vault.auth;
-                let auth_role = format!(
-                    "auth/{}/role/{}",
-                    a.mount().trim_matches('/'),
-                    a.role.as_deref().unwrap_or("")
-                );
-                out.push(
-                    Check::new(
-                        &db.name,
-                        "token_ttl",
-                        "token max TTL vs lease max TTL",
-                        Verdict::Warn,
-                        format!(
-                            "the token's max TTL ({}) is shorter than the lease max TTL ({}): leases die with the token that obtained them, so a connection's credential is revoked after {} at most",
-                            fmt_duration(token_max),
-                            fmt_duration(lease_max),
-                            fmt_duration(token_max)
-                        ),
-                    )
-                    .fix(format!(
-                        "raise token_max_ttl of {auth_role} to at least {}, or lower max_ttl of {role_path} to {}",
-                        fmt_duration(lease_max),
-                        fmt_duration(token_max)
-                    ))
-                    .detail("token_max_ttl_seconds", token_max.as_secs())
-                    .detail("lease_max_ttl_seconds", lease_max.as_secs()),
-                );
-            }
-        }
+        out.extend(self.token_dies_first(&db.name, &role_path));
         if out.is_empty() {
-            let token_max = match token_max {
-                MaxTtl::Limited(_) | MaxTtl::Unlimited => format!("; the token's max TTL is {token_max}"),
+            let token_max = match self.token_max {
+                MaxTtl::Limited(_) | MaxTtl::Unlimited => format!("; the token's max TTL is {}", self.token_max),
                 MaxTtl::Unknown => String::new(),
             };
             out.push(base(
@@ -160,6 +154,40 @@ impl Run<'_> {
             ));
         }
         out
+    }
+
+    /// Leases die with the token that obtained them: a token max TTL shorter than the lease's
+    /// cuts every credential short.
+    fn token_dies_first(&self, scope: &str, role_path: &str) -> Option<Check> {
+        let (Some(lease_max), MaxTtl::Limited(token_max)) = (self.max.limited(), self.token_max) else {
+            return None;
+        };
+        // A second of slack: both were measured a moment apart.
+        if token_max + Duration::from_secs(1) >= lease_max {
+            return None;
+        }
+        Some(
+            Check::new(
+                scope,
+                "token_ttl",
+                "token max TTL vs lease max TTL",
+                Verdict::Warn,
+                format!(
+                    "the token's max TTL ({}) is shorter than the lease max TTL ({}): leases die with the token that obtained them, so a connection's credential is revoked after {} at most",
+                    fmt_duration(token_max),
+                    fmt_duration(lease_max),
+                    fmt_duration(token_max)
+                ),
+            )
+            .fix(format!(
+                "raise token_max_ttl of {} to at least {}, or lower max_ttl of {role_path} to {}",
+                self.auth_role,
+                fmt_duration(lease_max),
+                fmt_duration(token_max)
+            ))
+            .detail("token_max_ttl_seconds", token_max.as_secs())
+            .detail("lease_max_ttl_seconds", lease_max.as_secs()),
+        )
     }
 }
 

@@ -193,15 +193,14 @@ impl VaultClient {
         result
     }
 
-    async fn call_inner(
+    /// The request, with namespace and (sensitive) token headers.
+    fn request(
         &self,
-        op: &'static str,
         method: Method,
         path: &str,
         token: Option<&SecretString>,
         body: Option<Bytes>,
-    ) -> Result<VaultResponse, VaultError> {
-        let path = path.trim_start_matches('/');
+    ) -> Result<Request<Full<Bytes>>, LocalError> {
         let url = format!("{}/v1/{}", self.address, path);
         let mut req = Request::builder()
             .method(method)
@@ -218,13 +217,23 @@ impl VaultClient {
         if body.is_some() {
             req = req.header(header::CONTENT_TYPE, "application/json");
         }
-        let req = req
-            .body(Full::new(body.unwrap_or_default()))
+        req.body(Full::new(body.unwrap_or_default()))
             .map_err(|e| LocalError::BadRequestUrl {
-                url: url.clone(),
+                url,
                 source: Arc::new(e),
-            })?;
+            })
+    }
 
+    async fn call_inner(
+        &self,
+        op: &'static str,
+        method: Method,
+        path: &str,
+        token: Option<&SecretString>,
+        body: Option<Bytes>,
+    ) -> Result<VaultResponse, VaultError> {
+        let path = path.trim_start_matches('/');
+        let req = self.request(method, path, token, body)?;
         let unreachable = |e: &(dyn std::error::Error + 'static), detail: String| VaultError::Unreachable {
             op,
             path: path.to_string(),
@@ -263,28 +272,33 @@ impl VaultClient {
 
         // The body may hold a password or token: the raw bytes are wiped once parsed.
         let body = zeroize::Zeroizing::new(Vec::<u8>::from(body));
-        if !(200..300).contains(&status) {
-            let errors = serde_json::from_slice::<ErrorBody>(&body)
-                .map(|b| clean_errors(b.errors))
-                .unwrap_or_default();
-            return Err(VaultError::Status {
-                op,
-                path: path.to_string(),
-                status,
-                errors,
-            });
-        }
-        let body = if body.is_empty() || status == 204 {
-            serde_json::Value::Null
-        } else {
-            serde_json::from_slice(&body).map_err(|e| VaultError::Malformed {
-                op,
-                path: path.to_string(),
-                problem: Malformed::NotJson(Arc::new(e)),
-            })?
-        };
+        let body = parse_body(op, path, status, &body)?;
         Ok(VaultResponse { status, body, date })
     }
+}
+
+/// An error status becomes [`VaultError::Status`] with Vault's messages; a 2xx body must be JSON
+/// (or empty).
+fn parse_body(op: &'static str, path: &str, status: u16, body: &[u8]) -> Result<serde_json::Value, VaultError> {
+    if !(200..300).contains(&status) {
+        let errors = serde_json::from_slice::<ErrorBody>(body)
+            .map(|b| clean_errors(b.errors))
+            .unwrap_or_default();
+        return Err(VaultError::Status {
+            op,
+            path: path.to_string(),
+            status,
+            errors,
+        });
+    }
+    if body.is_empty() || status == 204 {
+        return Ok(serde_json::Value::Null);
+    }
+    serde_json::from_slice(body).map_err(|e| VaultError::Malformed {
+        op,
+        path: path.to_string(),
+        problem: Malformed::NotJson(Arc::new(e)),
+    })
 }
 
 #[cfg(test)]
