@@ -581,6 +581,58 @@ mod tests {
         assert!(e.contains("/tmp/t: not a JWT"), "{e}");
     }
 
+    /// The one description check and the client's error details both use.
+    #[test]
+    fn login_is_described_by_method() {
+        let cfg = |method, mount: Option<&str>, role: Option<&str>| AuthConfig {
+            method,
+            mount: mount.map(str::to_string),
+            role: role.map(str::to_string),
+            token_file: Some("/run/dbward/token".into()),
+            role_id_file: None,
+            secret_id_file: None,
+        };
+        let cases = [
+            (
+                cfg(AuthMethod::Jwt, None, Some("payments")),
+                "jwt role payments at auth/jwt",
+            ),
+            (
+                cfg(AuthMethod::Kubernetes, Some("/k8s/prod/"), Some("payments")),
+                "kubernetes role payments at auth/k8s/prod",
+            ),
+            (cfg(AuthMethod::Approle, None, None), "approle at auth/approle"),
+            (cfg(AuthMethod::Token, None, None), "the token in /run/dbward/token"),
+        ];
+        for (c, want) in cases {
+            assert_eq!(login_description(&c), want);
+        }
+        assert_eq!(policies_text(&[]), "none");
+        assert_eq!(policies_text(&["a".into(), "default".into()]), "a, default");
+    }
+
+    #[test]
+    fn renewal_refusals_say_why_a_login_follows() {
+        let capped = NeedsLogin::Capped {
+            granted: Duration::from_secs(20),
+            asked: Duration::from_secs(30),
+        };
+        assert_eq!(
+            capped.to_string(),
+            "Vault renewed the token for 20s only (asked 30s): its max TTL is near"
+        );
+        let denied = VaultError::Status {
+            op: "renew-self",
+            path: "auth/token/renew-self".into(),
+            status: 403,
+            errors: vec!["permission denied".into()],
+        };
+        assert_eq!(
+            NeedsLogin::Refused(denied).to_string(),
+            "Vault refused to renew the token: Vault denied renew-self of auth/token/renew-self (403 permission denied)"
+        );
+    }
+
     #[test]
     fn token_is_replaced_with_a_third_of_its_life_left() {
         let t = VaultToken {
