@@ -9,11 +9,12 @@ use bytes::Bytes;
 use http::{header, Method, Request};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::dns::{GaiAddrs, GaiFuture, GaiResolver, Name};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use secrecy::{ExposeSecret, SecretString};
 
-use super::error::{clean_errors, describe_hyper_error, transport_kind, ErrorBody};
+use super::error::{clean_errors, describe_hyper_error, transport_kind, DnsError, ErrorBody};
 use super::error::{LocalError, Malformed, VaultError, VaultSetupError};
 use crate::config::VaultConfig;
 use crate::metrics::Metrics;
@@ -74,7 +75,7 @@ pub struct VaultClient {
     address: String,
     namespace: Option<String>,
     timeout: Duration,
-    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    http: Client<HttpsConnector<HttpConnector<Resolver>>, Full<Bytes>>,
     metrics: Arc<Metrics>,
 }
 
@@ -122,11 +123,14 @@ impl VaultClient {
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
+        let mut tcp = HttpConnector::new_with_resolver(Resolver(GaiResolver::new()));
+        // The scheme is the HTTPS connector's business (https_or_http).
+        tcp.enforce_http(false);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
-            .build();
+            .wrap_connector(tcp);
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(https);
@@ -277,6 +281,26 @@ impl VaultClient {
     }
 }
 
+/// The system resolver (getaddrinfo), with its failures wrapped in [`DnsError`]: hyper-util's
+/// own "dns error" type is private, so without the wrapper only the text would tell.
+#[derive(Clone)]
+struct Resolver(GaiResolver);
+
+impl tower_service::Service<Name> for Resolver {
+    type Response = GaiAddrs;
+    type Error = DnsError;
+    type Future = futures_util::future::MapErr<GaiFuture, fn(std::io::Error) -> DnsError>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), DnsError>> {
+        self.0.poll_ready(cx).map_err(DnsError)
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        use futures_util::TryFutureExt;
+        self.0.call(name).map_err(DnsError as fn(std::io::Error) -> DnsError)
+    }
+}
+
 /// An error status becomes [`VaultError::Status`] with Vault's messages; a 2xx body must be JSON
 /// (or empty).
 fn parse_body(op: &'static str, path: &str, status: u16, body: &[u8]) -> Result<serde_json::Value, VaultError> {
@@ -390,6 +414,29 @@ mod tests {
         let err = c.read(&SecretString::from("t"), "database/creds/x").await.unwrap_err();
         assert!(matches!(err, VaultError::Timeout { .. }), "{err:?}");
         assert!(err.is_unavailable());
+    }
+
+    /// `.invalid` never resolves (RFC 6761): the failure comes back through dbward's resolver,
+    /// so it is named by type.
+    #[tokio::test]
+    async fn unresolvable_host_is_a_dns_failure() {
+        let c = VaultClient::new(
+            &cfg("http://dbward-test.invalid:8200".into(), Duration::from_secs(10)),
+            Arc::default(),
+        )
+        .unwrap();
+        let err = c.read(&SecretString::from("t"), "database/creds/x").await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VaultError::Unreachable {
+                    kind: TransportKind::Dns,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("dns error"), "{err}");
     }
 
     #[tokio::test]

@@ -68,15 +68,31 @@ pub enum VaultError {
 }
 
 /// What kind of transport failure kept dbward from Vault, read from the error chain's types.
-/// DNS failures are [`TransportKind::Other`]: hyper-util's connect error type is private and
-/// std reports a failed lookup with an unnamed error kind, so only their text would tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransportKind {
     /// The TLS handshake failed (certificate, protocol, or a plain-HTTP server on https://).
     Tls,
     /// Nothing listens at the address.
     Refused,
+    /// The host name in vault.address does not resolve.
+    Dns,
     Other,
+}
+
+/// A failed name lookup, as the client's resolver reports it (same text as the lookup's error).
+#[derive(Debug)]
+pub(crate) struct DnsError(pub(crate) std::io::Error);
+
+impl std::fmt::Display for DnsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for DnsError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
 }
 
 /// Why a 2xx answer is unusable.
@@ -286,6 +302,9 @@ pub(super) fn transport_kind(e: &(dyn std::error::Error + 'static)) -> Transport
         if err.is::<rustls::Error>() {
             return TransportKind::Tls;
         }
+        if err.is::<DnsError>() {
+            return TransportKind::Dns;
+        }
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
             if io.kind() == std::io::ErrorKind::ConnectionRefused {
                 return TransportKind::Refused;
@@ -375,7 +394,18 @@ mod tests {
                 )),
                 TransportKind::Refused,
             ),
-            // Words do not count: a message mentioning a certificate is not a TLS failure.
+            (
+                Box::new(Wrapped(
+                    "client error (Connect)",
+                    Box::new(Wrapped(
+                        "dns error",
+                        Box::new(DnsError(Error::other("failed to lookup address information"))),
+                    )),
+                )),
+                TransportKind::Dns,
+            ),
+            // Words do not count: a message mentioning a certificate is not a TLS failure, nor
+            // "dns error" a DNS failure when the resolver did not say so.
             (
                 Box::new(Wrapped(
                     "dns error",
