@@ -81,11 +81,7 @@ impl Run<'_> {
     /// A login that failed, with the diagnosis: JWT times, `aud`/`sub` against the role's bound
     /// claims, unknown role, or whatever Vault said.
     pub(super) fn login_failure(&self, e: &VaultError) -> Check {
-        let a = &self.config.vault.auth;
-        let role = a.role.as_deref().unwrap_or("");
-        let mount = a.mount().trim_matches('/');
-        let role_path = format!("auth/{mount}/role/{role}");
-        let (problem, diagnosis, fix) = diagnose(e, mount, &role_path);
+        let (problem, diagnosis, fix) = diagnose(e, self.auth_mount(), &self.auth_role());
         Check::new(
             VAULT_SCOPE,
             "login",

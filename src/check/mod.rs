@@ -156,6 +156,17 @@ impl Run<'_> {
         self.opts.config_path.display().to_string()
     }
 
+    /// The auth method's mount, as Vault paths spell it (`jwt`, `k8s/prod`).
+    fn auth_mount(&self) -> &str {
+        self.config.vault.auth.mount().trim_matches('/')
+    }
+
+    /// The auth role that issues the token, as a Vault path fixes can name.
+    fn auth_role(&self) -> String {
+        let role = self.config.vault.auth.role.as_deref().unwrap_or("");
+        format!("auth/{}/role/{role}", self.auth_mount())
+    }
+
     /// The check's own token, and with it any lease it still holds.
     async fn revoke_token(&self, token: &VaultToken) -> Check {
         let title = "cleanup: revoke the check's Vault token";

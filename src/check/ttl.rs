@@ -86,16 +86,11 @@ impl Run<'_> {
         } else {
             MaxTtl::Unknown
         };
-        let a = &self.config.vault.auth;
         let lifetimes = Lifetimes {
             lease,
             max,
             token_max: access.info.max_ttl,
-            auth_role: format!(
-                "auth/{}/role/{}",
-                a.mount().trim_matches('/'),
-                a.role.as_deref().unwrap_or("")
-            ),
+            auth_role: self.auth_role(),
         };
         lifetimes.checks(e)
     }
