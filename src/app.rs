@@ -48,8 +48,8 @@ pub(crate) struct ReloadSummary {
 pub enum SetupError {
     #[error(transparent)]
     Entry(#[from] EntryError),
-    #[error("{0}")]
-    Vault(String),
+    #[error(transparent)]
+    Vault(#[from] crate::vault::error::VaultSetupError),
 }
 
 /// A listen address that cannot be bound; `key` is the config key (`databases[0].listen`).

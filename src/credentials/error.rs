@@ -23,7 +23,7 @@ impl CredentialError {
     /// What the client is told: what failed, and what to check.
     pub(crate) fn to_pg_error(&self) -> PgError {
         let e = &self.error;
-        let is_login = matches!(e, VaultError::Status { op: "login", .. }) || matches!(e, VaultError::Local { .. });
+        let is_login = e.is_login();
         if e.is_denied() && !is_login {
             let policies = self.policies.as_deref().unwrap_or("unknown");
             return PgError::fatal(sqlstate::INVALID_AUTHORIZATION, format!("dbward: {e}"))

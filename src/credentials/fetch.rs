@@ -21,9 +21,10 @@ impl CredentialStore {
             return Err(CredentialError {
                 database: database.to_string(),
                 path: String::new(),
-                error: VaultError::Local {
-                    detail: format!("database entry {database:?} was removed by a reload"),
-                },
+                error: vault::error::LocalError::EntryRemoved {
+                    database: database.to_string(),
+                }
+                .into(),
                 policies: None,
                 login: self.login_description(),
             });

@@ -337,11 +337,7 @@ impl CredentialStore {
     }
 
     pub(crate) fn login_description(&self) -> String {
-        let a = self.auth.config();
-        match &a.role {
-            Some(role) => format!("{} role {role} at auth/{}", a.method, a.mount()),
-            None => format!("{} auth at auth/{}", a.method, a.mount()),
-        }
+        self.auth.login_description()
     }
 }
 
