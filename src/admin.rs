@@ -7,7 +7,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -17,20 +17,28 @@ use hyper_util::rt::TokioIo;
 use prometheus::core::Collector;
 use tokio::net::TcpListener;
 
-use crate::app::App;
+use crate::clock::unix_now;
+use crate::credentials::CredentialStore;
+use crate::entry::Entries;
 use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+
+/// What the admin server reads: the published entries, the credential store (without asking
+/// Vault unless a credential is missing), the metrics and the shutdown state.
+#[derive(Clone)]
+pub(crate) struct AdminContext {
+    pub(crate) entries: Entries,
+    pub(crate) credentials: Arc<CredentialStore>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) shutdown: Shutdown,
+}
 
 /// How long `/readyz` waits for Vault when a database has no cached credential: kubelet and
 /// load balancer probes time out after a few seconds, and a slow Vault means "not ready" anyway.
 const READY_VAULT_TIMEOUT: Duration = Duration::from_secs(3);
 
-pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
-    let a = crate::config::resolve(addr)?;
-    TcpListener::bind(a).await
-}
-
 /// The admin listener: the socket systemd passed for `addr` (socket activation), else a new one.
-pub async fn bind_or_take(
+pub(crate) async fn bind_or_take(
     addr: &str,
     activated: &mut crate::systemd::ActivatedSockets,
 ) -> std::io::Result<TcpListener> {
@@ -41,7 +49,7 @@ pub async fn bind_or_take(
     }
 }
 
-pub async fn serve(app: Arc<App>, listener: TcpListener) {
+pub(crate) async fn serve(app: AdminContext, listener: TcpListener) {
     if let Ok(a) = listener.local_addr() {
         tracing::info!(listen = %a, "admin server listening");
     }
@@ -78,7 +86,7 @@ fn text(status: StatusCode, body: String, content_type: &'static str) -> Respons
         .expect("static response parts are valid")
 }
 
-async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(app: &AdminContext, req: Request<Incoming>) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     // Every endpoint is read-only: anything but GET/HEAD is a client mistake worth saying so.
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -122,14 +130,15 @@ async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>>
 /// Sets the gauges that describe "now" rather than an event: time left on each credential and
 /// on the Vault token, and readiness. Computed per scrape from what is cached, never by asking
 /// Vault, so a scrape is cheap and has no side effects (no cache-hit counts either).
-pub async fn refresh_scrape_gauges(app: &App) {
+async fn refresh_scrape_gauges(app: &AdminContext) {
     let m = &app.metrics;
     let now = Instant::now();
     let stopping = app.shutdown.is_stopping();
-    let databases = app.databases_in_order();
+    let snapshot = app.entries.load_full();
+    let databases = &snapshot.databases;
     let names: Vec<&str> = databases.iter().map(|d| d.name.as_str()).collect();
     forget_removed_databases(m, &names);
-    for db in &databases {
+    for db in databases {
         let held = app.credentials.peek(&db.name).await;
         let left = m.credential_expires_in_seconds.with_label_values(&[&db.name]);
         match held.as_ref().map(|h| h.expires_at()) {
@@ -182,24 +191,17 @@ fn forget_removed_databases(m: &Metrics, current: &[&str]) {
     }
 }
 
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64()
-}
-
 /// Ready when not shutting down and every database entry has (or can get) a credential.
 /// A cached credential is looked at without counting a cache hit (probes come every few
 /// seconds and would drown the clients' hit rate); only a missing one is fetched.
-pub async fn readiness(app: &Arc<App>) -> (bool, String) {
+async fn readiness(app: &AdminContext) -> (bool, String) {
     let mut ready = true;
     let mut body = String::new();
     if app.shutdown.is_stopping() {
         ready = false;
         body.push_str("NOT READY: shutting down (draining open sessions)\n");
     }
-    for db in app.databases_in_order() {
+    for db in app.entries.load_full().databases.iter() {
         let got = match app.credentials.peek(&db.name).await {
             Some(c) => Ok(Ok(c)),
             None => tokio::time::timeout(READY_VAULT_TIMEOUT, app.credentials.get(&db.name)).await,

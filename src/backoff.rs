@@ -9,27 +9,34 @@ use tokio::time::Instant;
 
 use rand::Rng;
 
-pub const MIN: Duration = Duration::from_secs(1);
-pub const MAX: Duration = Duration::from_secs(300);
+pub(crate) const MIN: Duration = Duration::from_secs(1);
+pub(crate) const MAX: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Default)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     failures: u32,
     next: Option<Instant>,
 }
 
 impl Backoff {
     /// Whether the next attempt may happen now.
-    pub fn ready(&self) -> bool {
+    pub(crate) fn ready(&self) -> bool {
         self.next.is_none_or(|n| Instant::now() >= n)
     }
 
-    pub fn failures(&self) -> u32 {
+    /// When the next attempt may happen (None: now). Background tasks sleep until then rather
+    /// than asking `ready` on a tick.
+    pub(crate) fn next_attempt(&self) -> Option<Instant> {
+        self.next
+    }
+
+    #[cfg(test)]
+    pub(crate) fn failures(&self) -> u32 {
         self.failures
     }
 
     /// Records a failure; returns how long until the next attempt.
-    pub fn failed(&mut self) -> Duration {
+    pub(crate) fn failed(&mut self) -> Duration {
         let step = step(self.failures);
         self.failures = self.failures.saturating_add(1);
         let wait = step.mul_f64(rand::thread_rng().gen_range(0.5..=1.0));
@@ -37,14 +44,14 @@ impl Backoff {
         wait
     }
 
-    pub fn succeeded(&mut self) {
+    pub(crate) fn succeeded(&mut self) {
         self.failures = 0;
         self.next = None;
     }
 }
 
 /// The un-jittered wait after `failures` earlier failures.
-pub fn step(failures: u32) -> Duration {
+pub(crate) fn step(failures: u32) -> Duration {
     MIN.saturating_mul(1u32 << failures.min(16)).min(MAX)
 }
 
@@ -70,6 +77,7 @@ mod tests {
         assert!(wait >= step(2) / 2 && wait <= step(2), "{wait:?}");
         tokio::time::advance(wait - Duration::from_millis(10)).await;
         assert!(!b.ready(), "ready before the wait is over");
+        assert_eq!(b.next_attempt(), Some(Instant::now() + Duration::from_millis(10)));
         tokio::time::advance(Duration::from_millis(10)).await;
         assert!(b.ready());
     }

@@ -2,21 +2,26 @@
 //! fetches short-lived database credentials and opens the upstream connection itself.
 //!
 //! The binary (`main.rs`) only parses the command line; everything else lives here so that tests
-//! can drive it. State is passed down explicitly in an [`app::App`]; there are no global statics.
+//! can drive it. State is passed down explicitly: the daemon's parts are built in [`app::App`],
+//! and each listener, session and the admin server gets only the parts it uses; there are no
+//! global statics. Modules are public only where the binary, the tests or the fuzz targets use
+//! them, so that the compiler reports what nothing uses.
 
-pub mod admin;
+mod admin;
 pub mod app;
-pub mod backoff;
+mod backoff;
 pub mod check;
+mod clock;
 pub mod config;
-pub mod credentials;
-pub mod listener;
+mod credentials;
+mod entry;
+mod listener;
 pub mod metrics;
 pub mod pg;
 pub mod policy;
-pub mod session;
-pub mod shutdown;
+mod session;
+mod shutdown;
 pub mod systemd;
-pub(crate) mod tls_files;
+mod tls_files;
 pub mod upstream;
 pub mod vault;

@@ -1,5 +1,6 @@
 //! Listening sockets (TCP and Unix) and the accept loop of each: the per-database connection
-//! cap, a tracing span per session, and stopping on shutdown.
+//! cap, a tracing span per session, and stopping on shutdown. Each accepted client gets a
+//! [`SessionContext`]: its entry as published at that moment and the shared [`Services`].
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -13,12 +14,27 @@ use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::app::App;
 use crate::config::ListenAddr;
+use crate::credentials::CredentialStore;
+use crate::entry::Entries;
+use crate::metrics::Metrics;
+use crate::pg::cancel::CancelMap;
 use crate::pg::error::{sqlstate, PgError};
-use crate::session;
+use crate::session::{self, SessionContext};
+use crate::shutdown::Shutdown;
+use crate::systemd::{Activated, ActivatedSockets};
+use crate::upstream::UpstreamSettings;
 
-pub enum Listener {
+/// What every session shares, whichever entry it serves.
+#[derive(Clone)]
+pub(crate) struct Services {
+    pub(crate) credentials: Arc<CredentialStore>,
+    pub(crate) cancels: Arc<CancelMap<Arc<UpstreamSettings>>>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) shutdown: Shutdown,
+}
+
+pub(crate) enum Listener {
     Tcp(TcpListener),
     /// The path is removed when the listener is dropped.
     Unix(UnixListener, UnlinkOnDrop),
@@ -26,7 +42,7 @@ pub enum Listener {
 
 /// A Unix listener's socket file; removed on drop when dbward created it (true), kept when
 /// systemd passed the socket (socket activation: the file must outlive dbward).
-pub struct UnlinkOnDrop(PathBuf, bool);
+pub(crate) struct UnlinkOnDrop(PathBuf, bool);
 
 impl Drop for UnlinkOnDrop {
     fn drop(&mut self) {
@@ -37,32 +53,21 @@ impl Drop for UnlinkOnDrop {
 }
 
 /// [`bind`], or adopts the socket systemd passed for `addr` (socket activation).
-pub async fn bind_or_take(
+pub(crate) async fn bind_or_take(
     addr: &ListenAddr,
     socket_mode: u32,
-    activated: &mut crate::systemd::ActivatedSockets,
+    activated: &mut ActivatedSockets,
 ) -> io::Result<Listener> {
     match activated.take(addr) {
-        Some(crate::systemd::Activated::Tcp(l)) => Ok(Listener::Tcp(TcpListener::from_std(l)?)),
-        Some(crate::systemd::Activated::Unix(l, path)) => {
-            Ok(Listener::Unix(UnixListener::from_std(l)?, UnlinkOnDrop(path, false)))
-        }
+        Some(Activated::Tcp(l)) => Ok(Listener::Tcp(TcpListener::from_std(l)?)),
+        Some(Activated::Unix(l, path)) => Ok(Listener::Unix(UnixListener::from_std(l)?, UnlinkOnDrop(path, false))),
         None => bind(addr, socket_mode).await,
-    }
-}
-
-impl Listener {
-    pub fn local_addr(&self) -> String {
-        match self {
-            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            Listener::Unix(_, p) => p.0.display().to_string(),
-        }
     }
 }
 
 /// Binds one listen address. A Unix socket file left by a crashed run is replaced; one that a
 /// live process still serves is not.
-pub async fn bind(addr: &ListenAddr, socket_mode: u32) -> io::Result<Listener> {
+async fn bind(addr: &ListenAddr, socket_mode: u32) -> io::Result<Listener> {
     match addr {
         ListenAddr::Tcp(a) => {
             let socket = match a {
@@ -112,10 +117,16 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
 /// by a reload); each client gets its own task, tracked for graceful shutdown. The entry is
 /// looked up at every accept, so a reload that changes it applies to the next client while
 /// established sessions keep the settings they started with.
-pub async fn accept_loop(app: Arc<App>, name: String, listener: Listener, stop: CancellationToken) {
+pub(crate) async fn accept_loop(
+    entries: Entries,
+    services: Services,
+    name: String,
+    listener: Listener,
+    stop: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
-            _ = app.shutdown.stopping() => break,
+            _ = services.shutdown.stopping() => break,
             _ = stop.cancelled() => break,
             r = accept(&listener) => r,
         };
@@ -128,8 +139,14 @@ pub async fn accept_loop(app: Arc<App>, name: String, listener: Listener, stop: 
                 continue;
             }
         };
-        let Some(db) = app.database(&name) else { break };
-        app.metrics
+        let snapshot = entries.load();
+        let Some(db) = snapshot.database(&name).cloned() else {
+            break;
+        };
+        let startup_timeout = snapshot.config.proxy.startup_timeout.0;
+        drop(snapshot);
+        services
+            .metrics
             .client_connections_total
             .with_label_values(&[&db.name])
             .inc();
@@ -141,36 +158,25 @@ pub async fn accept_loop(app: Arc<App>, name: String, listener: Listener, stop: 
             credential = tracing::field::Empty,
         );
         let Ok(permit) = db.slots.clone().try_acquire_owned() else {
-            app.metrics
+            services
+                .metrics
                 .client_connections_rejected_total
                 .with_label_values(&[&db.name, "too_many_connections"])
                 .inc();
-            let limit = db.cfg.max_client_connections;
-            let name = db.name.clone();
-            tokio::spawn(
-                async move {
-                    tracing::warn!(limit, "refusing client: max_client_connections reached");
-                    let e = PgError::fatal(
-                        sqlstate::TOO_MANY_CONNECTIONS,
-                        format!("dbward: database entry {name:?} has reached max_client_connections ({limit})"),
-                    )
-                    .with_hint("close idle connections or raise max_client_connections");
-                    let mut s = stream;
-                    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                        let _ = s.write_all(&e.to_bytes()).await;
-                        let _ = s.shutdown().await;
-                    })
-                    .await;
-                }
-                .instrument(span),
-            );
+            tokio::spawn(refuse_full(stream, db.name.clone(), db.cfg.max_client_connections).instrument(span));
             continue;
         };
-        let app2 = app.clone();
-        let db2 = db.clone();
-        app.shutdown.sessions().spawn(
+        let ctx = SessionContext {
+            entry: db,
+            startup_timeout,
+            credentials: services.credentials.clone(),
+            cancels: services.cancels.clone(),
+            metrics: services.metrics.clone(),
+            shutdown: services.shutdown.clone(),
+        };
+        services.shutdown.sessions().spawn(
             async move {
-                session::serve(&app2, &db2, stream).await;
+                session::serve(&ctx, stream).await;
                 drop(permit);
             }
             .instrument(span),
@@ -178,8 +184,24 @@ pub async fn accept_loop(app: Arc<App>, name: String, listener: Listener, stop: 
     }
 }
 
+/// Tells a client over `max_client_connections` why it is refused (53300), bounded in time so
+/// that a client that does not read cannot hold the task.
+async fn refuse_full(mut stream: ClientStream, name: String, limit: usize) {
+    tracing::warn!(limit, "refusing client: max_client_connections reached");
+    let e = PgError::fatal(
+        sqlstate::TOO_MANY_CONNECTIONS,
+        format!("dbward: database entry {name:?} has reached max_client_connections ({limit})"),
+    )
+    .with_hint("close idle connections or raise max_client_connections");
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = stream.write_all(&e.to_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
 /// A client connection from either kind of listener.
-pub type ClientStream = Either<tokio::net::TcpStream, tokio::net::UnixStream>;
+pub(crate) type ClientStream = Either<tokio::net::TcpStream, tokio::net::UnixStream>;
 
 async fn accept(l: &Listener) -> io::Result<(ClientStream, String)> {
     match l {

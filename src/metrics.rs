@@ -26,37 +26,37 @@ pub const LABEL_NAMES: &[&str] = &[
 ];
 
 pub struct Metrics {
-    pub registry: Registry,
-    pub client_connections_total: IntCounterVec,
-    pub client_connections_active: IntGaugeVec,
-    pub client_connections_rejected_total: IntCounterVec,
-    pub upstream_connect_seconds: HistogramVec,
-    pub upstream_connect_failures_total: IntCounterVec,
-    pub bytes_total: IntCounterVec,
-    pub credential_cache_total: IntCounterVec,
-    pub credential_fetch_total: IntCounterVec,
-    pub credential_expiry_timestamp_seconds: GaugeVec,
+    pub(crate) registry: Registry,
+    pub(crate) client_connections_total: IntCounterVec,
+    pub(crate) client_connections_active: IntGaugeVec,
+    pub(crate) client_connections_rejected_total: IntCounterVec,
+    pub(crate) upstream_connect_seconds: HistogramVec,
+    pub(crate) upstream_connect_failures_total: IntCounterVec,
+    pub(crate) bytes_total: IntCounterVec,
+    pub(crate) credential_cache_total: IntCounterVec,
+    pub(crate) credential_fetch_total: IntCounterVec,
+    pub(crate) credential_expiry_timestamp_seconds: GaugeVec,
     /// Set at scrape time: seconds until the cached credential stops being valid; 0 when none
     /// is cached; absent for credentials without expiry (KV).
-    pub credential_expires_in_seconds: GaugeVec,
+    pub(crate) credential_expires_in_seconds: GaugeVec,
     /// Fetches by the background lifecycle (ahead of expiry, or when none is cached), not by
     /// clients; incremented in `CredentialStore::refresh_step`.
-    pub credential_refreshes_total: IntCounterVec,
+    pub(crate) credential_refreshes_total: IntCounterVec,
     /// Set at scrape time: 1 when the entry holds a valid credential and dbward is not
     /// shutting down (what `/readyz` reports, without asking Vault).
-    pub database_ready: IntGaugeVec,
-    pub credential_rejected_total: IntCounterVec,
-    pub vault_requests_total: IntCounterVec,
-    pub vault_request_seconds: HistogramVec,
-    pub vault_denied_total: IntCounterVec,
-    pub vault_token_expiry_timestamp_seconds: IntGauge,
+    pub(crate) database_ready: IntGaugeVec,
+    pub(crate) credential_rejected_total: IntCounterVec,
+    pub(crate) vault_requests_total: IntCounterVec,
+    pub(crate) vault_request_seconds: HistogramVec,
+    pub(crate) vault_denied_total: IntCounterVec,
+    pub(crate) vault_token_expiry_timestamp_seconds: IntGauge,
     /// Set at scrape time; no labels. Absent before the first login and for tokens that never
     /// expire, so dashboards do not show a misleading 0 or infinity.
-    pub vault_token_expires_in_seconds: GaugeVec,
-    pub cancel_requests_total: IntCounterVec,
-    pub lease_renewals_total: IntCounterVec,
-    pub lease_revocations_total: IntCounterVec,
-    pub build_info: IntGaugeVec,
+    pub(crate) vault_token_expires_in_seconds: GaugeVec,
+    pub(crate) cancel_requests_total: IntCounterVec,
+    pub(crate) lease_renewals_total: IntCounterVec,
+    pub(crate) lease_revocations_total: IntCounterVec,
+    pub(crate) build_info: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -65,176 +65,137 @@ impl Default for Metrics {
     }
 }
 
+/// Creates collectors and registers them in one registry; names are unique by construction.
+struct Registrar(Registry);
+
+impl Registrar {
+    fn reg<C: prometheus::core::Collector + Clone + 'static>(&self, c: prometheus::Result<C>) -> C {
+        let c = c.expect("valid metric");
+        self.0.register(Box::new(c.clone())).expect("metric names are unique");
+        c
+    }
+    fn counter(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+        self.reg(IntCounterVec::new(Opts::new(name, help), labels))
+    }
+    fn int_gauge(&self, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+        self.reg(IntGaugeVec::new(Opts::new(name, help), labels))
+    }
+    fn gauge(&self, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+        self.reg(GaugeVec::new(Opts::new(name, help), labels))
+    }
+    /// Exponential buckets from 1 ms, doubling `count` times.
+    fn histogram(&self, name: &str, help: &str, count: usize, labels: &[&str]) -> HistogramVec {
+        let buckets = exponential_buckets(0.001, 2.0, count).expect("valid buckets");
+        self.reg(HistogramVec::new(
+            HistogramOpts::new(name, help).buckets(buckets),
+            labels,
+        ))
+    }
+}
+
 impl Metrics {
-    pub fn new() -> Self {
-        let registry = Registry::new();
-        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
-            r.register(Box::new(c.clone())).expect("metric names are unique");
-            c
-        }
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            reg(
-                &registry,
-                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
-            )
-        };
+    pub(crate) fn new() -> Self {
+        let r = Registrar(Registry::new());
+        let db = &["database"][..];
         let m = Metrics {
-            client_connections_total: counter(
-                "dbward_client_connections_total",
-                "Client connections accepted.",
-                &["database"],
-            ),
-            client_connections_active: reg(
-                &registry,
-                IntGaugeVec::new(Opts::new("dbward_client_connections_active", "Client connections open now."), &["database"])
-                    .unwrap(),
-            ),
-            client_connections_rejected_total: counter(
+            client_connections_total: r.counter("dbward_client_connections_total", "Client connections accepted.", db),
+            client_connections_active: r.int_gauge("dbward_client_connections_active", "Client connections open now.", db),
+            client_connections_rejected_total: r.counter(
                 "dbward_client_connections_rejected_total",
                 "Client connections refused before relaying, by reason.",
                 &["database", "reason"],
             ),
-            upstream_connect_seconds: reg(
-                &registry,
-                HistogramVec::new(
-                    HistogramOpts::new(
-                        "dbward_upstream_connect_seconds",
-                        "Time to open and authenticate an upstream connection.",
-                    )
-                    .buckets(exponential_buckets(0.001, 2.0, 14).unwrap()),
-                    &["database"],
-                )
-                .unwrap(),
+            upstream_connect_seconds: r.histogram(
+                "dbward_upstream_connect_seconds",
+                "Time to open and authenticate an upstream connection.",
+                14,
+                db,
             ),
-            upstream_connect_failures_total: counter(
+            upstream_connect_failures_total: r.counter(
                 "dbward_upstream_connect_failures_total",
                 "Upstream connections that failed, by SQLSTATE class.",
                 &["database", "sqlstate_class"],
             ),
-            bytes_total: counter(
+            bytes_total: r.counter(
                 "dbward_relayed_bytes_total",
                 "Bytes relayed; direction is to_upstream or to_client.",
                 &["database", "direction"],
             ),
-            credential_cache_total: counter(
+            credential_cache_total: r.counter(
                 "dbward_credential_cache_total",
                 "Credential lookups by result: hit or miss.",
                 &["database", "result"],
             ),
-            credential_fetch_total: counter(
+            credential_fetch_total: r.counter(
                 "dbward_credential_fetch_total",
                 "Credential reads from Vault by result: ok or error.",
                 &["database", "result"],
             ),
-            credential_expiry_timestamp_seconds: reg(
-                &registry,
-                GaugeVec::new(
-                    Opts::new(
-                        "dbward_credential_expiry_timestamp_seconds",
-                        "Unix time at which the current credential stops being valid (absent for KV secrets).",
-                    ),
-                    &["database"],
-                )
-                .unwrap(),
+            credential_expiry_timestamp_seconds: r.gauge(
+                "dbward_credential_expiry_timestamp_seconds",
+                "Unix time at which the current credential stops being valid (absent for KV secrets).",
+                db,
             ),
-            credential_expires_in_seconds: reg(
-                &registry,
-                GaugeVec::new(
-                    Opts::new(
-                        "dbward_credential_expires_in_seconds",
-                        "Seconds until the cached credential stops being valid (0: none cached; absent for KV secrets).",
-                    ),
-                    &["database"],
-                )
-                .unwrap(),
+            credential_expires_in_seconds: r.gauge(
+                "dbward_credential_expires_in_seconds",
+                "Seconds until the cached credential stops being valid (0: none cached; absent for KV secrets).",
+                db,
             ),
-            credential_refreshes_total: counter(
+            credential_refreshes_total: r.counter(
                 "dbward_credential_refreshes_total",
                 "Credential fetches by the background lifecycle (ahead of expiry, or when none is cached), by result: ok or error.",
                 &["database", "result"],
             ),
-            database_ready: reg(
-                &registry,
-                IntGaugeVec::new(
-                    Opts::new(
-                        "dbward_database_ready",
-                        "1 when the database entry holds a valid credential and dbward is not shutting down.",
-                    ),
-                    &["database"],
-                )
-                .unwrap(),
+            database_ready: r.int_gauge(
+                "dbward_database_ready",
+                "1 when the database entry holds a valid credential and dbward is not shutting down.",
+                db,
             ),
-            credential_rejected_total: counter(
+            credential_rejected_total: r.counter(
                 "dbward_credential_rejected_total",
                 "Credentials the upstream refused (28P01) although Vault issued them.",
-                &["database"],
+                db,
             ),
-            vault_requests_total: counter(
+            vault_requests_total: r.counter(
                 "dbward_vault_requests_total",
                 "Vault requests by operation and status (HTTP code, timeout or unreachable).",
                 &["operation", "status"],
             ),
-            vault_request_seconds: reg(
-                &registry,
-                HistogramVec::new(
-                    HistogramOpts::new("dbward_vault_request_seconds", "Vault request latency.")
-                        .buckets(exponential_buckets(0.001, 2.0, 15).unwrap()),
-                    &["operation"],
-                )
-                .unwrap(),
+            vault_request_seconds: r.histogram("dbward_vault_request_seconds", "Vault request latency.", 15, &["operation"]),
+            vault_denied_total: r.counter("dbward_vault_denied_total", "Credential reads Vault refused with 403.", db),
+            vault_token_expiry_timestamp_seconds: r.reg(IntGauge::new(
+                "dbward_vault_token_expiry_timestamp_seconds",
+                "Unix time at which the current Vault token expires (0: none or no expiry).",
+            )),
+            vault_token_expires_in_seconds: r.gauge(
+                "dbward_vault_token_expires_in_seconds",
+                "Seconds until the current Vault token expires (absent before the first login and for tokens without expiry).",
+                &[],
             ),
-            vault_denied_total: counter(
-                "dbward_vault_denied_total",
-                "Credential reads Vault refused with 403.",
-                &["database"],
-            ),
-            vault_token_expiry_timestamp_seconds: reg(
-                &registry,
-                IntGauge::new(
-                    "dbward_vault_token_expiry_timestamp_seconds",
-                    "Unix time at which the current Vault token expires (0: none or no expiry).",
-                )
-                .unwrap(),
-            ),
-            vault_token_expires_in_seconds: reg(
-                &registry,
-                GaugeVec::new(
-                    Opts::new(
-                        "dbward_vault_token_expires_in_seconds",
-                        "Seconds until the current Vault token expires (absent before the first login and for tokens without expiry).",
-                    ),
-                    &[],
-                )
-                .unwrap(),
-            ),
-            cancel_requests_total: counter(
+            cancel_requests_total: r.counter(
                 "dbward_cancel_requests_total",
                 "Cancel requests by result: routed, unknown_key or failed.",
                 &["result"],
             ),
-            lease_renewals_total: counter(
+            lease_renewals_total: r.counter(
                 "dbward_lease_renewals_total",
                 "Renewals of leases still used by client connections, by result.",
                 &["database", "result"],
             ),
-            lease_revocations_total: counter(
+            lease_revocations_total: r.counter(
                 "dbward_lease_revocations_total",
                 "Lease revocations (unused after replacement, or at shutdown), by result.",
                 &["database", "result"],
             ),
-            build_info: reg(
-                &registry,
-                IntGaugeVec::new(Opts::new("dbward_build_info", "Always 1; the version label says which build."), &["version"])
-                    .unwrap(),
-            ),
-            registry,
+            build_info: r.int_gauge("dbward_build_info", "Always 1; the version label says which build.", &["version"]),
+            registry: r.0,
         };
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         m
     }
 
     /// The text exposition format for `/metrics`.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)

@@ -8,38 +8,38 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 #[derive(Clone, Default)]
-pub struct Shutdown {
+pub(crate) struct Shutdown {
     stop_accepting: CancellationToken,
     terminate: CancellationToken,
     sessions: TaskTracker,
 }
 
 impl Shutdown {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
-    pub fn is_stopping(&self) -> bool {
+    pub(crate) fn is_stopping(&self) -> bool {
         self.stop_accepting.is_cancelled()
     }
 
     /// Resolves when listeners must stop accepting.
-    pub async fn stopping(&self) {
+    pub(crate) async fn stopping(&self) {
         self.stop_accepting.cancelled().await
     }
 
     /// Resolves when open sessions must end now.
-    pub async fn terminating(&self) {
+    pub(crate) async fn terminating(&self) {
         self.terminate.cancelled().await
     }
 
-    pub fn sessions(&self) -> &TaskTracker {
+    pub(crate) fn sessions(&self) -> &TaskTracker {
         &self.sessions
     }
 
     /// Stops accepting, waits up to `grace` for open sessions, then terminates the rest and
     /// waits for them to finish closing.
-    pub async fn run(&self, grace: Duration) {
+    pub(crate) async fn run(&self, grace: Duration) {
         self.stop_accepting.cancel();
         self.sessions.close();
         let open = self.sessions.len();

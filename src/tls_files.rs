@@ -13,7 +13,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 /// A PEM file named by a config key that cannot be used. The texts name the key and the file:
 /// `databases[0].ca_file: cannot read "/x.pem": No such file or directory (os error 2)`.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum PemError {
+pub enum PemError {
     #[error("{key}: cannot read {path:?}: {source}")]
     Read {
         key: String,
@@ -48,7 +48,7 @@ pub(crate) enum PemError {
 /// could be loaded (...)"); callers say what needed it and which key to set instead.
 #[derive(Debug, thiserror::Error)]
 #[error("{why}")]
-pub(crate) struct NoSystemRoots {
+pub struct NoSystemRoots {
     why: String,
 }
 

@@ -10,23 +10,14 @@ mod common;
 use common::*;
 use serde_json::json;
 
-async fn whoami(port: u16, dbname: &str) -> Result<String, tokio_postgres::Error> {
-    let c = try_connect(port, dbname, "x").await?;
-    Ok(c.query_one("select current_user::text", &[]).await?.get(0))
-}
-
-/// Replaces the `[vault.auth]` table of a harness config.
-fn with_auth(config: &str, auth: &str) -> String {
-    let start = config.find("[vault.auth]").unwrap();
-    let end = config.find("[[databases]]").unwrap();
-    format!("{}{auth}\n\n{}", &config[..start], &config[end..])
+/// `current_user` of a new session through dbward on `port`.
+async fn user_via(port: u16, dbname: &str) -> Result<String, tokio_postgres::Error> {
+    whoami(&try_connect(port, dbname, "x").await?).await
 }
 
 #[tokio::test]
 async fn approle_login_reads_role_id_and_secret_id_files() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("auth_approle");
+    let (s, _g, app) = shared_app("auth_approle");
     let mount = format!("approle-{}", app.tag.replace('_', "-"));
     s.vault_write(&format!("sys/auth/{mount}"), &json!({"type": "approle"}));
     s.vault_write(
@@ -41,18 +32,18 @@ async fn approle_login_reads_role_id_and_secret_id_files() {
     std::fs::write(&rid, format!("{role_id}\n")).unwrap();
     std::fs::write(&sid, &secret_id).unwrap();
 
-    let port = free_port();
-    let config = with_auth(
-        &app.config_toml("static", &[format!("127.0.0.1:{port}")]),
-        &format!(
-            "[vault.auth]\nmethod = \"approle\"\nmount = {}\nrole_id_file = {}\nsecret_id_file = {}",
-            toml_str(&mount),
-            toml_str(rid.to_str().unwrap()),
-            toml_str(sid.to_str().unwrap())
-        ),
+    let mut config = app.config("static");
+    config.auth = Auth::new(
+        "approle",
+        &[
+            ("mount", &mount),
+            ("role_id_file", rid.to_str().unwrap()),
+            ("secret_id_file", sid.to_str().unwrap()),
+        ],
     );
     let d = Dbward::start(&config);
-    assert_eq!(whoami(port, &app.dbname).await.unwrap(), app.static_pg_role);
+    let port = d.port();
+    assert_eq!(user_via(port, &app.dbname).await.unwrap(), app.static_pg_role);
     assert_eq!(s.count_audit_requests(&format!("auth/{mount}/login")), 1);
     let log = d.log_contents();
     assert!(!log.contains(&secret_id), "the secret_id reached the log");
@@ -61,31 +52,22 @@ async fn approle_login_reads_role_id_and_secret_id_files() {
 
 #[tokio::test]
 async fn token_method_learns_policies_from_lookup_self_and_names_them_on_denial() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("auth_token");
+    let (s, _g, app) = shared_app("auth_token");
     let created = s.vault_write("auth/token/create", &json!({"policies": [app.policy], "ttl": "1h"}));
     let token = created["auth"]["client_token"].as_str().unwrap().to_string();
     let file = app.dir.join("vault-token");
     std::fs::write(&file, &token).unwrap();
 
-    let (port, denied_port) = (free_port(), free_port());
     // A second entry reads a path outside the policy.
-    let denied = format!(
-        "\n[[databases]]\nname = \"denied\"\nlisten = [\"127.0.0.1:{denied_port}\"]\nupstream = \"127.0.0.1:{}\"\n\
-         sslmode = \"disable\"\n[databases.credentials]\nkind = \"kv\"\npath = \"secret/data/elsewhere/db\"\n",
-        s.pg_port()
-    );
-    let config = with_auth(
-        &format!("{}{denied}", app.config_toml("static", &[format!("127.0.0.1:{port}")])),
-        &format!(
-            "[vault.auth]\nmethod = \"token\"\ntoken_file = {}",
-            toml_str(file.to_str().unwrap())
-        ),
-    );
+    let mut denied = app.entry("denied", "kv");
+    denied.dbname = None;
+    denied.credentials = Credentials::kv("secret/data/elsewhere/db");
+    let mut config = app.config("static").entry(denied);
+    config.auth = Auth::new("token", &[("token_file", file.to_str().unwrap())]);
+    let (port, denied_port) = (config.port(), config.databases[1].port());
     let d = Dbward::start(&config);
-    assert_eq!(whoami(port, &app.dbname).await.unwrap(), app.static_pg_role);
-    let err = whoami(denied_port, &app.dbname).await.unwrap_err();
+    assert_eq!(user_via(port, &app.dbname).await.unwrap(), app.static_pg_role);
+    let err = user_via(denied_port, &app.dbname).await.unwrap_err();
     let db = err.as_db_error().unwrap();
     assert_eq!(db.code().code(), "28000");
     assert!(

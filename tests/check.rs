@@ -8,10 +8,9 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use serde_json::{json, Value};
@@ -51,9 +50,9 @@ impl Out {
 }
 
 /// Writes `config` next to the app's files and runs `dbward <args> --config FILE`.
-fn dbward(dir: &Path, name: &str, config: &str, args: &[&str], env: &[(&str, &str)]) -> Out {
+fn dbward(dir: &Path, name: &str, config: &TestConfig, args: &[&str], env: &[(&str, &str)]) -> Out {
     let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, config).expect("write config");
+    std::fs::write(&path, config.toml()).expect("write config");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dbward"));
     cmd.args(args)
         .arg("--config")
@@ -74,27 +73,28 @@ fn dbward(dir: &Path, name: &str, config: &str, args: &[&str], env: &[(&str, &st
     }
 }
 
-fn check(app: &TestApp, name: &str, config: &str, extra: &[&str]) -> Out {
+fn check(app: &TestApp, name: &str, config: &TestConfig, extra: &[&str]) -> Out {
     let mut args = vec!["check"];
     args.extend_from_slice(extra);
     dbward(&app.dir, name, config, &args, &[])
 }
 
-/// A second `[[databases]]` entry with dynamic credentials of the app's dynamic role.
-fn dynamic_entry(app: &TestApp, name: &str, role: &str) -> String {
-    format!(
-        "\n[[databases]]\nname = {}\nlisten = [\"127.0.0.1:{}\"]\nupstream = \"127.0.0.1:{}\"\n\
-         dbname = {}\nsslmode = \"disable\"\n[databases.credentials]\nkind = \"database\"\nrole = {}\n",
-        toml_str(name),
-        free_port(),
-        app.servers.pg_port(),
-        toml_str(&app.dbname),
-        toml_str(role)
-    )
+/// `check` of the app's KV entry, which must fail; returns its output and its login line.
+fn failed_login(app: &TestApp, name: &str) -> (Out, String) {
+    let out = check(app, name, &app.config("kv"), &[]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    let line = out.line("login (jwt role");
+    (out, line)
 }
 
-fn config(app: &TestApp, kind: &str) -> String {
-    app.config_toml(kind, &[format!("127.0.0.1:{}", free_port())])
+/// The first entry of kind `kind` in a `check --json` report.
+fn check_of<'a>(report: &'a Value, kind: &str) -> &'a Value {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} in {report:#}"))
 }
 
 /// Leases Vault still holds under `database/creds/<role>/`.
@@ -120,22 +120,10 @@ fn leases_of(s: &Servers, role: &str) -> Vec<String> {
 /// the role; `dbward policy` prints a policy that, applied, makes the same check pass.
 #[test]
 fn moved_secret_fails_check_and_the_generated_policy_fixes_it() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_seed");
-    let new_path = app.kv_path.replace("/db", "/db-v2");
-    s.vault_write(
-        &new_path,
-        &json!({"data": {"username": app.kv_username, "password": app.kv_password}}),
-    );
-    let cfg = format!(
-        "{}{}",
-        config(&app, "kv").replace(
-            &format!("path = {}", toml_str(&app.kv_path)),
-            &format!("path = {}", toml_str(&new_path))
-        ),
-        dynamic_entry(&app, "dyn", &app.dynamic_role)
-    );
+    let (_, _g, app) = shared_app("chk_seed");
+    let new_path = app.move_kv_secret();
+    let mut cfg = app.config("kv").entry(app.entry("dyn", "database"));
+    cfg.databases[0].credentials = Credentials::kv(&new_path);
 
     let out = check(&app, "seed", &cfg, &[]);
     assert_eq!(out.code, 1, "{}", out.all());
@@ -213,21 +201,11 @@ fn moved_secret_fails_check_and_the_generated_policy_fixes_it() {
 /// The check's lease is revoked (its Postgres role dropped) and so is the check's token.
 #[test]
 fn check_revokes_its_test_lease_and_its_token() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_cleanup");
-    let out = check(&app, "cleanup", &config(&app, "database"), &["--json"]);
+    let (s, _g, app) = shared_app("chk_cleanup");
+    let out = check(&app, "cleanup", &app.config("database"), &["--json"]);
     assert_eq!(out.code, 0, "{}", out.all());
     let j = out.json();
-    let by = |kind: &str| -> Value {
-        j["checks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["check"] == kind)
-            .cloned()
-            .unwrap_or_else(|| panic!("no {kind} in {j:#}"))
-    };
+    let by = |kind: &str| check_of(&j, kind);
     assert_eq!(by("upstream")["verdict"], "pass", "{j:#}");
     let revoke = by("revoke_lease");
     assert_eq!(revoke["verdict"], "pass", "{j:#}");
@@ -255,20 +233,12 @@ fn check_revokes_its_test_lease_and_its_token() {
 /// Neither the passwords Vault issued, nor the JWT, nor a Vault token appear in any output.
 #[test]
 fn output_never_contains_secrets() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_secrets");
+    let (_, _g, app) = shared_app("chk_secrets");
     let (_, static_password, _) = app.read_creds("static");
-    let cfg = format!(
-        "{}\n[[databases]]\nname = \"st\"\nlisten = [\"127.0.0.1:{}\"]\nupstream = \"127.0.0.1:{}\"\ndbname = {}\n\
-         sslmode = \"disable\"\n[databases.credentials]\nkind = \"static\"\nrole = {}\n{}",
-        config(&app, "kv"),
-        free_port(),
-        s.pg_port(),
-        toml_str(&app.dbname),
-        toml_str(&app.static_role),
-        dynamic_entry(&app, "dyn", &app.dynamic_role)
-    );
+    let cfg = app
+        .config("kv")
+        .entry(app.entry("st", "static"))
+        .entry(app.entry("dyn", "database"));
     let jwt = app.jwt();
     for args in [&[][..], &["--json"][..], &["--diff-policy", app.policy.as_str()][..]] {
         let out = check(&app, "secrets", &cfg, args);
@@ -301,13 +271,9 @@ fn output_never_contains_secrets() {
 
 #[test]
 fn expired_jwt_is_named_and_not_sent() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_jwt_exp");
+    let (_, _g, app) = shared_app("chk_jwt_exp");
     app.write_jwt(&app.jwt_subject, JWT_AUDIENCE, -300);
-    let out = check(&app, "exp", &config(&app, "kv"), &[]);
-    assert_eq!(out.code, 1, "{}", out.all());
-    let line = out.line("login (jwt role");
+    let (out, line) = failed_login(&app, "exp");
     assert!(line.starts_with("FAIL vault"), "{line}");
     assert!(line.contains("the workload JWT has expired"), "{line}");
     assert!(line.contains(app.jwt_path.to_str().unwrap()), "{line}");
@@ -324,9 +290,7 @@ fn expired_jwt_is_named_and_not_sent() {
 
 #[test]
 fn jwt_not_yet_valid_is_named() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_jwt_nbf");
+    let (_, _g, app) = shared_app("chk_jwt_nbf");
     // dbward reads the claims without verifying the signature (Vault verifies), so any key does.
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
     let jwt = jsonwebtoken::encode(
@@ -336,15 +300,10 @@ fn jwt_not_yet_valid_is_named() {
     )
     .unwrap();
     std::fs::write(&app.jwt_path, &jwt).unwrap();
-    let out = check(&app, "nbf", &config(&app, "kv"), &["--json"]);
+    let out = check(&app, "nbf", &app.config("kv"), &["--json"]);
     assert_eq!(out.code, 1, "{}", out.all());
     let j = out.json();
-    let login = j["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["check"] == "login")
-        .unwrap();
+    let login = check_of(&j, "login");
     assert_eq!(login["verdict"], "fail");
     assert_eq!(login["problem"], "jwt_not_yet_valid", "{login:#}");
     assert!(
@@ -359,13 +318,9 @@ fn jwt_not_yet_valid_is_named() {
 
 #[test]
 fn audience_not_bound_by_the_role_is_named() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_aud");
+    let (_, _g, app) = shared_app("chk_aud");
     app.write_jwt(&app.jwt_subject, "not-vault", 3600);
-    let out = check(&app, "aud", &config(&app, "kv"), &[]);
-    assert_eq!(out.code, 1, "{}", out.all());
-    let line = out.line("login (jwt role");
+    let (_, line) = failed_login(&app, "aud");
     assert!(line.starts_with("FAIL"), "{line}");
     assert!(
         line.contains("the JWT's aud (not-vault) is not one of the role's bound_audiences"),
@@ -382,13 +337,9 @@ fn audience_not_bound_by_the_role_is_named() {
 
 #[test]
 fn subject_not_bound_by_the_role_is_named() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_sub");
+    let (_, _g, app) = shared_app("chk_sub");
     app.write_jwt("system:serviceaccount:intruder", JWT_AUDIENCE, 3600);
-    let out = check(&app, "sub", &config(&app, "kv"), &[]);
-    assert_eq!(out.code, 1, "{}", out.all());
-    let line = out.line("login (jwt role");
+    let (_, line) = failed_login(&app, "sub");
     assert!(
         line.contains("the JWT's sub (system:serviceaccount:intruder) does not match the role's bound subject"),
         "{line}"
@@ -406,11 +357,9 @@ fn subject_not_bound_by_the_role_is_named() {
 /// would die with the token. A warning (exit 0), a failure with --strict.
 #[test]
 fn token_max_ttl_shorter_than_lease_max_ttl_is_a_warning() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_tokttl");
+    let (s, _g, app) = shared_app("chk_tokttl");
     app.set_jwt_role_ttls("10m", Some("30m"));
-    let cfg = config(&app, "database");
+    let cfg = app.config("database");
     let out = check(&app, "tokttl", &cfg, &[]);
     assert_eq!(out.code, 0, "warnings alone pass: {}", out.all());
     let line = out.line("token max TTL vs lease max TTL");
@@ -437,25 +386,14 @@ fn token_max_ttl_shorter_than_lease_max_ttl_is_a_warning() {
 /// ~13 s.
 #[test]
 fn very_short_lease_max_ttl_warns_of_constant_rotation() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_shortttl");
-    let role = format!("{}-short", app.tag);
-    app.create_dynamic_role(&role, "20s", "30s");
-    let cfg = config(&app, "database").replace(&toml_str(&app.dynamic_role), &toml_str(&role));
-    app.set_policy(&format!(
-        "{}path \"database/creds/{role}\" {{ capabilities = [\"read\"] }}\n",
-        app.default_policy_hcl()
-    ));
+    let (_, _g, app) = shared_app("chk_shortttl");
+    let role = app.short_dynamic_role("20s", "30s");
+    let mut cfg = app.config("database");
+    cfg.databases[0].credentials = Credentials::database(&role);
     let out = check(&app, "short", &cfg, &["--json"]);
     assert_eq!(out.code, 0, "{}", out.all());
     let j = out.json();
-    let ttl = j["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["check"] == "lease_ttl")
-        .unwrap();
+    let ttl = check_of(&j, "lease_ttl");
     assert_eq!(ttl["verdict"], "warn", "{ttl:#}");
     assert_eq!(ttl["lease_ttl_seconds"], 20);
     let max = ttl["lease_max_ttl_seconds"].as_u64().unwrap();
@@ -473,7 +411,8 @@ fn unreachable_vault_is_named() {
     let s = servers();
     let app = s.new_app("chk_unreach");
     let port = free_port();
-    let cfg = config(&app, "kv").replace(s.vault_addr(), &format!("http://127.0.0.1:{port}"));
+    let mut cfg = app.config("kv");
+    cfg.vault_address = format!("http://127.0.0.1:{port}");
     let out = check(&app, "unreach", &cfg, &[]);
     assert_eq!(out.code, 1, "{}", out.all());
     let line = out.line("vault at http://127.0.0.1:");
@@ -490,105 +429,14 @@ fn unreachable_vault_is_named() {
     );
 }
 
-/// An OpenBao of this test's own, with TLS (`-dev-tls`), killed on drop.
-struct TlsBao {
-    child: Child,
-    addr: String,
-    ca: PathBuf,
-}
-
-impl Drop for TlsBao {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl TlsBao {
-    fn start(dir: &Path) -> TlsBao {
-        let bin = bao_binary().expect("OpenBao binary");
-        let certs = dir.join("tls-bao");
-        std::fs::create_dir_all(&certs).unwrap();
-        let port = loop {
-            let p = free_port();
-            // The dev server also binds port + 1 for its cluster listener.
-            if TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-                break p;
-            }
-        };
-        let log = std::fs::File::create(dir.join("tls-bao.log")).unwrap();
-        let mut cmd = Command::new(bin);
-        cmd.args(["server", "-dev", "-dev-tls", "-dev-root-token-id=root"])
-            .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
-            .arg(format!("-dev-tls-cert-dir={}", certs.display()))
-            .env("HOME", dir)
-            .env_remove("BAO_ADDR")
-            .env_remove("VAULT_ADDR")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        // SAFETY: prctl is async-signal-safe; the server dies with this test's thread.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("spawn OpenBao");
-        let mut bao = TlsBao {
-            child,
-            addr: format!("https://127.0.0.1:{port}"),
-            ca: PathBuf::new(),
-        };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let ca = std::fs::read_dir(&certs).ok().and_then(|d| {
-                d.filter_map(|e| e.ok())
-                    .map(|e| e.path())
-                    .find(|p| p.to_string_lossy().ends_with("-ca.pem"))
-            });
-            if let Some(ca) = ca {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && bao.bao(&ca, &["status"]).0 == 0 {
-                    bao.ca = ca;
-                    return bao;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "TLS OpenBao not ready:\n{}",
-                log_tail(&dir.join("tls-bao.log"), 30)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Runs the bao CLI against this server: (exit code, output).
-    fn bao(&self, ca: &Path, args: &[&str]) -> (i32, String) {
-        let out = Command::new(bao_binary().unwrap())
-            .args(args)
-            .env("BAO_ADDR", &self.addr)
-            .env("BAO_CACERT", ca)
-            .env("BAO_TOKEN", ROOT_TOKEN)
-            .output()
-            .expect("run bao");
-        (
-            out.status.code().unwrap_or(-1),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    }
-}
-
 /// Vault behind TLS with a CA this host does not trust; then trusted; then sealed.
 #[test]
 fn vault_tls_errors_and_a_sealed_vault_are_named() {
     let s = servers();
     let app = s.new_app("chk_tls");
     let bao = TlsBao::start(&app.dir);
-    let base = config(&app, "kv").replace(s.vault_addr(), &bao.addr);
+    let mut base = app.config("kv");
+    base.vault_address = bao.addr.clone();
 
     let out = check(&app, "tls", &base, &[]);
     assert_eq!(out.code, 1, "{}", out.all());
@@ -597,14 +445,14 @@ fn vault_tls_errors_and_a_sealed_vault_are_named() {
     assert!(line.contains(&format!("TLS to {} failed", bao.addr)), "{line}");
     assert!(line.contains("fix: vault.ca_file must hold the CA"), "{line}");
 
-    let trusted = base.replace(
-        "[vault.auth]",
-        &format!("ca_file = {}\n\n[vault.auth]", toml_str(&bao.ca.to_string_lossy())),
-    );
+    let trusted = TestConfig {
+        vault_ca_file: Some(bao.ca.to_string_lossy().into_owned()),
+        ..base.clone()
+    };
     let out = check(&app, "tls", &trusted, &[]);
     assert!(out.line("vault at https://").starts_with("ok   vault"), "{}", out.all());
 
-    let (code, said) = bao.bao(&bao.ca, &["operator", "seal"]);
+    let (code, said) = bao.bao(&["operator", "seal"]);
     assert_eq!(code, 0, "{said}");
     let out = check(&app, "tls", &trusted, &["--json"]);
     assert_eq!(out.code, 1, "{}", out.all());
@@ -619,11 +467,9 @@ fn vault_tls_errors_and_a_sealed_vault_are_named() {
 /// The KV secret holds a password the server does not accept.
 #[test]
 fn upstream_refusing_the_credential_is_named() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_28p01");
+    let (s, _g, app) = shared_app("chk_28p01");
     app.write_kv(&app.kv_username, "not-the-password");
-    let out = check(&app, "28p01", &config(&app, "kv"), &[]);
+    let out = check(&app, "28p01", &app.config("kv"), &[]);
     assert_eq!(out.code, 1, "{}", out.all());
     assert!(
         out.line(&format!("read {}", app.kv_path)).starts_with("ok"),
@@ -648,22 +494,13 @@ fn upstream_refusing_the_credential_is_named() {
 
 #[test]
 fn missing_database_is_named() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_3d000");
-    let cfg = config(&app, "static").replace(
-        &format!("dbname = {}", toml_str(&app.dbname)),
-        "dbname = \"no_such_db\"",
-    );
+    let (_, _g, app) = shared_app("chk_3d000");
+    let mut cfg = app.config("static");
+    cfg.databases[0].dbname = Some("no_such_db".into());
     let out = check(&app, "3d000", &cfg, &["--json"]);
     assert_eq!(out.code, 1, "{}", out.all());
     let j = out.json();
-    let up = j["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["check"] == "upstream")
-        .unwrap();
+    let up = check_of(&j, "upstream");
     assert_eq!(up["verdict"], "fail");
     assert_eq!(up["sqlstate"], "3D000", "{up:#}");
     assert!(
@@ -718,16 +555,12 @@ fn clock_skew_against_vault_is_named() {
             );
         }
     });
-    let cfg = config(&app, "kv").replace(s.vault_addr(), &addr);
+    let mut cfg = app.config("kv");
+    cfg.vault_address = addr;
     let out = check(&app, "skew", &cfg, &["--json"]);
     assert_eq!(out.code, 1, "{}", out.all());
     let j = out.json();
-    let clock = j["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["check"] == "clock")
-        .unwrap();
+    let clock = check_of(&j, "clock");
     assert_eq!(clock["verdict"], "fail", "{clock:#}");
     let skew = clock["skew_seconds"].as_i64().unwrap();
     assert!((595..=605).contains(&skew), "{clock:#}");
@@ -742,7 +575,8 @@ fn clock_skew_against_vault_is_named() {
 fn bad_config_exits_64() {
     let s = servers();
     let app = s.new_app("chk_badcfg");
-    let bad = config(&app, "kv").replace("method = \"jwt\"", "method = \"ldap\"");
+    let mut bad = app.config("kv");
+    bad.auth.method = "ldap".into();
     for args in [&["check"][..], &["check", "--json"][..], &["policy"][..]] {
         let out = dbward(&app.dir, "bad", &bad, args, &[]);
         assert_eq!(out.code, 64, "{args:?}: {}", out.all());
@@ -758,14 +592,10 @@ fn bad_config_exits_64() {
 /// the config no longer uses are warnings; the generated policy has neither.
 #[test]
 fn diff_policy_shows_missing_and_unused_paths() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("chk_diff");
+    let (_, _g, app) = shared_app("chk_diff");
     let new_path = app.kv_path.replace("/db", "/db-v2");
-    let cfg = config(&app, "kv").replace(
-        &format!("path = {}", toml_str(&app.kv_path)),
-        &format!("path = {}", toml_str(&new_path)),
-    );
+    let mut cfg = app.config("kv");
+    cfg.databases[0].credentials = Credentials::kv(&new_path);
     let root = [("VAULT_TOKEN", ROOT_TOKEN)];
     let args = ["check", "--diff-policy", app.policy.as_str()];
 

@@ -24,17 +24,15 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::{AsyncMessage, NoTls};
 use wire::*;
 
-fn start(app: &TestApp, db_extra: &str) -> Dbward {
-    let cfg = app.config_toml_with("static", &[format!("127.0.0.1:{}", free_port())], db_extra);
-    Dbward::start(&cfg)
-}
-
-/// dbward for `app` connecting upstream with `upstream_tls` (lines replacing `sslmode = "disable"`).
-fn start_tls(app: &TestApp, upstream_tls: &str) -> Dbward {
-    let cfg = app
-        .config_toml("static", &[format!("127.0.0.1:{}", free_port())])
-        .replace("sslmode = \"disable\"\n", &format!("{upstream_tls}\n"));
-    assert!(cfg.contains(upstream_tls), "config template changed: {cfg}");
+/// dbward for `app` connecting upstream with `sslmode`, and `ca_file` and `sni` if given.
+fn start_tls(app: &TestApp, sslmode: &str, ca_file: Option<&str>, sni: Option<&str>) -> Dbward {
+    let mut cfg = app.config("static");
+    let entry = &mut cfg.databases[0];
+    entry.sslmode = Some(sslmode.into());
+    entry
+        .extra
+        .extend(ca_file.map(|ca| format!("ca_file = {}", toml_str(ca))));
+    entry.extra.extend(sni.map(|name| format!("sni = {}", toml_str(name))));
     Dbward::start(&cfg)
 }
 
@@ -111,10 +109,8 @@ fn hba_prepend(lines: &str) {
 
 #[test]
 fn psql_script_with_copy_and_meta_commands() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("compat_psql");
-    let d = start(&app, "");
+    let (_, _g, app) = shared_app("compat_psql");
+    let d = Dbward::start(&app.config("static"));
     let dir = &app.dir;
     let input = dir.join("in.csv");
     let output = dir.join("out.csv");
@@ -194,10 +190,8 @@ fn tps(o: &Output) -> f64 {
 
 #[test]
 fn pgbench_runs_through_dbward() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("compat_pgbench");
-    let d = start(&app, "");
+    let (s, _g, app) = shared_app("compat_pgbench");
+    let d = Dbward::start(&app.config("static"));
     let port = d.port().to_string();
     let proxied = ["-h", "127.0.0.1", "-p", &port, "-U", "app"];
     let out = pgbench(&[&proxied[..], &["-i", "-s", "1", "-q", &app.dbname]].concat(), None);
@@ -247,23 +241,11 @@ async fn connect_listening(
     (client, rx)
 }
 
-fn config(port: u16, dbname: &str) -> tokio_postgres::Config {
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.host("127.0.0.1")
-        .port(port)
-        .dbname(dbname)
-        .user("app")
-        .connect_timeout(Duration::from_secs(10));
-    cfg
-}
-
 #[tokio::test]
 async fn tokio_postgres_prepared_binary_pipelined_listen_notify_cancel() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("compat_tokio_pg");
-    let d = start(&app, "");
-    let mut cfg = config(d.port(), &app.dbname);
+    let (_, _g, app) = shared_app("compat_tokio_pg");
+    let d = Dbward::start(&app.config("static"));
+    let mut cfg = pg_config(d.port(), &app.dbname, "app");
     cfg.application_name("compat-app")
         .options("-c statement_timeout=4321 -c search_path=compat_schema,public");
     let (client, _) = connect_listening(&cfg).await;
@@ -324,7 +306,7 @@ async fn tokio_postgres_prepared_binary_pipelined_listen_notify_cancel() {
     assert_eq!(pipelined, (0..200).map(|i| i * 2).collect::<Vec<_>>());
 
     // LISTEN/NOTIFY between two proxied connections; the pid is the sender's backend.
-    let (listener, mut notes) = connect_listening(&config(d.port(), &app.dbname)).await;
+    let (listener, mut notes) = connect_listening(&pg_config(d.port(), &app.dbname, "app")).await;
     listener.batch_execute("listen compat_channel").await.unwrap();
     let sender_pid: i32 = client.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
     client
@@ -359,14 +341,9 @@ async fn tokio_postgres_prepared_binary_pipelined_listen_notify_cancel() {
 
 #[tokio::test]
 async fn copy_in_and_out_of_tens_of_megabytes() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("compat_copy");
-    app.pg_exec(&format!(
-        "create table big(id int, payload text); alter table big owner to {}",
-        pg_ident(&app.owner_role)
-    ));
-    let d = start(&app, "");
+    let (_, _g, app) = shared_app("compat_copy");
+    app.create_table("big(id int, payload text)");
+    let d = Dbward::start(&app.config("static"));
     let client = connect(d.port(), &app.dbname, "app").await;
 
     const ROWS: usize = 300_000;
@@ -442,7 +419,7 @@ async fn ssl_on_server_with_hostssl_only_and_verify_full() {
     let (ca, _, _) = pki.write(&ca_dir);
 
     // verify-full with the right CA: TLS all the way, checked on the server side.
-    let d = start_tls(&app, &format!("sslmode = \"verify-full\"\nca_file = {}", toml_str(&ca)));
+    let d = start_tls(&app, "verify-full", Some(&ca), None);
     let client = connect(d.port(), &app.dbname, "app").await;
     let row = client
         .query_one("select ssl, version from pg_stat_ssl where pid = pg_backend_pid()", &[])
@@ -465,17 +442,14 @@ async fn ssl_on_server_with_hostssl_only_and_verify_full() {
     drop(d);
 
     // Without TLS upstream, the server's own hostssl refusal reaches the client as sent.
-    let d = start(&app, "");
-    let err = try_connect(d.port(), &app.dbname, "app")
-        .await
-        .expect_err("plaintext must be refused");
-    let db = err.as_db_error().unwrap_or_else(|| panic!("{err}"));
+    let d = Dbward::start(&app.config("static"));
+    let db = connect_refused(d.port(), &app.dbname, "app").await;
     assert_eq!(db.code().code(), "28000", "{db}");
     assert!(db.message().contains("no encryption"), "{db}");
     drop(d);
 
     // sslmode=require encrypts without checking the certificate.
-    let d = start_tls(&app, "sslmode = \"require\"");
+    let d = start_tls(&app, "require", None, None);
     let client = connect(d.port(), &app.dbname, "app").await;
     assert!(client
         .query_one("select ssl from pg_stat_ssl where pid = pg_backend_pid()", &[])
@@ -487,14 +461,8 @@ async fn ssl_on_server_with_hostssl_only_and_verify_full() {
     // A CA that did not sign the server's certificate: refused, and the message says why.
     let wrong = Pki::new(&["127.0.0.1"]);
     let (wrong_ca, _, _) = wrong.write(&app.dir.join("wrong"));
-    let d = start_tls(
-        &app,
-        &format!("sslmode = \"verify-full\"\nca_file = {}", toml_str(&wrong_ca)),
-    );
-    let err = try_connect(d.port(), &app.dbname, "app")
-        .await
-        .expect_err("wrong CA must be refused");
-    let db = err.as_db_error().unwrap_or_else(|| panic!("{err}"));
+    let d = start_tls(&app, "verify-full", Some(&wrong_ca), None);
+    let db = connect_refused(d.port(), &app.dbname, "app").await;
     assert_eq!(db.code().code(), "08001", "{db}");
     assert!(db.message().contains("TLS"), "{db}");
     assert!(
@@ -505,54 +473,32 @@ async fn ssl_on_server_with_hostssl_only_and_verify_full() {
     drop(d);
 
     // The right CA but a name the certificate does not have.
-    let d = start_tls(
-        &app,
-        &format!(
-            "sslmode = \"verify-full\"\nca_file = {}\nsni = \"db.wrong.example\"",
-            toml_str(&ca)
-        ),
-    );
-    let err = try_connect(d.port(), &app.dbname, "app")
-        .await
-        .expect_err("wrong name must be refused");
-    let db = err.as_db_error().unwrap_or_else(|| panic!("{err}"));
+    let d = start_tls(&app, "verify-full", Some(&ca), Some("db.wrong.example"));
+    let db = connect_refused(d.port(), &app.dbname, "app").await;
     assert_eq!(db.code().code(), "08001", "{db}");
     assert!(db.message().contains("db.wrong.example"), "{db}");
 
     // verify-ca ignores the name.
-    let d = start_tls(
-        &app,
-        &format!(
-            "sslmode = \"verify-ca\"\nca_file = {}\nsni = \"db.wrong.example\"",
-            toml_str(&ca)
-        ),
-    );
+    let d = start_tls(&app, "verify-ca", Some(&ca), Some("db.wrong.example"));
     connect(d.port(), &app.dbname, "app").await;
 }
 
 #[tokio::test]
 async fn password_methods_that_leak_the_password_are_refused_with_08004() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("compat_cleartext");
+    let (_, _g, app) = shared_app("compat_cleartext");
     // The server asks this role for its password in cleartext.
     hba_prepend(&format!(
         "host all {} 127.0.0.1/32 password",
         pg_ident(&app.static_pg_role)
     ));
-    let d = start(&app, "");
-    let mut w = Wire::tcp(d.port()).await;
-    w.send(&startup(V3_0, &[("user", "app"), ("database", &app.dbname)]))
-        .await;
-    let msgs = w.until_eof().await;
-    let f = msgs[0].fields();
-    assert_eq!((f[&'S'].as_str(), f[&'C'].as_str()), ("FATAL", "08004"), "{f:?}");
+    let d = Dbward::start(&app.config("static"));
+    let f = refused_startup(d.port(), &[("user", "app"), ("database", &app.dbname)], "08004").await;
     assert!(f[&'M'].contains("cleartext password"), "{f:?}");
 
     // Over verified TLS it may be sent.
     let pki = server_tls();
     let (ca, _, _) = pki.write(&app.dir.join("ca"));
-    let d = start_tls(&app, &format!("sslmode = \"verify-full\"\nca_file = {}", toml_str(&ca)));
+    let d = start_tls(&app, "verify-full", Some(&ca), None);
     let client = connect(d.port(), &app.dbname, "app").await;
     assert_eq!(client.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0), 1);
 }

@@ -12,7 +12,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::json;
 
 /// The SQLSTATE and message of a failed connection or query.
 fn db_error(e: &tokio_postgres::Error) -> (String, String) {
@@ -21,17 +20,14 @@ fn db_error(e: &tokio_postgres::Error) -> (String, String) {
 }
 
 async fn current_user(port: u16, dbname: &str) -> String {
-    let c = connect(port, dbname, "whoever").await;
-    c.query_one("select current_user::text", &[]).await.unwrap().get(0)
+    whoami(&connect(port, dbname, "whoever").await).await.unwrap()
 }
 
 #[tokio::test]
 async fn dynamic_credentials_psql_and_tokio_postgres_without_password() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("e2e_dyn");
-    let port = free_port();
-    let d = Dbward::start(&app.config_toml("database", &[format!("127.0.0.1:{port}")]));
+    let (s, _g, app) = shared_app("e2e_dyn");
+    let d = Dbward::start(&app.config("database"));
+    let port = d.port();
 
     // psql, as a user would type it: no password, any user name.
     let out = psql(&[
@@ -64,21 +60,17 @@ async fn dynamic_credentials_psql_and_tokio_postgres_without_password() {
 
 #[tokio::test]
 async fn static_role_credentials() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("e2e_static");
-    let port = free_port();
-    let _d = Dbward::start(&app.config_toml("static", &[format!("127.0.0.1:{port}")]));
+    let (_, _g, app) = shared_app("e2e_static");
+    let d = Dbward::start(&app.config("static"));
+    let port = d.port();
     assert_eq!(current_user(port, &app.dbname).await, app.static_pg_role);
 }
 
 #[tokio::test]
 async fn kv_credentials_and_no_secret_in_logs() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("e2e_kv");
-    let port = free_port();
-    let d = Dbward::start(&app.config_toml("kv", &[format!("127.0.0.1:{port}")]));
+    let (_, _g, app) = shared_app("e2e_kv");
+    let d = Dbward::start(&app.config("kv"));
+    let port = d.port();
     assert_eq!(current_user(port, &app.dbname).await, app.kv_username);
     let log = d.log_contents();
     assert!(log.contains(&app.kv_path), "the log names the path it read");
@@ -88,15 +80,14 @@ async fn kv_credentials_and_no_secret_in_logs() {
 
 #[tokio::test]
 async fn unix_socket_listener_with_mode_0660_and_stale_socket_replaced() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("e2e_unix");
+    let (_, _g, app) = shared_app("e2e_unix");
     let port = free_port();
     let sock = app.dir.join(format!(".s.PGSQL.{port}"));
     // A socket file left behind by a crashed run: bound, never unlinked.
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
     assert!(sock.exists());
-    let d = Dbward::start(&app.config_toml("static", &[sock.to_str().unwrap()]));
+    let cfg = app.config("static").listen(&[sock.to_str().unwrap()]);
+    let d = Dbward::start(&cfg);
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660);
     let out = psql(&[
@@ -115,7 +106,7 @@ async fn unix_socket_listener_with_mode_0660_and_stale_socket_replaced() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), app.static_pg_role);
 
     // A live socket is not taken over: a second dbward on the same path refuses to start.
-    let (code, output) = Dbward::start_expect_exit(&app.config_toml("static", &[sock.to_str().unwrap()]));
+    let (code, output) = Dbward::start_expect_exit(&cfg);
     assert_eq!(code, Some(1), "{output}");
     assert!(output.contains("in use"), "{output}");
     drop(d);
@@ -123,19 +114,14 @@ async fn unix_socket_listener_with_mode_0660_and_stale_socket_replaced() {
 
 #[tokio::test]
 async fn wrong_database_name_gets_the_servers_3d000() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("e2e_nodb");
-    let port = free_port();
+    let (_, _g, app) = shared_app("e2e_nodb");
     // Without `dbname`, the client's database name is used.
-    let cfg = app
-        .config_toml("static", &[format!("127.0.0.1:{port}")])
-        .replace(&format!("dbname = {}\n", toml_str(&app.dbname)), "");
-    let _d = Dbward::start(&cfg);
-    let err = try_connect(port, "no_such_db", "x")
-        .await
-        .expect_err("connect must fail");
-    let (code, msg) = db_error(&err);
+    let mut cfg = app.config("static");
+    cfg.databases[0].dbname = None;
+    let d = Dbward::start(&cfg);
+    let port = d.port();
+    let db = connect_refused(port, "no_such_db", "x").await;
+    let (code, msg) = (db.code().code(), db.message());
     assert_eq!(code, "3D000");
     assert!(msg.contains("no_such_db"), "{msg}");
     assert_eq!(current_user(port, &app.dbname).await, app.static_pg_role);
@@ -146,33 +132,15 @@ async fn wrong_database_name_gets_the_servers_3d000() {
 /// policy fixes the next connection, without a restart.
 #[tokio::test]
 async fn moved_secret_with_stale_policy_names_the_path_and_recovers_when_fixed() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("e2e_3am");
-    let new_path = app.kv_path.replace("/db", "/db-v2");
-    s.vault_write(
-        &new_path,
-        &json!({"data": {"username": app.kv_username, "password": app.kv_password}}),
-    );
-    let (moved_port, other_port) = (free_port(), free_port());
-    let moved = app.config_toml("kv", &[format!("127.0.0.1:{moved_port}")]).replace(
-        &format!("path = {}", toml_str(&app.kv_path)),
-        &format!("path = {}", toml_str(&new_path)),
-    );
+    let (_, _g, app) = shared_app("e2e_3am");
+    let new_path = app.move_kv_secret();
     // A second database entry in the same dbward, reading a path the policy does allow.
-    let other = format!(
-        "\n[[databases]]\nname = \"other\"\nlisten = [\"127.0.0.1:{other_port}\"]\nupstream = \"127.0.0.1:{}\"\n\
-         dbname = {}\nsslmode = \"disable\"\n[databases.credentials]\nkind = \"static\"\nrole = {}\n",
-        s.pg_port(),
-        toml_str(&app.dbname),
-        toml_str(&app.static_role)
-    );
-    let mut d = Dbward::start(&format!("{moved}{other}"));
+    let mut cfg = app.config("kv").entry(app.entry("other", "static"));
+    cfg.databases[0].credentials = Credentials::kv(&new_path);
+    let (moved_port, other_port) = (cfg.port(), cfg.databases[1].port());
+    let mut d = Dbward::start(&cfg);
 
-    let err = try_connect(moved_port, &app.dbname, "x")
-        .await
-        .expect_err("must be denied");
-    let db = err.as_db_error().unwrap();
+    let db = connect_refused(moved_port, &app.dbname, "x").await;
     assert_eq!(db.code().code(), "28000");
     assert_eq!(
         db.message(),
@@ -193,21 +161,18 @@ async fn moved_secret_with_stale_policy_names_the_path_and_recovers_when_fixed()
         new_path
     ));
     let c = connect_eventually(moved_port, &app.dbname, Duration::from_secs(20), "after the policy fix").await;
-    let u: String = c.query_one("select current_user::text", &[]).await.unwrap().get(0);
-    assert_eq!(u, app.kv_username);
+    assert_eq!(whoami(&c).await.unwrap(), app.kv_username);
     assert!(d.is_running());
 }
 
 #[tokio::test]
 async fn expired_workload_jwt_is_named_not_sent() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("e2e_jwtexp");
+    let (_, _g, app) = shared_app("e2e_jwtexp");
     app.write_jwt(&app.jwt_subject, JWT_AUDIENCE, -60);
-    let port = free_port();
-    let _d = Dbward::start(&app.config_toml("static", &[format!("127.0.0.1:{port}")]));
-    let err = try_connect(port, &app.dbname, "x").await.expect_err("must fail");
-    let (code, msg) = db_error(&err);
+    let d = Dbward::start(&app.config("static"));
+    let port = d.port();
+    let db = connect_refused(port, &app.dbname, "x").await;
+    let (code, msg) = (db.code().code(), db.message());
     assert_eq!(code, "28000");
     assert!(msg.contains("the JWT expired at"), "{msg}");
     assert!(msg.contains(app.jwt_path.to_str().unwrap()), "{msg}");
@@ -218,14 +183,12 @@ async fn expired_workload_jwt_is_named_not_sent() {
 
 #[tokio::test]
 async fn jwt_with_wrong_subject_reports_the_claims() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("e2e_jwtsub");
+    let (_, _g, app) = shared_app("e2e_jwtsub");
     app.write_jwt("system:serviceaccount:someone-else", JWT_AUDIENCE, 3600);
-    let port = free_port();
-    let d = Dbward::start(&app.config_toml("static", &[format!("127.0.0.1:{port}")]));
-    let err = try_connect(port, &app.dbname, "x").await.expect_err("must fail");
-    let (code, msg) = db_error(&err);
+    let d = Dbward::start(&app.config("static"));
+    let port = d.port();
+    let db = connect_refused(port, &app.dbname, "x").await;
+    let (code, msg) = (db.code().code(), db.message());
     assert_eq!(code, "28000");
     assert!(msg.contains("Vault login of auth/jwt/login failed"), "{msg}");
     assert!(msg.contains("sub=system:serviceaccount:someone-else"), "{msg}");
@@ -235,11 +198,9 @@ async fn jwt_with_wrong_subject_reports_the_claims() {
 
 #[tokio::test]
 async fn cancel_reaches_the_right_backend() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("e2e_cancel");
-    let port = free_port();
-    let d = Dbward::start(&app.config_toml("static", &[format!("127.0.0.1:{port}")]));
+    let (_, _g, app) = shared_app("e2e_cancel");
+    let d = Dbward::start(&app.config("static"));
+    let port = d.port();
     let client = connect(port, &app.dbname, "x").await;
     let bystander = connect(port, &app.dbname, "x").await;
     let token = client.cancel_token();
@@ -277,8 +238,8 @@ async fn postgres_restart_then_new_connections_work() {
     let s = servers();
     let _g = s.exclusive();
     let app = s.new_app("e2e_pgrestart");
-    let port = free_port();
-    let _d = Dbward::start(&app.config_toml("static", &[format!("127.0.0.1:{port}")]));
+    let d = Dbward::start(&app.config("static"));
+    let port = d.port();
     let before = connect(port, &app.dbname, "x").await;
     assert_eq!(before.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0), 1);
     s.restart_postgres();
@@ -290,17 +251,14 @@ async fn postgres_restart_then_new_connections_work() {
 
 #[tokio::test]
 async fn postgres_down_gives_08001_naming_the_upstream() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("e2e_pgdown");
-    let port = free_port();
+    let (_, _g, app) = shared_app("e2e_pgdown");
     let dead = free_port();
-    let cfg = app
-        .config_toml("static", &[format!("127.0.0.1:{port}")])
-        .replace(&format!("127.0.0.1:{}", s.pg_port()), &format!("127.0.0.1:{dead}"));
-    let _d = Dbward::start(&cfg);
-    let err = try_connect(port, &app.dbname, "x").await.expect_err("must fail");
-    let (code, msg) = db_error(&err);
+    let mut cfg = app.config("static");
+    cfg.databases[0].upstream = format!("127.0.0.1:{dead}");
+    let d = Dbward::start(&cfg);
+    let port = d.port();
+    let db = connect_refused(port, &app.dbname, "x").await;
+    let (code, msg) = (db.code().code(), db.message());
     assert_eq!(code, "08001");
     assert!(msg.contains(&format!("127.0.0.1:{dead}")), "{msg}");
     assert!(msg.contains(&app.tag), "names the database entry: {msg}");
@@ -310,16 +268,15 @@ async fn postgres_down_gives_08001_naming_the_upstream() {
 fn bad_config_exits_64_naming_key_and_value() {
     let s = servers();
     let app = s.new_app("e2e_badcfg");
-    let cfg = app
-        .config_toml("kv", &[format!("127.0.0.1:{}", free_port())])
-        .replace("kind = \"kv\"", "kind = \"kvv\"");
+    let mut cfg = app.config("kv");
+    cfg.databases[0].credentials.kind = "kvv".into();
     let (code, out) = Dbward::start_expect_exit(&cfg);
     assert_eq!(code, Some(64), "{out}");
     assert!(
         out.contains("databases[0].credentials.kind: unknown value \"kvv\", expected one of database, static, kv"),
         "{out}"
     );
-    let cfg = app.config_toml("kv", &["0.0.0.0:6432"]);
+    let cfg = app.config("kv").listen(&["0.0.0.0:6432"]);
     let (code, out) = Dbward::start_expect_exit(&cfg);
     assert_eq!(code, Some(64), "{out}");
     assert!(

@@ -37,9 +37,7 @@ fn servers_start_and_answer() {
 
 #[tokio::test]
 async fn dynamic_credentials_log_in_to_postgres() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("smoke_dyn");
+    let (s, _g, app) = shared_app("smoke_dyn");
 
     let (user, password, resp) = app.read_creds("database");
     assert_eq!(resp["lease_duration"], 3600, "{resp}");
@@ -75,9 +73,7 @@ async fn dynamic_credentials_log_in_to_postgres() {
 
 #[tokio::test]
 async fn static_and_kv_credentials_log_in() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("smoke_creds");
+    let (s, _g, app) = shared_app("smoke_creds");
 
     let (user, password, resp) = app.read_creds("static");
     assert_eq!(user, app.static_pg_role);
@@ -118,9 +114,7 @@ async fn static_and_kv_credentials_log_in() {
 
 #[tokio::test]
 async fn jwt_login_token_reads_only_its_policy_paths() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("smoke_jwt");
+    let (s, _g, app) = shared_app("smoke_jwt");
     let other = s.new_app("smoke_jwt_other");
 
     let token = app.login();
@@ -206,9 +200,7 @@ async fn jwt_login_token_reads_only_its_policy_paths() {
 
 #[test]
 fn audit_log_counts_requests() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("smoke_audit");
+    let (s, _g, app) = shared_app("smoke_audit");
     let path = format!("database/creds/{}", app.dynamic_role);
     let before = s.count_audit_requests(&path);
     for _ in 0..3 {
@@ -226,28 +218,30 @@ fn audit_log_counts_requests() {
 }
 
 #[test]
-fn config_toml_is_accepted_by_the_real_parser() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("smoke_config");
-    let listen = [format!("127.0.0.1:{}", free_port())];
+fn test_config_is_accepted_by_the_real_parser() {
+    let (s, _g, app) = shared_app("smoke_config");
     for (kind, path) in [
         ("database", format!("database/creds/{}", app.dynamic_role)),
         ("static", format!("database/static-creds/{}", app.static_role)),
         ("kv", app.kv_path.clone()),
     ] {
-        let toml = app.config_toml(kind, &listen);
+        let toml = app.config(kind).toml();
         let c = dbward::config::Config::parse(&toml).unwrap_or_else(|e| panic!("{kind}: {e}\n{toml}"));
         assert_eq!(c.databases[0].credentials.vault_path(), path);
         assert_eq!(c.vault.address, s.vault_addr());
         assert_eq!(c.vault.auth.token_file.as_deref(), Some(app.jwt_path.as_path()));
     }
-    let admin = format!("127.0.0.1:{}", free_port());
-    let toml = app.config_toml_with("database", &listen, "max_client_connections = 2")
-        + &format!("\n[admin]\nlisten = {}\n", toml_str(&admin));
+    let cfg = app
+        .config("database")
+        .db_line("max_client_connections = 2")
+        .with_admin();
+    let toml = cfg.toml();
     let c = dbward::config::Config::parse(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
     assert_eq!(c.databases[0].max_client_connections, 2);
-    assert_eq!(c.admin.listen.as_deref(), Some(admin.as_str()));
+    assert_eq!(
+        c.admin.listen.as_deref(),
+        Some(format!("127.0.0.1:{}", cfg.admin_port()).as_str())
+    );
 }
 
 /// Answers whether Vault replies to a raw HTTP request within `timeout`.

@@ -15,41 +15,19 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
-/// A dynamic role with short TTLs that the app's policy may read; returns its name.
-fn short_dynamic_role(app: &TestApp, default_ttl: &str, max_ttl: &str) -> String {
-    let role = format!("{}-short", app.tag);
-    app.create_dynamic_role(&role, default_ttl, max_ttl);
-    app.set_policy(&format!(
-        "{}path \"database/creds/{role}\" {{ capabilities = [\"read\"] }}\n",
-        app.default_policy_hcl()
-    ));
-    role
-}
-
-fn config_for_role(app: &TestApp, role: &str, port: u16) -> String {
-    app.config_toml("database", &[format!("127.0.0.1:{port}")]).replace(
-        &format!("role = {}\n", toml_str(&app.dynamic_role)),
-        &format!("role = {}\n", toml_str(role)),
-    )
-}
-
-async fn whoami(c: &tokio_postgres::Client) -> Result<String, tokio_postgres::Error> {
-    Ok(c.query_one("select current_user::text", &[]).await?.get(0))
-}
-
 /// Dynamic role 6 s / 18 s, token 8 s / 16 s, JWT rotated on disk: 40 s of steady new
 /// connections with no failure, a connection from the start still working past the default
 /// TTL, credentials replaced (several users seen), Vault reads bounded by the lease schedule,
 /// replaced leases revoked when unused.
 #[tokio::test]
 async fn forty_seconds_of_connections_across_lease_and_token_expiry() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("life_steady");
+    let (s, _g, app) = shared_app("life_steady");
     app.set_jwt_role_ttls("8s", Some("16s"));
-    let role = short_dynamic_role(&app, "6s", "18s");
-    let port = free_port();
-    let d = Dbward::start(&config_for_role(&app, &role, port));
+    let role = app.short_dynamic_role("6s", "18s");
+    let mut cfg = app.config("database");
+    cfg.databases[0].credentials = Credentials::database(&role);
+    let d = Dbward::start(&cfg);
+    let port = d.port();
 
     let long = connect(port, &app.dbname, "long").await;
     let first_user = whoami(&long).await.unwrap();
@@ -130,11 +108,9 @@ async fn forty_seconds_of_connections_across_lease_and_token_expiry() {
 /// connects anyway (28P01 from Postgres, new credential, one retry).
 #[tokio::test]
 async fn leases_revoked_behind_our_back_are_replaced_transparently() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("life_revoked");
-    let port = free_port();
-    let d = Dbward::start(&app.config_toml("database", &[format!("127.0.0.1:{port}")]));
+    let (s, _g, app) = shared_app("life_revoked");
+    let d = Dbward::start(&app.config("database"));
+    let port = d.port();
     let before = whoami(&connect(port, &app.dbname, "x").await).await.unwrap();
     s.vault_write(
         &format!("sys/leases/revoke-prefix/database/creds/{}", app.dynamic_role),
@@ -155,8 +131,8 @@ async fn frozen_vault_does_not_delay_connections_with_a_cached_credential() {
     let s = servers();
     let _g = s.exclusive();
     let app = s.new_app("life_frozen");
-    let port = free_port();
-    let _d = Dbward::start(&app.config_toml("database", &[format!("127.0.0.1:{port}")]));
+    let d = Dbward::start(&app.config("database"));
+    let port = d.port();
     let user = whoami(&connect(port, &app.dbname, "x").await).await.unwrap();
 
     struct Thaw(&'static Servers);
@@ -181,17 +157,13 @@ async fn frozen_vault_does_not_delay_connections_with_a_cached_credential() {
 /// Vault gone and nothing cached: 08001 naming Vault's address and state.
 #[tokio::test]
 async fn unreachable_vault_without_cache_is_08001() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("life_novault");
-    let port = free_port();
+    let (_, _g, app) = shared_app("life_novault");
     let dead = free_port();
-    let cfg = app
-        .config_toml("database", &[format!("127.0.0.1:{port}")])
-        .replace(s.vault_addr(), &format!("http://127.0.0.1:{dead}"));
-    let _d = Dbward::start(&cfg);
-    let err = try_connect(port, &app.dbname, "x").await.expect_err("must fail");
-    let db = err.as_db_error().expect("a Postgres error");
+    let mut cfg = app.config("database");
+    cfg.vault_address = format!("http://127.0.0.1:{dead}");
+    let d = Dbward::start(&cfg);
+    let port = d.port();
+    let db = connect_refused(port, &app.dbname, "x").await;
     assert_eq!(db.code().code(), "08001");
     assert!(
         db.message()
@@ -205,11 +177,9 @@ async fn unreachable_vault_without_cache_is_08001() {
 /// A clean shutdown revokes the leases dbward holds: their Postgres roles are gone.
 #[test]
 fn clean_shutdown_revokes_held_leases() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("life_shutdown");
-    let port = free_port();
-    let mut d = Dbward::start(&app.config_toml("database", &[format!("127.0.0.1:{port}")]));
+    let (_, _g, app) = shared_app("life_shutdown");
+    let mut d = Dbward::start(&app.config("database"));
+    let port = d.port();
     // psql, a separate process, so the session is closed before the shutdown starts.
     let out = psql(&[
         &format!("host=127.0.0.1 port={port} dbname={} user=x", app.dbname),

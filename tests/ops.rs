@@ -15,7 +15,7 @@ use std::io::{ErrorKind, Write};
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -26,18 +26,6 @@ const REPO: &str = env!("CARGO_MANIFEST_DIR");
 // ---------------------------------------------------------------------------------------------
 // Helpers.
 // ---------------------------------------------------------------------------------------------
-
-/// A dbward config for `app` with one TCP listener, an admin listener and `extra` appended
-/// (top-level tables such as `[proxy]`). Returns (config, client port, admin port).
-fn config_with_admin(app: &TestApp, kind: &str, extra: &str) -> (String, u16, u16) {
-    let port = free_port();
-    let admin = free_port();
-    let cfg = format!(
-        "{}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\n{extra}\n",
-        app.config_toml(kind, &[format!("127.0.0.1:{port}")])
-    );
-    (cfg, port, admin)
-}
 
 /// GET on the admin server: (status, body, content type). Never panics on 4xx/5xx.
 fn admin_get(port: u16, path: &str) -> Result<(u16, String, String), String> {
@@ -57,32 +45,6 @@ fn scrape(admin: u16) -> String {
     let (status, body, _) = admin_get(admin, "/metrics").expect("GET /metrics");
     assert_eq!(status, 200, "{body}");
     body
-}
-
-/// Polls `check` every 50 ms until it returns Some or `timeout` passes (then panics with
-/// `what` and the last observation).
-fn wait_until<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match check() {
-            Ok(v) => return v,
-            Err(last) if Instant::now() > deadline => {
-                panic!("{what}: not after {timeout:?}; last: {last}")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
-}
-
-/// Blocking [`wait_until`] run off the async runtime, so the runtime's connections keep going.
-async fn wait_until_async<T: Send + 'static>(
-    timeout: Duration,
-    what: &'static str,
-    check: impl FnMut() -> Result<T, String> + Send + 'static,
-) -> T {
-    tokio::task::spawn_blocking(move || wait_until(timeout, what, check))
-        .await
-        .expect("wait_until panicked")
 }
 
 /// Waits (up to 60 s) until Prometheus answers `query` with `want`.
@@ -228,30 +190,6 @@ fn alert_exprs() -> Vec<String> {
     out
 }
 
-/// A child process killed (and reaped) on drop, so a failing test leaves nothing behind.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Spawns `cmd` so that it also dies with this test binary (SIGKILL as parent-death signal).
-fn spawn_guarded(mut cmd: Command) -> std::io::Result<KillOnDrop> {
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn().map(KillOnDrop)
-}
-
 /// Whether `tool` can run here. A missing tool fails the test (a test that passes without the
 /// real tool proves nothing) unless DBWARD_SKIP_EXTRAS=1 asks to skip, as scripts/test does
 /// when it was told not to install PgBouncer and Prometheus.
@@ -273,7 +211,7 @@ struct Prometheus {
     port: u16,
     log: PathBuf,
     _dir: tempfile::TempDir,
-    _child: KillOnDrop,
+    _child: ChildGuard,
 }
 
 impl Prometheus {
@@ -299,7 +237,7 @@ impl Prometheus {
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out);
-        let child = spawn_guarded(cmd).expect("spawn prometheus");
+        let child = ChildGuard::spawn(cmd).expect("spawn prometheus");
         let p = Prometheus {
             port,
             log,
@@ -357,13 +295,7 @@ async fn connect_watched(
     tokio_postgres::Client,
     tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
 ) {
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.host("127.0.0.1")
-        .port(port)
-        .dbname(dbname)
-        .user("app")
-        .connect_timeout(Duration::from_secs(10));
-    let (client, connection) = cfg
+    let (client, connection) = pg_config(port, dbname, "app")
         .connect(tokio_postgres::NoTls)
         .await
         .expect("connect through dbward");
@@ -377,22 +309,17 @@ async fn connect_watched(
 /// an open session on `<tag>` (keep it: it makes the active-connections gauge 1).
 async fn exercise_everything(app: &TestApp) -> (Dbward, u16, tokio_postgres::Client) {
     app.create_dynamic_role(&app.dynamic_role, "6s", "1m");
-    let (base, port, admin) = config_with_admin(app, "database", "");
-    let down_port = free_port();
-    let denied_port = free_port();
-    let dead_upstream = free_port();
-    let cfg = format!(
-        "{base}\n\
-         [[databases]]\nname = \"{tag}_down\"\nlisten = [\"127.0.0.1:{down_port}\"]\n\
-         upstream = \"127.0.0.1:{dead_upstream}\"\nsslmode = \"disable\"\nconnect_timeout = \"2s\"\n\
-         [databases.credentials]\nkind = \"database\"\nrole = \"{role}\"\n\n\
-         [[databases]]\nname = \"{tag}_denied\"\nlisten = [\"127.0.0.1:{denied_port}\"]\n\
-         upstream = \"127.0.0.1:{pg}\"\nsslmode = \"disable\"\n\
-         [databases.credentials]\nkind = \"database\"\nrole = \"{tag}-not-granted\"\n",
-        tag = app.tag,
-        role = app.dynamic_role,
-        pg = app.servers.pg_port(),
-    );
+    let mut down = app
+        .entry(&format!("{}_down", app.tag), "database")
+        .line("connect_timeout = \"2s\"");
+    down.dbname = None;
+    down.upstream = format!("127.0.0.1:{}", free_port());
+    let mut denied = app.entry(&format!("{}_denied", app.tag), "database");
+    denied.dbname = None;
+    denied.credentials = Credentials::database(&format!("{}-not-granted", app.tag));
+    let cfg = app.config("database").with_admin().entry(down).entry(denied);
+    let (port, admin) = (cfg.port(), cfg.admin_port());
+    let (down_port, denied_port) = (cfg.databases[1].port(), cfg.databases[2].port());
     let d = Dbward::start(&cfg);
 
     // Bytes are counted when a session ends: end one.
@@ -406,17 +333,10 @@ async fn exercise_everything(app: &TestApp) -> (Dbward, u16, tokio_postgres::Cli
         .cancel_query(tokio_postgres::NoTls)
         .await
         .expect("send a cancel request");
-    let down = try_connect(down_port, &app.dbname, "app")
-        .await
-        .expect_err("dead upstream must fail");
-    assert!(
-        down.as_db_error().is_some_and(|e| e.code().code().starts_with("08")),
-        "{down}"
-    );
-    let denied = try_connect(denied_port, &app.dbname, "app")
-        .await
-        .expect_err("denied role must fail");
-    assert_eq!(denied.as_db_error().map(|e| e.code().code()), Some("28000"), "{denied}");
+    let down = connect_refused(down_port, &app.dbname, "app").await;
+    assert!(down.code().code().starts_with("08"), "{down}");
+    let denied = connect_refused(denied_port, &app.dbname, "app").await;
+    assert_eq!(denied.code().code(), "28000", "{denied}");
 
     // The open session's lease is renewed once replaced; the next, unused one is revoked.
     wait_until_async(Duration::from_secs(40), "lease renewal and revocation", move || {
@@ -444,7 +364,8 @@ async fn exercise_everything(app: &TestApp) -> (Dbward, u16, tokio_postgres::Cli
 async fn admin_endpoints_report_health_readiness_and_startup() {
     let s = servers();
     let app = s.new_app("ops_admin");
-    let (cfg, port, admin) = config_with_admin(&app, "database", "");
+    let cfg = app.config("database").with_admin();
+    let (port, admin) = (cfg.port(), cfg.admin_port());
     let _d = Dbward::start(&cfg);
 
     let (status, body, _) = admin_get(admin, "/healthz").unwrap();
@@ -513,7 +434,8 @@ async fn readyz_names_the_database_that_is_not_ready_and_why() {
     let app = s.new_app("ops_notready");
     // The token may read nothing this entry needs.
     app.set_policy("path \"secret/data/nothing\" { capabilities = [\"read\"] }\n");
-    let (cfg, _port, admin) = config_with_admin(&app, "database", "");
+    let cfg = app.config("database").with_admin();
+    let admin = cfg.admin_port();
     let _d = Dbward::start(&cfg);
     let (status, body, _) = admin_get(admin, "/readyz").unwrap();
     assert_eq!(status, 503, "{body}");
@@ -547,7 +469,8 @@ async fn prometheus_scrapes_the_connection_count() {
     }
     let s = servers();
     let app = s.new_app("ops_prometheus");
-    let (cfg, port, admin) = config_with_admin(&app, "database", "");
+    let cfg = app.config("database").with_admin();
+    let (port, admin) = (cfg.port(), cfg.admin_port());
     let _d = Dbward::start(&cfg);
     let prom = std::sync::Arc::new(Prometheus::start(&format!("127.0.0.1:{admin}")));
 
@@ -664,11 +587,7 @@ async fn live_metrics_pass_promtool_and_cover_the_dashboard_and_alerts() {
             .unwrap();
         child.stdin.take().unwrap().write_all(m.as_bytes()).unwrap();
         let out = child.wait_with_output().unwrap();
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let said = output_text(&out);
         assert!(
             out.status.success() && said.trim().is_empty(),
             "promtool check metrics:\n{said}\n---\n{m}"
@@ -723,10 +642,9 @@ fn alert_rules_pass_promtool_check_and_unit_tests() {
         let out = Command::new("promtool").args(args).current_dir(REPO).output().unwrap();
         assert!(
             out.status.success(),
-            "promtool {}:\n{}{}",
+            "promtool {}:\n{}",
             args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            output_text(&out)
         );
     }
     let exprs = alert_exprs();
@@ -810,11 +728,7 @@ fn systemd_units_are_hardened_and_verify_clean() {
         .arg(dir.path().join("dbward.socket"))
         .output()
         .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = output_text(&out);
     // Unknown or misspelt keys are only warnings: a clean unit prints nothing at all.
     assert!(
         out.status.success() && said.trim().is_empty(),
@@ -833,18 +747,8 @@ fn refused(port: u16) -> bool {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_then_ends_open_sessions_with_57p01_and_exits_0() {
-    let s = servers();
-    let app = s.new_app("ops_drain");
-    let (cfg, port, admin) = config_with_admin(&app, "database", "[proxy]\nshutdown_grace = \"2s\"\n");
-    let mut d = Dbward::start(&cfg);
-    let (client, conn) = connect_watched(port, &app.dbname).await;
-    client.simple_query("select 1").await.unwrap();
-
-    let sent = Instant::now();
-    d.signal(libc::SIGTERM);
-    // Listeners close at once; the admin server keeps answering through the drain, not ready.
+/// Waits until the client listener on `port` refuses connections.
+async fn wait_listener_closed(port: u16) {
     wait_until_async(Duration::from_secs(10), "client listener closed", move || {
         if refused(port) {
             Ok(())
@@ -853,6 +757,22 @@ async fn sigterm_drains_then_ends_open_sessions_with_57p01_and_exits_0() {
         }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_then_ends_open_sessions_with_57p01_and_exits_0() {
+    let s = servers();
+    let app = s.new_app("ops_drain");
+    let cfg = app.config("database").with_admin().proxy("shutdown_grace", "2s");
+    let (port, admin) = (cfg.port(), cfg.admin_port());
+    let mut d = Dbward::start(&cfg);
+    let (client, conn) = connect_watched(port, &app.dbname).await;
+    client.simple_query("select 1").await.unwrap();
+
+    let sent = Instant::now();
+    d.signal(libc::SIGTERM);
+    // Listeners close at once; the admin server keeps answering through the drain, not ready.
+    wait_listener_closed(port).await;
     let (status, body, _) = admin_get(admin, "/readyz").expect("admin answers during the drain");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("shutting down"), "{body}");
@@ -883,7 +803,8 @@ async fn sigterm_drains_then_ends_open_sessions_with_57p01_and_exits_0() {
 async fn sigterm_exits_as_soon_as_the_last_session_ends() {
     let s = servers();
     let app = s.new_app("ops_drain_early");
-    let (cfg, port, _admin) = config_with_admin(&app, "database", "[proxy]\nshutdown_grace = \"60s\"\n");
+    let cfg = app.config("database").with_admin().proxy("shutdown_grace", "60s");
+    let port = cfg.port();
     let mut d = Dbward::start(&cfg);
     let (client, conn) = connect_watched(port, &app.dbname).await;
     client
@@ -892,14 +813,7 @@ async fn sigterm_exits_as_soon_as_the_last_session_ends() {
         .unwrap();
 
     d.signal(libc::SIGTERM);
-    wait_until_async(Duration::from_secs(10), "client listener closed", move || {
-        if refused(port) {
-            Ok(())
-        } else {
-            Err("still accepting".into())
-        }
-    })
-    .await;
+    wait_listener_closed(port).await;
     // The session is not cut: it keeps working during the drain.
     let rows = client
         .simple_query("select count(*) from t")
@@ -928,7 +842,8 @@ async fn sigterm_exits_as_soon_as_the_last_session_ends() {
 async fn json_logs_have_a_session_end_line_and_no_secrets() {
     let s = servers();
     let app = s.new_app("ops_json");
-    let (cfg, port, _admin) = config_with_admin(&app, "static", "");
+    let cfg = app.config("static").with_admin();
+    let port = cfg.port();
     // Everything every crate logs, at every level.
     let d = Dbward::start_with_env(&cfg, &[("DBWARD_LOG_FORMAT", "json"), ("RUST_LOG", "trace")]);
     let client = connect(port, &app.dbname, "app").await;
@@ -996,7 +911,8 @@ fn systemd_is_notified_ready_watchdog_and_stopping() {
     let path = dir.path().join("notify");
     let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let (cfg, port, _admin) = config_with_admin(&app, "database", "[proxy]\nshutdown_grace = \"1s\"\n");
+    let cfg = app.config("database").with_admin().proxy("shutdown_grace", "1s");
+    let port = cfg.port();
     let notify = path.to_str().unwrap();
     let mut d = Dbward::spawn(&cfg, &[("NOTIFY_SOCKET", notify), ("WATCHDOG_USEC", "500000")]);
     let recv = || {
@@ -1043,7 +959,7 @@ fn systemd_is_notified_ready_watchdog_and_stopping() {
 }
 
 /// Runs dbward with `fds` passed as systemd would (descriptors 3.., LISTEN_FDS, LISTEN_PID).
-fn spawn_socket_activated(config: &Path, log: &Path, fds: &[std::os::fd::RawFd]) -> KillOnDrop {
+fn spawn_socket_activated(config: &Path, log: &Path, fds: &[std::os::fd::RawFd]) -> ChildGuard {
     let out = fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
     let mut cmd = Command::new("/bin/sh");
     // LISTEN_PID must be dbward's own pid: the shell's, which exec keeps.
@@ -1082,7 +998,7 @@ fn spawn_socket_activated(config: &Path, log: &Path, fds: &[std::os::fd::RawFd])
             Ok(())
         });
     }
-    spawn_guarded(cmd).expect("spawn dbward")
+    ChildGuard::spawn(cmd).expect("spawn dbward")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1098,15 +1014,13 @@ async fn socket_activated_listeners_survive_a_restart() {
     let admin_port = admin.local_addr().unwrap().port();
     let unix_path = dir.path().join(".s.PGSQL.6432");
     let unix = std::os::unix::net::UnixListener::bind(&unix_path).unwrap();
-    let cfg = format!(
-        "{}\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[proxy]\nshutdown_grace = \"1s\"\n",
-        app.config_toml(
-            "database",
-            &[format!("127.0.0.1:{port}"), unix_path.display().to_string()]
-        )
-    );
+    let mut cfg = app
+        .config("database")
+        .listen(&[format!("127.0.0.1:{port}"), unix_path.display().to_string()])
+        .proxy("shutdown_grace", "1s");
+    cfg.admin = Some(format!("127.0.0.1:{admin_port}"));
     let config = dir.path().join("dbward.toml");
-    fs::write(&config, cfg).unwrap();
+    fs::write(&config, cfg.toml()).unwrap();
     let log = dir.path().join("dbward.log");
     let fds = [tcp.as_raw_fd(), unix.as_raw_fd(), admin.as_raw_fd()];
 
@@ -1152,7 +1066,7 @@ async fn socket_activated_listeners_survive_a_restart() {
     signal_and_wait(&mut second);
 }
 
-fn signal_and_wait(p: &mut KillOnDrop) {
+fn signal_and_wait(p: &mut ChildGuard) {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(p.0.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -17,13 +17,6 @@ use common::*;
 use tokio::io::AsyncWriteExt;
 use wire::*;
 
-/// dbward for `app` on one fresh TCP port, with extra `[[databases]]` lines and top-level TOML.
-fn start(app: &TestApp, kind: &str, db_extra: &str, top_extra: &str) -> Dbward {
-    let port = free_port();
-    let cfg = app.config_toml_with(kind, &[format!("127.0.0.1:{port}")], db_extra) + top_extra;
-    Dbward::start(&cfg)
-}
-
 /// A CA and a certificate for localhost/127.0.0.1 in `app.dir/tls`, and the `client_tls` line.
 fn client_tls(app: &TestApp) -> (Pki, String, String) {
     let pki = Pki::new(&["localhost", "127.0.0.1"]);
@@ -48,6 +41,19 @@ fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).trim().to_string()
 }
 
+/// A TLS handshake with dbward on `port` straight away (direct TLS, no SSLRequest), trusting
+/// `pki`'s CA and offering `alpn`.
+async fn direct_tls(
+    port: u16,
+    pki: &Pki,
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let connector = tokio_rustls::TlsConnector::from(pki.client_config(alpn));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await
+}
+
 /// Plain startup through dbward as any user; returns the connection and the greeting.
 async fn login(port: u16, app: &TestApp, version: u32, extra: &[(&str, &str)]) -> (Wire, Vec<Msg>) {
     let mut w = Wire::tcp(port).await;
@@ -62,11 +68,9 @@ async fn login(port: u16, app: &TestApp, version: u32, extra: &[(&str, &str)]) -
 
 #[test]
 fn client_tls_serves_sslmode_require_and_verify_full() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_tls_psql");
+    let (_, _g, app) = shared_app("proto_tls_psql");
     let (_pki, ca, line) = client_tls(&app);
-    let d = start(&app, "static", &line, "");
+    let d = Dbward::start(&app.config("static").db_line(&line));
     let port = d.port();
 
     let require = format!(
@@ -111,10 +115,8 @@ fn client_tls_serves_sslmode_require_and_verify_full() {
 
 #[test]
 fn without_client_tls_sslmode_require_fails_with_libpqs_message() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_no_tls");
-    let d = start(&app, "static", "", "");
+    let (_, _g, app) = shared_app("proto_no_tls");
+    let d = Dbward::start(&app.config("static"));
     let base = format!("host=127.0.0.1 port={} dbname={} user=app", d.port(), app.dbname);
     let out = psql_conn(&format!("{base} sslmode=require"), "select 1");
     assert!(!out.status.success());
@@ -129,11 +131,9 @@ fn without_client_tls_sslmode_require_fails_with_libpqs_message() {
 
 #[tokio::test]
 async fn direct_tls_requires_alpn_postgresql() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_direct_tls");
+    let (_, _g, app) = shared_app("proto_direct_tls");
     let (pki, _, line) = client_tls(&app);
-    let d = start(&app, "static", &line, "");
+    let d = Dbward::start(&app.config("static").db_line(&line));
     let port = d.port();
     let params = [("user", "app"), ("database", app.dbname.as_str())];
 
@@ -159,10 +159,9 @@ async fn direct_tls_requires_alpn_postgresql() {
     assert!(e.fields()[&'M'].contains("without ALPN"), "{e:?}");
 
     // Offering only another protocol fails the handshake.
-    let connector = tokio_rustls::TlsConnector::from(pki.client_config(&[b"http/1.1"]));
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let err = connector.connect(name, tcp).await.expect_err("handshake must fail");
+    let err = direct_tls(port, &pki, &[b"http/1.1"])
+        .await
+        .expect_err("handshake must fail");
     assert!(err.to_string().contains("NoApplicationProtocol"), "{err}");
 
     d.wait_for_log("client TLS handshake failed", Duration::from_secs(5));
@@ -170,25 +169,18 @@ async fn direct_tls_requires_alpn_postgresql() {
 
 #[tokio::test]
 async fn direct_tls_without_client_tls_is_closed() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_direct_off");
-    let d = start(&app, "static", "", "");
+    let (_, _g, app) = shared_app("proto_direct_off");
+    let d = Dbward::start(&app.config("static"));
     let pki = Pki::new(&["localhost"]);
-    let connector = tokio_rustls::TlsConnector::from(pki.client_config(&[b"postgresql"]));
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", d.port())).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    assert!(connector.connect(name, tcp).await.is_err());
+    assert!(direct_tls(d.port(), &pki, &[b"postgresql"]).await.is_err());
     d.wait_for_log("client_tls is not configured", Duration::from_secs(5));
 }
 
 #[tokio::test]
 async fn gssenc_is_declined_then_tls_and_startup_work() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_gssenc");
+    let (_, _g, app) = shared_app("proto_gssenc");
     let (pki, _, line) = client_tls(&app);
-    let d = start(&app, "static", &line, "");
+    let d = Dbward::start(&app.config("static").db_line(&line));
     let mut w = Wire::tcp(d.port()).await;
     w.send(&gssenc_request()).await;
     assert_eq!(w.recv_byte().await, Some(b'N'));
@@ -197,7 +189,7 @@ async fn gssenc_is_declined_then_tls_and_startup_work() {
     assert_eq!(Wire::first_column(&w.simple("select 7").await), ["7"]);
 
     // Without client_tls, GSSENC and SSL both get 'N' and the session goes on in plaintext.
-    let plain = start(&app, "static", "", "");
+    let plain = Dbward::start(&app.config("static"));
     let mut w = Wire::tcp(plain.port()).await;
     w.send(&gssenc_request()).await;
     assert_eq!(w.recv_byte().await, Some(b'N'));
@@ -209,11 +201,9 @@ async fn gssenc_is_declined_then_tls_and_startup_work() {
 
 #[tokio::test]
 async fn plaintext_bytes_after_ssl_request_are_refused() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_cve_2021_3935");
+    let (_, _g, app) = shared_app("proto_cve_2021_3935");
     let (_pki, _, line) = client_tls(&app);
-    let d = start(&app, "static", &line, "");
+    let d = Dbward::start(&app.config("static").db_line(&line));
     let mut w = Wire::tcp(d.port()).await;
     // A man-in-the-middle appends its own StartupMessage to the client's SSLRequest.
     let mut bytes = ssl_request();
@@ -228,11 +218,9 @@ async fn plaintext_bytes_after_ssl_request_are_refused() {
 
 #[tokio::test]
 async fn negotiation_is_bounded_by_startup_timeout() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_slow_tls");
+    let (_, _g, app) = shared_app("proto_slow_tls");
     let (_pki, _, line) = client_tls(&app);
-    let d = start(&app, "static", &line, "\n[proxy]\nstartup_timeout = \"1s\"\n");
+    let d = Dbward::start(&app.config("static").db_line(&line).proxy("startup_timeout", "1s"));
     let started = Instant::now();
     // SSLRequest answered, then no handshake: the connection must not stay open.
     let mut w = Wire::tcp(d.port()).await;
@@ -263,12 +251,13 @@ async fn start_sleep(mut w: Wire) -> tokio::task::JoinHandle<(Vec<Msg>, Duration
 
 #[tokio::test]
 async fn cancel_reaches_the_backend_through_another_listener_and_over_tls() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_cancel");
+    let (_, _g, app) = shared_app("proto_cancel");
     let (pki, _, line) = client_tls(&app);
     let (p1, p2) = (free_port(), free_port());
-    let cfg = app.config_toml_with("static", &[format!("127.0.0.1:{p1}"), format!("127.0.0.1:{p2}")], &line);
+    let cfg = app
+        .config("static")
+        .listen(&[format!("127.0.0.1:{p1}"), format!("127.0.0.1:{p2}")])
+        .db_line(&line);
     let d = Dbward::start(&cfg);
 
     let (mut w, greeting) = login(p1, &app, V3_0, &[]).await;
@@ -308,10 +297,8 @@ async fn cancel_reaches_the_backend_through_another_listener_and_over_tls() {
 
 #[tokio::test]
 async fn protocol_3_2_client_gets_a_long_key_in_front_of_a_3_0_server() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_v32");
-    let d = start(&app, "static", "", "");
+    let (_, _g, app) = shared_app("proto_v32");
+    let d = Dbward::start(&app.config("static"));
     let (w, greeting) = login(d.port(), &app, V3_2, &[]).await;
     assert!(
         greeting.iter().all(|m| m.tag != b'v'),
@@ -345,10 +332,8 @@ async fn protocol_3_2_client_gets_a_long_key_in_front_of_a_3_0_server() {
 
 #[tokio::test]
 async fn grease_probe_gets_negotiate_protocol_version_and_the_session_works() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_grease");
-    let d = start(&app, "static", "", "");
+    let (_, _g, app) = shared_app("proto_grease");
+    let d = Dbward::start(&app.config("static"));
     // What libpq's max_protocol_version=grease sends: 3.9999 and made-up _pq_ options.
     let (mut w, greeting) = login(
         d.port(),
@@ -377,10 +362,8 @@ async fn grease_probe_gets_negotiate_protocol_version_and_the_session_works() {
 
 #[tokio::test]
 async fn other_major_versions_and_malformed_startups_are_refused() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_malformed");
-    let d = start(&app, "static", "", "");
+    let (_, _g, app) = shared_app("proto_malformed");
+    let d = Dbward::start(&app.config("static"));
     let cases: Vec<(Vec<u8>, &str, &str)> = vec![
         (
             startup(4 << 16, &[("user", "u")]),
@@ -420,12 +403,10 @@ async fn other_major_versions_and_malformed_startups_are_refused() {
 
 #[test]
 fn replication_startups_pass_only_when_allowed() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_replication");
+    let (s, _g, app) = shared_app("proto_replication");
     app.pg_exec(&format!("alter role {} replication", pg_ident(&app.static_pg_role)));
 
-    let off = start(&app, "static", "", "");
+    let off = Dbward::start(&app.config("static"));
     let conninfo = |port: u16, mode: &str| {
         format!(
             "host=127.0.0.1 port={port} dbname={} user=app replication={mode}",
@@ -441,7 +422,7 @@ fn replication_startups_pass_only_when_allowed() {
     );
     assert!(err.contains("allow_replication"), "{err}");
 
-    let on = start(&app, "static", "allow_replication = true", "");
+    let on = Dbward::start(&app.config("static").db_line("allow_replication = true"));
     let out = psql_conn(&conninfo(on.port(), "database"), "IDENTIFY_SYSTEM");
     assert!(out.status.success(), "{}\n{}", stderr(&out), on.log_contents());
     let system_id = s.pg_exec("postgres", "select system_identifier from pg_control_system()");
@@ -468,19 +449,12 @@ fn replication_startups_pass_only_when_allowed() {
 
 #[tokio::test]
 async fn max_client_connections_gives_53300() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_max_clients");
-    let d = start(&app, "static", "max_client_connections = 1", "");
+    let (_, _g, app) = shared_app("proto_max_clients");
+    let d = Dbward::start(&app.config("static").db_line("max_client_connections = 1"));
     // Dbward::start's readiness probe was a client too; its slot frees as soon as dbward sees
     // it close.
     let mut held = connect_when_free(d.port(), &app).await;
-    let mut w = Wire::tcp(d.port()).await;
-    w.send(&startup(V3_0, &[("user", "app"), ("database", &app.dbname)]))
-        .await;
-    let msgs = w.until_eof().await;
-    let f = msgs[0].fields();
-    assert_eq!((f[&'S'].as_str(), f[&'C'].as_str()), ("FATAL", "53300"), "{f:?}");
+    let f = refused_startup(d.port(), &[("user", "app"), ("database", &app.dbname)], "53300").await;
     assert!(f[&'M'].contains("max_client_connections (1)"), "{f:?}");
     held.send(&terminate()).await;
     assert!(held.until_eof().await.is_empty());
@@ -507,54 +481,31 @@ async fn connect_when_free(port: u16, app: &TestApp) -> Wire {
 
 #[tokio::test]
 async fn vault_denial_is_28000_and_unreachable_upstream_is_08001() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_errors");
+    let (_, _g, app) = shared_app("proto_errors");
     app.set_policy("path \"sys/leases/renew\" { capabilities = [\"update\"] }\n");
-    let d = start(&app, "static", "", "");
-    let mut w = Wire::tcp(d.port()).await;
-    w.send(&startup(V3_0, &[("user", "app"), ("database", &app.dbname)]))
-        .await;
-    let msgs = w.until_eof().await;
-    let f = msgs[0].fields();
-    assert_eq!((f[&'S'].as_str(), f[&'C'].as_str()), ("FATAL", "28000"), "{f:?}");
+    let d = Dbward::start(&app.config("static"));
+    refused_startup(d.port(), &[("user", "app"), ("database", &app.dbname)], "28000").await;
     app.set_policy(&app.default_policy_hcl());
 
     let closed = free_port();
-    let port = free_port();
-    let cfg = app.config_toml("static", &[format!("127.0.0.1:{port}")]).replace(
-        &format!("\"127.0.0.1:{}\"", s.pg_port()),
-        &format!("\"127.0.0.1:{closed}\""),
-    );
+    let mut cfg = app.config("static");
+    cfg.databases[0].upstream = format!("127.0.0.1:{closed}");
     let d = Dbward::start(&cfg);
-    let mut w = Wire::tcp(d.port()).await;
-    w.send(&startup(V3_0, &[("user", "app"), ("database", &app.dbname)]))
-        .await;
-    let msgs = w.until_eof().await;
-    let f = msgs[0].fields();
-    assert_eq!((f[&'S'].as_str(), f[&'C'].as_str()), ("FATAL", "08001"), "{f:?}");
+    let f = refused_startup(d.port(), &[("user", "app"), ("database", &app.dbname)], "08001").await;
     assert!(f[&'M'].contains(&format!("127.0.0.1:{closed}")), "{f:?}");
 
     // The server's own errors are relayed as sent: a database that does not exist (3D000).
-    let cfg = app
-        .config_toml("static", &[format!("127.0.0.1:{}", free_port())])
-        .replace(&format!("dbname = {}", toml_str(&app.dbname)), "");
+    let mut cfg = app.config("static");
+    cfg.databases[0].dbname = None;
     let d = Dbward::start(&cfg);
-    let mut w = Wire::tcp(d.port()).await;
-    w.send(&startup(V3_0, &[("user", "app"), ("database", "no_such_db")]))
-        .await;
-    let msgs = w.until_eof().await;
-    let f = msgs[0].fields();
-    assert_eq!((f[&'S'].as_str(), f[&'C'].as_str()), ("FATAL", "3D000"), "{f:?}");
+    let f = refused_startup(d.port(), &[("user", "app"), ("database", "no_such_db")], "3D000").await;
     assert_eq!(f[&'M'], "database \"no_such_db\" does not exist");
 }
 
 #[tokio::test]
 async fn shutdown_sends_57p01_between_server_messages() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_shutdown");
-    let d = start(&app, "static", "", "\n[proxy]\nshutdown_grace = \"1s\"\n");
+    let (_, _g, app) = shared_app("proto_shutdown");
+    let d = Dbward::start(&app.config("static").proxy("shutdown_grace", "1s"));
     let (mut idle, _) = login(d.port(), &app, V3_0, &[]).await;
     let (mut busy, _) = login(d.port(), &app, V3_0, &[]).await;
     // Rows of uneven sizes, more than can pass before the grace period ends.
@@ -608,10 +559,8 @@ fn wait_no_backends(app: &TestApp, user: &str, what: &str) {
 
 #[tokio::test]
 async fn sessions_end_without_leaking_upstream_connections() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_leaks");
-    let d = start(&app, "static", "", "");
+    let (_, _g, app) = shared_app("proto_leaks");
+    let d = Dbward::start(&app.config("static"));
     let port = d.port();
     let user = app.static_pg_role.clone();
 
@@ -778,13 +727,8 @@ async fn run_script(w: &mut Wire) -> Vec<Vec<Msg>> {
 
 #[tokio::test]
 async fn relayed_bytes_equal_a_direct_connection() {
-    let s = servers();
-    let _g = s.shared();
-    let app = s.new_app("proto_differential");
-    app.pg_exec(&format!(
-        "create table items(id int primary key, name text, price numeric(6,2), data bytea); alter table items owner to {}",
-        pg_ident(&app.owner_role)
-    ));
+    let (s, _g, app) = shared_app("proto_differential");
+    app.create_table("items(id int primary key, name text, price numeric(6,2), data bytea)");
     let (user, password, _) = app.read_creds("static");
     let params = |u: &str| {
         vec![
@@ -800,7 +744,7 @@ async fn relayed_bytes_equal_a_direct_connection() {
     let direct_greeting = direct.login_scram(&p, &password).await;
     let direct_out = run_script(&mut direct).await;
 
-    let d = start(&app, "static", "", "");
+    let d = Dbward::start(&app.config("static"));
     let mut proxied = Wire::tcp(d.port()).await;
     let p = params("whoever");
     let p: Vec<(&str, &str)> = p.iter().map(|(k, v)| (*k, v.as_str())).collect();

@@ -52,14 +52,14 @@ impl BackendKey {
 
 /// Where a client-facing key leads: the database entry and the upstream backend's own key.
 #[derive(Debug, Clone)]
-pub struct CancelTarget<T> {
-    pub database: String,
-    pub upstream: T,
-    pub key: BackendKey,
+pub(crate) struct CancelTarget<T> {
+    pub(crate) database: String,
+    pub(crate) upstream: T,
+    pub(crate) key: BackendKey,
 }
 
 /// Client-facing key → upstream backend. `T` carries how to reach the upstream (its settings).
-pub struct CancelMap<T> {
+pub(crate) struct CancelMap<T> {
     inner: Mutex<HashMap<BackendKey, CancelTarget<T>>>,
 }
 
@@ -74,7 +74,7 @@ impl<T: Clone> Default for CancelMap<T> {
 impl<T: Clone> CancelMap<T> {
     /// Registers an upstream backend and returns the key to give the client: the backend's pid
     /// with a random secret of `secret_len` bytes. The mapping lives as long as the guard.
-    pub fn register(self: &Arc<Self>, target: CancelTarget<T>, secret_len: usize) -> (BackendKey, CancelGuard<T>) {
+    pub(crate) fn register(self: &Arc<Self>, target: CancelTarget<T>, secret_len: usize) -> (BackendKey, CancelGuard<T>) {
         let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let key = loop {
             let mut secret = vec![0u8; secret_len];
@@ -98,21 +98,19 @@ impl<T: Clone> CancelMap<T> {
         )
     }
 
-    pub fn lookup(&self, key: &BackendKey) -> Option<CancelTarget<T>> {
+    pub(crate) fn lookup(&self, key: &BackendKey) -> Option<CancelTarget<T>> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Removes the mapping when the session ends.
-pub struct CancelGuard<T: Clone> {
+pub(crate) struct CancelGuard<T: Clone> {
     map: Arc<CancelMap<T>>,
     key: BackendKey,
 }
@@ -153,7 +151,7 @@ mod tests {
         assert!(map.lookup(&k1).is_none());
         assert!(map.lookup(&k2).is_some());
         drop(g2);
-        assert!(map.is_empty());
+        assert_eq!(map.len(), 0);
     }
 
     #[test]
@@ -177,7 +175,7 @@ mod tests {
         }
         assert_eq!(map.len(), 2000);
         drop(guards);
-        assert!(map.is_empty());
+        assert_eq!(map.len(), 0);
     }
 
     #[test]

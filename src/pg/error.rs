@@ -5,25 +5,23 @@ use bytes::{BufMut, BytesMut};
 use std::fmt;
 
 /// SQLSTATE codes dbward uses for its own failures.
-pub mod sqlstate {
+pub(crate) mod sqlstate {
     /// Vault or the upstream could not be reached / did not answer.
-    pub const CONNECTION_FAILURE: &str = "08001";
+    pub(crate) const CONNECTION_FAILURE: &str = "08001";
     /// The upstream rejected the connection for a reason other than the password.
-    pub const CONNECTION_REJECTED: &str = "08004";
+    pub(crate) const CONNECTION_REJECTED: &str = "08004";
     /// Malformed or unexpected protocol input.
-    pub const PROTOCOL_VIOLATION: &str = "08P01";
+    pub(crate) const PROTOCOL_VIOLATION: &str = "08P01";
     /// Vault refused the credential read (policy): the client is not authorized.
-    pub const INVALID_AUTHORIZATION: &str = "28000";
+    pub(crate) const INVALID_AUTHORIZATION: &str = "28000";
     /// The upstream refused the password.
-    pub const INVALID_PASSWORD: &str = "28P01";
+    pub(crate) const INVALID_PASSWORD: &str = "28P01";
     /// Too many client connections for this database entry.
-    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub(crate) const TOO_MANY_CONNECTIONS: &str = "53300";
     /// dbward is shutting down.
-    pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub(crate) const ADMIN_SHUTDOWN: &str = "57P01";
     /// Feature the client asked for that dbward does not offer.
-    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
-    /// Internal error in dbward.
-    pub const INTERNAL_ERROR: &str = "XX000";
+    pub(crate) const FEATURE_NOT_SUPPORTED: &str = "0A000";
 }
 
 /// An error to report to a client. Never put a secret in any field.

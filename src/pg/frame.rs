@@ -1,6 +1,16 @@
 //! Message boundaries in the relayed server-to-client stream. The relay does not parse
 //! messages, but it must know where one ends: an ErrorResponse dbward adds (57P01 at shutdown)
-//! has to go between two server messages, not into the middle of a DataRow.
+//! has to go between two server messages, not into the middle of a DataRow. Also the one
+//! typed message dbward writes to clients on its own behalf besides errors and cancel keys:
+//! AuthenticationOk (postgres-protocol encodes only frontend messages).
+
+/// AuthenticationOk ('R', code 0): dbward authenticates clients itself, by who may reach it.
+pub(crate) fn authentication_ok(buf: &mut bytes::BytesMut) {
+    use bytes::BufMut;
+    buf.put_u8(b'R');
+    buf.put_i32(8);
+    buf.put_i32(0);
+}
 
 /// Follows a stream of typed messages (type byte, 4-byte length that counts itself, body).
 #[derive(Debug, Default, Clone)]
@@ -92,5 +102,17 @@ mod tests {
         let mut b = Boundaries::default();
         b.advance(&[b'X', 0, 0, 0, 0, b'Y', 0, 0, 0, 4]);
         assert!(b.at_boundary());
+    }
+
+    #[test]
+    fn authentication_ok_is_what_postgres_protocol_parses_as_such() {
+        use postgres_protocol::message::backend::Message;
+        let mut buf = bytes::BytesMut::new();
+        authentication_ok(&mut buf);
+        let mut b = Boundaries::default();
+        b.advance(&buf);
+        assert!(b.at_boundary(), "one whole message");
+        assert!(matches!(Message::parse(&mut buf), Ok(Some(Message::AuthenticationOk))));
+        assert!(buf.is_empty());
     }
 }

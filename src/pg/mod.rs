@@ -6,6 +6,6 @@ pub mod cancel;
 pub mod error;
 pub mod frame;
 pub mod startup;
-pub mod tls;
+pub(crate) mod tls;
 
 pub use error::PgError;

@@ -3,16 +3,15 @@
 //! `postgres-protocol` (which parses the typed messages that follow).
 
 use bytes::{BufMut, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::error::{sqlstate, PgError};
 
 /// Startup packets larger than this are refused: a real one is a few hundred bytes.
-pub const MAX_STARTUP_LEN: usize = 10_000;
+pub(crate) const MAX_STARTUP_LEN: usize = 10_000;
 
-pub const SSL_REQUEST_CODE: u32 = 80877103;
-pub const GSSENC_REQUEST_CODE: u32 = 80877104;
-pub const CANCEL_REQUEST_CODE: u32 = 80877102;
+pub(crate) const SSL_REQUEST_CODE: u32 = 80877103;
+pub(crate) const GSSENC_REQUEST_CODE: u32 = 80877104;
+pub(crate) const CANCEL_REQUEST_CODE: u32 = 80877102;
 
 /// The newest protocol minor version dbward speaks to clients. 3.2 (Postgres 18) differs from
 /// 3.0 only in the length of the cancel key, which dbward makes up itself, so a 3.2 client can
@@ -21,7 +20,7 @@ pub const NEWEST_MINOR: u16 = 2;
 
 /// Secret length of the cancel keys dbward hands to 3.2 clients (Postgres 18 uses 32 too); 3.0
 /// clients expect exactly 4 bytes.
-pub const LONG_SECRET_LEN: usize = 32;
+pub(crate) const LONG_SECRET_LEN: usize = 32;
 
 /// A parsed startup-phase packet. Debug leaves out a cancel request's secret: it lets anyone
 /// cancel that backend's queries.
@@ -60,17 +59,17 @@ pub struct StartupMessage {
 }
 
 impl StartupMessage {
-    pub fn get(&self, name: &str) -> Option<&str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     /// The minor version the session runs with: the client's, capped at the newest we speak.
-    pub fn effective_minor(&self) -> u16 {
+    pub(crate) fn effective_minor(&self) -> u16 {
         self.minor.min(NEWEST_MINOR)
     }
 
     /// Length of the cancel key secret this client expects in BackendKeyData.
-    pub fn secret_len(&self) -> usize {
+    pub(crate) fn secret_len(&self) -> usize {
         if self.effective_minor() >= 2 {
             LONG_SECRET_LEN
         } else {
@@ -79,13 +78,13 @@ impl StartupMessage {
     }
 
     /// Whether the client must be sent NegotiateProtocolVersion before authentication.
-    pub fn needs_negotiation(&self) -> bool {
+    pub(crate) fn needs_negotiation(&self) -> bool {
         self.minor > NEWEST_MINOR || !self.protocol_options.is_empty()
     }
 
     /// NegotiateProtocolVersion ('v'): the version the session will use (never above what the
     /// client asked for), and every protocol option we do not know, which is all of them.
-    pub fn negotiate_protocol_version(&self) -> BytesMut {
+    pub(crate) fn negotiate_protocol_version(&self) -> BytesMut {
         let mut b = BytesMut::new();
         b.put_u8(b'v');
         let at = b.len();
@@ -199,7 +198,7 @@ fn parse_params(mut rest: &[u8]) -> Result<Params, PgError> {
 
 /// Why reading a startup packet stopped.
 #[derive(Debug)]
-pub enum ReadError {
+pub(crate) enum ReadError {
     /// The client closed before sending anything: not worth a log line above debug.
     Closed,
     Io(std::io::Error),
@@ -226,8 +225,11 @@ pub fn take_packet(buf: &mut BytesMut) -> Result<Option<StartupPacket>, PgError>
     parse(&packet[4..]).map(Some)
 }
 
-/// Reads one length-prefixed startup packet and parses it.
-pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<StartupPacket, ReadError> {
+/// Reads one length-prefixed startup packet and parses it: how the fake servers of the upstream
+/// tests read dbward's StartupMessage (the session itself reads through its own buffer).
+#[cfg(test)]
+pub(crate) async fn read<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> Result<StartupPacket, ReadError> {
+    use tokio::io::AsyncReadExt;
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -270,6 +272,11 @@ pub fn encode_startup(params: &[(String, String)]) -> BytesMut {
 mod tests {
     use super::*;
 
+    /// One packet off the front of `bytes`, as the session takes it from its read buffer.
+    fn take(bytes: &[u8]) -> Result<Option<StartupPacket>, PgError> {
+        take_packet(&mut BytesMut::from(bytes))
+    }
+
     fn packet(code: u32, rest: &[u8]) -> Vec<u8> {
         let mut v = ((rest.len() + 8) as u32).to_be_bytes().to_vec();
         v.extend_from_slice(&code.to_be_bytes());
@@ -280,7 +287,7 @@ mod tests {
     #[tokio::test]
     async fn parses_startup_message_params_in_order() {
         let bytes = packet(196608, b"user\0app\0database\0payments\0application_name\0psql\0\0");
-        let p = read(&mut &bytes[..]).await.unwrap();
+        let p = take(&bytes).unwrap().unwrap();
         let StartupPacket::Startup(m) = p else { panic!() };
         assert_eq!(m.get("database"), Some("payments"));
         assert_eq!(m.params[2], ("application_name".into(), "psql".into()));
@@ -290,16 +297,14 @@ mod tests {
     #[tokio::test]
     async fn ssl_gss_cancel() {
         assert_eq!(
-            read(&mut &packet(SSL_REQUEST_CODE, b"")[..]).await.unwrap(),
+            take(&packet(SSL_REQUEST_CODE, b"")).unwrap().unwrap(),
             StartupPacket::SslRequest
         );
         assert_eq!(
-            read(&mut &packet(GSSENC_REQUEST_CODE, b"")[..]).await.unwrap(),
+            take(&packet(GSSENC_REQUEST_CODE, b"")).unwrap().unwrap(),
             StartupPacket::GssEncRequest
         );
-        let c = read(&mut &packet(CANCEL_REQUEST_CODE, &[0, 0, 0, 7, 1, 2, 3, 4])[..])
-            .await
-            .unwrap();
+        let c = take(&packet(CANCEL_REQUEST_CODE, &[0, 0, 0, 7, 1, 2, 3, 4])).unwrap().unwrap();
         assert_eq!(
             c,
             StartupPacket::Cancel {
@@ -317,18 +322,18 @@ mod tests {
     async fn oversized_and_truncated_packets_are_protocol_errors() {
         let mut huge = (20_000u32).to_be_bytes().to_vec();
         huge.extend_from_slice(&[0; 16]);
-        match read(&mut &huge[..]).await {
-            Err(ReadError::Protocol(e)) => assert_eq!(e.code, "08P01"),
+        match take(&huge) {
+            Err(e) => assert_eq!(e.code, "08P01"),
             other => panic!("{other:?}"),
         }
         let unterminated = packet(196608, b"user\0app");
-        match read(&mut &unterminated[..]).await {
-            Err(ReadError::Protocol(e)) => {
+        match take(&unterminated) {
+            Err(e) => {
                 assert!(e.message.contains("missing terminator") || e.message.contains("no value"))
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(read(&mut &b""[..]).await, Err(ReadError::Closed)));
+        assert!(matches!(take(b""), Ok(None)), "nothing yet: more bytes are needed");
     }
 
     #[test]

@@ -25,10 +25,10 @@ pub(crate) const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 
 /// The first byte of a TLS handshake record: a client doing direct TLS sends a ClientHello where
 /// others send a packet length (which, starting with 0x16, would be over 300 MB).
-pub const TLS_HANDSHAKE_BYTE: u8 = 0x16;
+pub(crate) const TLS_HANDSHAKE_BYTE: u8 = 0x16;
 
 /// Builds the server configuration from the entry's files. Errors name the config key and file.
-pub fn server_config(index: usize, cfg: &ClientTlsConfig) -> Result<Arc<ServerConfig>, String> {
+pub(crate) fn server_config(index: usize, cfg: &ClientTlsConfig) -> Result<Arc<ServerConfig>, String> {
     let key = |k: &str| format!("databases[{index}].client_tls.{k}");
     let certs = load_certs(&key("cert_file"), &cfg.cert_file).map_err(|e| e.to_string())?;
     let private_key = load_key(&key("key_file"), &cfg.key_file).map_err(|e| e.to_string())?;
@@ -63,7 +63,7 @@ struct Loaded {
 }
 
 /// One database entry's client TLS: the loaded configuration, re-read when the files change.
-pub struct ClientTls {
+pub(crate) struct ClientTls {
     index: usize,
     database: String,
     cfg: ClientTlsConfig,
@@ -73,7 +73,7 @@ pub struct ClientTls {
 impl ClientTls {
     /// Reads the entry's files now; `None` for entries without `client_tls`. Errors name the
     /// config key and the file.
-    pub fn load(index: usize, db: &DatabaseConfig) -> Result<Option<Arc<ClientTls>>, String> {
+    pub(crate) fn load(index: usize, db: &DatabaseConfig) -> Result<Option<Arc<ClientTls>>, String> {
         let Some(cfg) = &db.client_tls else {
             return Ok(None);
         };
@@ -90,7 +90,7 @@ impl ClientTls {
     /// The acceptor to use now. When the files changed since they were read, they are read
     /// again; should that fail (a half-written file during rotation), the previous
     /// configuration stays in use and the failure is logged once per change.
-    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+    pub(crate) fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
         let now = stamp(&self.cfg);
         let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if loaded.stamp != now {
@@ -110,13 +110,13 @@ impl ClientTls {
 }
 
 /// A stream with some already-read bytes put back in front of it.
-pub struct Rewind<S> {
+pub(crate) struct Rewind<S> {
     prefix: BytesMut,
     inner: S,
 }
 
 impl<S> Rewind<S> {
-    pub fn new(prefix: BytesMut, inner: S) -> Self {
+    pub(crate) fn new(prefix: BytesMut, inner: S) -> Self {
         Rewind { prefix, inner }
     }
 }

@@ -48,14 +48,40 @@ pub(super) async fn startup<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let addr = ctx.addr;
     let mut buf = BytesMut::with_capacity(1024);
     let mut greeting = BytesMut::new();
-    let mut scram: Option<ScramClient> = None;
-
     *during = "authenticating";
+    authenticate(stream, ctx, &mut buf, &mut greeting, during).await?;
+    *during = "waiting for the server to become ready";
+    let key = until_ready(stream, ctx.addr, &mut buf, &mut greeting, during).await?;
+    greeting.extend_from_slice(&buf);
+    Ok(Outcome { key, greeting })
+}
+
+/// What to do after an authentication request was handled.
+enum Next {
+    /// Send this reply (it may hold the password or an equivalent: wiped after sending).
+    Reply(BytesMut),
+    /// Nothing to send; read the next request.
+    Read,
+    Authenticated,
+}
+
+/// Answers authentication requests until AuthenticationOk. Notices are kept for the client.
+async fn authenticate<S>(
+    stream: &mut S,
+    ctx: &Context<'_>,
+    buf: &mut BytesMut,
+    greeting: &mut BytesMut,
+    during: &'static str,
+) -> Result<(), UpstreamError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let addr = ctx.addr;
+    let mut scram: Option<ScramClient> = None;
     loop {
-        let raw = next_message(stream, &mut buf, addr, during).await?;
+        let raw = next_message(stream, buf, addr, during).await?;
         match raw[0] {
             b'R' => {}
             b'E' => return Err(server_error(raw, addr)),
@@ -67,107 +93,138 @@ where
             b'v' => continue,
             tag => return Err(unexpected(tag, addr, during)),
         }
-        if raw.len() < 9 {
-            return Err(UpstreamError::Protocol(format!(
-                "upstream {addr} sent a truncated authentication request"
-            )));
+        match answer(ctx, raw, &mut scram, during).await? {
+            Next::Authenticated => return Ok(()),
+            Next::Read => {}
+            Next::Reply(mut reply) => {
+                let written = stream.write_all(&reply).await;
+                zeroize::Zeroize::zeroize(&mut reply[..]);
+                written.map_err(|e| io_error(addr, during, e))?;
+                stream.flush().await.map_err(|e| io_error(addr, during, e))?;
+            }
         }
-        let code = i32::from_be_bytes(raw[5..9].try_into().expect("4 bytes"));
-        if !(0..=12).contains(&code) || code == 1 || code == 4 {
-            return Err(UpstreamError::Auth(format!(
-                "upstream {addr} asked for authentication method {code}, which dbward does not know"
-            )));
-        }
-        let mut reply = BytesMut::new();
-        match parse(raw, addr)? {
-            Message::AuthenticationOk => {
-                if let Some(s) = &scram {
-                    if !s.is_verified() {
-                        return Err(UpstreamError::Auth(format!(
-                            "upstream {addr} reported authentication success before proving it knows the password \
-                             (SCRAM server signature not verified); refusing the connection"
-                        )));
-                    }
-                }
-                break;
-            }
-            Message::AuthenticationCleartextPassword => {
-                insecure_allowed(ctx, "a cleartext password")?;
-                frontend::password_message(ctx.password.expose_secret().as_bytes(), &mut reply)
-                    .map_err(|e| encode_error(addr, e))?;
-            }
-            Message::AuthenticationMd5Password(body) => {
-                insecure_allowed(ctx, "an MD5 password hash")?;
-                let hash = Zeroizing::new(postgres_protocol::authentication::md5_hash(
-                    ctx.user.as_bytes(),
-                    ctx.password.expose_secret().as_bytes(),
-                    body.salt(),
-                ));
-                frontend::password_message(hash.as_bytes(), &mut reply).map_err(|e| encode_error(addr, e))?;
-            }
-            Message::AuthenticationSasl(body) => {
-                if scram.is_some() {
-                    return Err(UpstreamError::Protocol(format!(
-                        "upstream {addr} started SASL authentication twice"
-                    )));
-                }
-                let mechanisms: Vec<String> = body.mechanisms().map(|m| Ok(m.to_string())).collect().map_err(|e| {
-                    UpstreamError::Protocol(format!("upstream {addr} sent an invalid SASL mechanism list: {e}"))
-                })?;
-                let binding = choose_binding(ctx, &mechanisms)?;
-                let client = ScramClient::with_keys(ctx.password.expose_secret().as_bytes(), binding, ctx.keys.clone());
-                frontend::sasl_initial_response(client.mechanism(), &client.client_first(), &mut reply)
-                    .map_err(|e| encode_error(addr, e))?;
-                scram = Some(client);
-            }
-            Message::AuthenticationSaslContinue(body) => {
-                let Some(mut client) = scram.take() else {
-                    return Err(UpstreamError::Protocol(format!(
-                        "upstream {addr} sent SASLContinue without SASL"
-                    )));
-                };
-                let data = body.data().to_vec();
-                // PBKDF2 at the server's iteration count is CPU work: keep it off the runtime threads.
-                let (client, result) = tokio::task::spawn_blocking(move || {
-                    let result = client.handle_server_first(&data);
-                    (client, result)
-                })
-                .await
-                .map_err(|e| UpstreamError::Protocol(format!("SCRAM computation for upstream {addr} failed: {e}")))?;
-                let client_final = result.map_err(|e| scram_failed(addr, e))?;
-                frontend::sasl_response(&client_final, &mut reply).map_err(|e| encode_error(addr, e))?;
-                scram = Some(client);
-            }
-            Message::AuthenticationSaslFinal(body) => {
-                let Some(client) = scram.as_mut() else {
-                    return Err(UpstreamError::Protocol(format!(
-                        "upstream {addr} sent SASLFinal without SASL"
-                    )));
-                };
-                client
-                    .handle_server_final(body.data())
-                    .map_err(|e| scram_failed(addr, e))?;
-                continue;
-            }
-            Message::AuthenticationKerberosV5 => return Err(unsupported_method(ctx, "Kerberos V5")),
-            Message::AuthenticationScmCredential => return Err(unsupported_method(ctx, "SCM credential")),
-            Message::AuthenticationGss | Message::AuthenticationGssContinue(_) => {
-                return Err(unsupported_method(ctx, "GSSAPI"))
-            }
-            Message::AuthenticationSspi => return Err(unsupported_method(ctx, "SSPI")),
-            _ => return Err(unexpected(b'R', addr, during)),
-        }
-        let written = stream.write_all(&reply).await;
-        // The reply may hold the password itself (cleartext) or an equivalent.
-        zeroize::Zeroize::zeroize(&mut reply[..]);
-        written.map_err(|e| io_error(addr, during, e))?;
-        stream.flush().await.map_err(|e| io_error(addr, during, e))?;
     }
+}
 
-    *during = "waiting for the server to become ready";
+/// Handles one authentication request ('R'), deciding whether the password may be sent in the
+/// form asked for over this connection.
+async fn answer(
+    ctx: &Context<'_>,
+    raw: BytesMut,
+    scram: &mut Option<ScramClient>,
+    during: &'static str,
+) -> Result<Next, UpstreamError> {
+    let addr = ctx.addr;
+    if raw.len() < 9 {
+        return Err(UpstreamError::Protocol(format!(
+            "upstream {addr} sent a truncated authentication request"
+        )));
+    }
+    let code = i32::from_be_bytes(raw[5..9].try_into().expect("4 bytes"));
+    if !(0..=12).contains(&code) || code == 1 || code == 4 {
+        return Err(UpstreamError::Auth(format!(
+            "upstream {addr} asked for authentication method {code}, which dbward does not know"
+        )));
+    }
+    let mut reply = BytesMut::new();
+    match parse(raw, addr)? {
+        Message::AuthenticationOk => {
+            if scram.as_ref().is_some_and(|s| !s.is_verified()) {
+                return Err(UpstreamError::Auth(format!(
+                    "upstream {addr} reported authentication success before proving it knows the password \
+                     (SCRAM server signature not verified); refusing the connection"
+                )));
+            }
+            return Ok(Next::Authenticated);
+        }
+        Message::AuthenticationCleartextPassword => {
+            insecure_allowed(ctx, "a cleartext password")?;
+            frontend::password_message(ctx.password.expose_secret().as_bytes(), &mut reply)
+                .map_err(|e| encode_error(addr, e))?;
+        }
+        Message::AuthenticationMd5Password(body) => {
+            insecure_allowed(ctx, "an MD5 password hash")?;
+            let hash = Zeroizing::new(postgres_protocol::authentication::md5_hash(
+                ctx.user.as_bytes(),
+                ctx.password.expose_secret().as_bytes(),
+                body.salt(),
+            ));
+            frontend::password_message(hash.as_bytes(), &mut reply).map_err(|e| encode_error(addr, e))?;
+        }
+        Message::AuthenticationSasl(body) => {
+            if scram.is_some() {
+                return Err(UpstreamError::Protocol(format!(
+                    "upstream {addr} started SASL authentication twice"
+                )));
+            }
+            let mechanisms: Vec<String> = body.mechanisms().map(|m| Ok(m.to_string())).collect().map_err(|e| {
+                UpstreamError::Protocol(format!("upstream {addr} sent an invalid SASL mechanism list: {e}"))
+            })?;
+            let binding = choose_binding(ctx, &mechanisms)?;
+            let client = ScramClient::with_keys(ctx.password.expose_secret().as_bytes(), binding, ctx.keys.clone());
+            frontend::sasl_initial_response(client.mechanism(), &client.client_first(), &mut reply)
+                .map_err(|e| encode_error(addr, e))?;
+            *scram = Some(client);
+        }
+        Message::AuthenticationSaslContinue(body) => {
+            let Some(client) = scram.take() else {
+                return Err(UpstreamError::Protocol(format!(
+                    "upstream {addr} sent SASLContinue without SASL"
+                )));
+            };
+            let (client, client_final) = server_first(addr, client, body.data().to_vec()).await?;
+            frontend::sasl_response(&client_final, &mut reply).map_err(|e| encode_error(addr, e))?;
+            *scram = Some(client);
+        }
+        Message::AuthenticationSaslFinal(body) => {
+            let Some(client) = scram.as_mut() else {
+                return Err(UpstreamError::Protocol(format!(
+                    "upstream {addr} sent SASLFinal without SASL"
+                )));
+            };
+            client
+                .handle_server_final(body.data())
+                .map_err(|e| scram_failed(addr, e))?;
+            return Ok(Next::Read);
+        }
+        Message::AuthenticationKerberosV5 => return Err(unsupported_method(ctx, "Kerberos V5")),
+        Message::AuthenticationScmCredential => return Err(unsupported_method(ctx, "SCM credential")),
+        Message::AuthenticationGss | Message::AuthenticationGssContinue(_) => {
+            return Err(unsupported_method(ctx, "GSSAPI"))
+        }
+        Message::AuthenticationSspi => return Err(unsupported_method(ctx, "SSPI")),
+        _ => return Err(unexpected(b'R', addr, during)),
+    }
+    Ok(Next::Reply(reply))
+}
+
+/// Answers the server-first message. PBKDF2 at the server's iteration count is CPU work: it
+/// runs off the runtime threads.
+async fn server_first(
+    addr: &str,
+    mut client: ScramClient,
+    data: Vec<u8>,
+) -> Result<(ScramClient, Vec<u8>), UpstreamError> {
+    let (client, result) = tokio::task::spawn_blocking(move || {
+        let result = client.handle_server_first(&data);
+        (client, result)
+    })
+    .await
+    .map_err(|e| UpstreamError::Protocol(format!("SCRAM computation for upstream {addr} failed: {e}")))?;
+    Ok((client, result.map_err(|e| scram_failed(addr, e))?))
+}
+
+/// After AuthenticationOk: ParameterStatus, BackendKeyData and notices up to ReadyForQuery.
+async fn until_ready<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    addr: &str,
+    buf: &mut BytesMut,
+    greeting: &mut BytesMut,
+    during: &'static str,
+) -> Result<Option<BackendKey>, UpstreamError> {
     let mut key = None;
     loop {
-        let raw = next_message(stream, &mut buf, addr, during).await?;
+        let raw = next_message(stream, buf, addr, during).await?;
         match raw[0] {
             b'S' | b'N' => {
                 // Validates the message before the client gets it.
@@ -190,15 +247,13 @@ where
             b'Z' => {
                 parse(raw.clone(), addr)?;
                 greeting.extend_from_slice(&raw);
-                break;
+                return Ok(key);
             }
             b'E' => return Err(server_error(raw, addr)),
             b'v' => {}
             tag => return Err(unexpected(tag, addr, during)),
         }
     }
-    greeting.extend_from_slice(&buf);
-    Ok(Outcome { key, greeting })
 }
 
 /// The server answered SSLRequest with 'E' (servers too old for SSLRequest, or failing at fork):

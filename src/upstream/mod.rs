@@ -410,11 +410,16 @@ async fn cancel_inner(
 }
 
 /// TCP connection plus TLS negotiation per sslmode.
-async fn open(settings: &UpstreamSettings, during: &mut &'static str) -> Result<UpstreamStream, UpstreamError> {
-    let addr = settings.addr();
+/// Resolves the upstream host (at every connection: DNS may have moved it) and connects to the
+/// first address that accepts.
+async fn connect_tcp(
+    settings: &UpstreamSettings,
+    addr: &str,
+    during: &mut &'static str,
+) -> Result<TcpStream, UpstreamError> {
     *during = "resolving the host name";
     let resolve_error = |source| UpstreamError::Resolve {
-        addr: addr.clone(),
+        addr: addr.to_string(),
         host: settings.host.clone(),
         source,
     };
@@ -444,17 +449,22 @@ async fn open(settings: &UpstreamSettings, during: &mut &'static str) -> Result<
             }
         }
     }
-    let Some(mut tcp) = tcp else {
+    let Some(tcp) = tcp else {
         return Err(UpstreamError::Connect {
-            addr,
+            addr: addr.to_string(),
             tried: candidates,
             source: last_error.expect("at least one address was tried"),
         });
     };
     // Postgres messages are small and latency-bound.
     tcp.set_nodelay(true)
-        .map_err(|e| io_error(&addr, "setting TCP_NODELAY", e))?;
+        .map_err(|e| io_error(addr, "setting TCP_NODELAY", e))?;
+    Ok(tcp)
+}
 
+async fn open(settings: &UpstreamSettings, during: &mut &'static str) -> Result<UpstreamStream, UpstreamError> {
+    let addr = settings.addr();
+    let mut tcp = connect_tcp(settings, &addr, during).await?;
     if settings.sslmode == SslMode::Disable {
         return Ok(Either::Left(tcp));
     }

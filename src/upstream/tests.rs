@@ -484,38 +484,36 @@ async fn scram_over_plain_connection() {
     assert!(!format!("{connected:?}").contains("[1, 2, 3, 4]"));
 }
 
-#[tokio::test]
-async fn scram_plus_over_tls() {
+/// A SCRAM login to a TLS server offering `mechanisms`; returns the GS2 header the client
+/// sent and whether the connection is TLS.
+async fn scram_over_tls(mechanisms: &'static [&'static str], sslmode: SslMode, verify: bool) -> (String, bool) {
     let pki = Arc::new(Pki::new(&["db.internal"]));
     let (listener, port) = listen().await;
     let server_pki = pki.clone();
     let server = tokio::spawn(async move {
         let mut c = accept(&listener, Some(&server_pki)).await;
-        let header = c.scram(&["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"], PASSWORD, false).await;
+        let header = c.scram(mechanisms, PASSWORD, false).await;
         c.finish_startup().await;
         (header, c)
     });
-    let s = settings(port, SslMode::VerifyFull, Some(pki.roots()), "db.internal");
+    let s = settings(port, sslmode, verify.then(|| pki.roots()), "db.internal");
     let connected = connect(&s, &params(), &password()).await.unwrap();
     let (header, _c) = server.await.unwrap();
+    (header, connected.tls)
+}
+
+#[tokio::test]
+async fn scram_plus_over_tls() {
+    let (header, tls) = scram_over_tls(&["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"], SslMode::VerifyFull, true).await;
     assert_eq!(header, "p=tls-server-end-point,,");
-    assert!(connected.tls);
+    assert!(tls);
 }
 
 #[tokio::test]
 async fn scram_over_tls_without_plus_says_y() {
-    let pki = Arc::new(Pki::new(&["db.internal"]));
-    let (listener, port) = listen().await;
-    let server_pki = pki.clone();
-    let server = tokio::spawn(async move {
-        let mut c = accept(&listener, Some(&server_pki)).await;
-        let header = c.scram(&["SCRAM-SHA-256"], PASSWORD, false).await;
-        c.finish_startup().await;
-        (header, c)
-    });
-    let s = settings(port, SslMode::Require, None, "db.internal");
-    connect(&s, &params(), &password()).await.unwrap();
-    assert_eq!(server.await.unwrap().0, "y,,");
+    let (header, tls) = scram_over_tls(&["SCRAM-SHA-256"], SslMode::Require, false).await;
+    assert_eq!(header, "y,,");
+    assert!(tls);
 }
 
 #[tokio::test]

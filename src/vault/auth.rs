@@ -10,21 +10,22 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::client::{VaultClient, VaultError};
+use super::client::{string_list, VaultClient};
+use super::error::{LocalError, Malformed, VaultError};
 use crate::config::{AuthConfig, AuthMethod};
 
 /// A Vault token and what Vault said about it. Debug never shows the token.
-pub struct VaultToken {
-    pub token: SecretString,
-    pub policies: Vec<String>,
+pub(crate) struct VaultToken {
+    pub(crate) token: SecretString,
+    pub(crate) policies: Vec<String>,
     /// None: the token does not expire (root, or a periodic token without TTL).
-    pub ttl: Option<Duration>,
+    pub(crate) ttl: Option<Duration>,
     /// The TTL the login granted; renewals ask for this much again.
-    pub initial_ttl: Option<Duration>,
-    pub renewable: bool,
-    pub obtained_at: Instant,
+    pub(crate) initial_ttl: Option<Duration>,
+    pub(crate) renewable: bool,
+    pub(crate) obtained_at: Instant,
     /// Login number since start: 1, 2, ... (for logs).
-    pub generation: u64,
+    pub(crate) generation: u64,
 }
 
 impl std::fmt::Debug for VaultToken {
@@ -41,42 +42,66 @@ impl std::fmt::Debug for VaultToken {
 }
 
 impl VaultToken {
-    pub fn expires_at(&self) -> Option<Instant> {
+    pub(crate) fn expires_at(&self) -> Option<Instant> {
         self.ttl.map(|t| self.obtained_at + t)
     }
 
     /// Time left before the token expires (None: never).
-    pub fn remaining(&self, now: Instant) -> Option<Duration> {
+    pub(crate) fn remaining(&self, now: Instant) -> Option<Duration> {
         self.expires_at().map(|e| e.saturating_duration_since(now))
     }
 
     /// A token is used while more than a third of its life is left; after that a new login
     /// happens first, so leases are never obtained by a token about to die (leases die with it).
-    pub fn usable(&self, now: Instant) -> bool {
+    pub(crate) fn usable(&self, now: Instant) -> bool {
         match (self.ttl, self.remaining(now)) {
             (Some(ttl), Some(left)) => left > ttl / 3 && left > Duration::from_secs(1),
             _ => true,
         }
     }
 
-    pub fn policies_text(&self) -> String {
-        if self.policies.is_empty() {
-            "none".into()
-        } else {
-            self.policies.join(", ")
+    pub(crate) fn policies_text(&self) -> String {
+        policies_text(&self.policies)
+    }
+}
+
+/// A token's policies as messages list them: `payments-db, default`, or `none`.
+pub(crate) fn policies_text(policies: &[String]) -> String {
+    if policies.is_empty() {
+        "none".into()
+    } else {
+        policies.join(", ")
+    }
+}
+
+/// How the config logs in, as messages name it: `jwt role payments-service at auth/jwt`,
+/// `approle at auth/approle`, `the token in /etc/dbward/token`.
+pub(crate) fn login_description(a: &AuthConfig) -> String {
+    let mount = a.mount().trim_matches('/');
+    match a.method {
+        AuthMethod::Jwt | AuthMethod::Kubernetes => {
+            format!("{} role {} at auth/{mount}", a.method, a.role.as_deref().unwrap_or(""))
         }
+        AuthMethod::Approle => format!("approle at auth/{mount}"),
+        AuthMethod::Token => format!(
+            "the token in {}",
+            a.token_file
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        ),
     }
 }
 
 /// The claims dbward looks at; Vault verifies the signature, dbward only reads.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct JwtClaims {
-    pub sub: Option<String>,
+    pub(crate) sub: Option<String>,
     #[serde(default, deserialize_with = "one_or_many")]
-    pub aud: Vec<String>,
-    pub iss: Option<String>,
-    pub exp: Option<u64>,
-    pub nbf: Option<u64>,
+    pub(crate) aud: Vec<String>,
+    pub(crate) iss: Option<String>,
+    pub(crate) exp: Option<u64>,
+    pub(crate) nbf: Option<u64>,
 }
 
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -95,7 +120,7 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
 
 impl JwtClaims {
     /// `sub=..., aud=...` for log lines and errors, so they can be matched against the role's bound claims.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         format!(
             "sub={}, aud={}, iss={}",
             self.sub.as_deref().unwrap_or("(none)"),
@@ -109,71 +134,60 @@ impl JwtClaims {
     }
 }
 
-fn rfc3339(unix: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
-}
-
 /// Reads the JWT's claims without verifying it (Vault verifies). Errors name the file, never the token.
-pub fn read_claims(jwt: &str, file: &Path) -> Result<JwtClaims, VaultError> {
+pub(crate) fn read_claims(jwt: &str, file: &Path) -> Result<JwtClaims, LocalError> {
     let mut validation = jsonwebtoken::Validation::default();
     validation.insecure_disable_signature_validation();
     validation.validate_exp = false;
     validation.validate_aud = false;
     validation.required_spec_claims.clear();
-    let header = jsonwebtoken::decode_header(jwt).map_err(|e| VaultError::Local {
-        detail: format!("vault.auth.token_file {}: not a JWT ({e})", file.display()),
+    let header = jsonwebtoken::decode_header(jwt).map_err(|source| LocalError::NotAJwt {
+        file: file.to_path_buf(),
+        source,
     })?;
     validation.algorithms = vec![header.alg];
     let data = jsonwebtoken::decode::<JwtClaims>(jwt, &jsonwebtoken::DecodingKey::from_secret(&[]), &validation)
-        .map_err(|e| VaultError::Local {
-            detail: format!(
-                "vault.auth.token_file {}: cannot read the JWT's claims ({e})",
-                file.display()
-            ),
+        .map_err(|source| LocalError::UnreadableClaims {
+            file: file.to_path_buf(),
+            source,
         })?;
     Ok(data.claims)
 }
 
-/// Refuses to send a JWT Vault would refuse for its times, saying so in terms an operator can act on.
-pub fn check_jwt_times(claims: &JwtClaims, file: &Path, now: SystemTime) -> Result<(), VaultError> {
+/// Refuses to send a JWT Vault would refuse for its times, saying so in terms an operator can act
+/// on. The error keeps the claims, for the diagnosis and for the message.
+pub(crate) fn check_jwt_times(claims: &JwtClaims, file: &Path, now: SystemTime) -> Result<(), LocalError> {
     let now = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-    if let Some(exp) = claims.exp {
-        if exp <= now {
-            return Err(VaultError::Local {
-                detail: format!(
-                    "vault.auth.token_file {}: the JWT expired at {} ({}); whatever writes this file (the projected service-account token, the identity agent) has stopped rotating it",
-                    file.display(),
-                    rfc3339(exp),
-                    claims.describe()
-                ),
-            });
-        }
+    if let Some(exp) = claims.exp.filter(|exp| *exp <= now) {
+        return Err(LocalError::JwtExpired {
+            file: file.to_path_buf(),
+            exp,
+            claims: Arc::new(claims.clone()),
+        });
     }
-    if let Some(nbf) = claims.nbf {
-        // A minute of leeway, as Vault allows for clock skew by default.
-        if nbf > now + 60 {
-            return Err(VaultError::Local {
-                detail: format!(
-                    "vault.auth.token_file {}: the JWT is not valid before {} ({}); check this host's clock",
-                    file.display(),
-                    rfc3339(nbf),
-                    claims.describe()
-                ),
-            });
-        }
+    // A minute of leeway, as Vault allows for clock skew by default.
+    if let Some(nbf) = claims.nbf.filter(|nbf| *nbf > now + 60) {
+        return Err(LocalError::JwtNotYetValid {
+            file: file.to_path_buf(),
+            nbf,
+            claims: Arc::new(claims.clone()),
+        });
     }
     Ok(())
 }
 
-fn read_secret_file(key: &str, path: &Path) -> Result<SecretString, VaultError> {
-    let text = std::fs::read_to_string(path).map_err(|e| VaultError::Local {
-        detail: format!("vault.auth.{key} {}: cannot read: {e}", path.display()),
+fn read_secret_file(key: &'static str, path: &Path) -> Result<SecretString, LocalError> {
+    let text = std::fs::read_to_string(path).map_err(|e| LocalError::SecretFileUnreadable {
+        key,
+        path: path.to_path_buf(),
+        source: Arc::new(e),
     })?;
     let text = zeroize::Zeroizing::new(text);
     let trimmed = text.trim();
     if trimmed.is_empty() {
-        return Err(VaultError::Local {
-            detail: format!("vault.auth.{key} {}: the file is empty", path.display()),
+        return Err(LocalError::SecretFileEmpty {
+            key,
+            path: path.to_path_buf(),
         });
     }
     Ok(SecretString::from(trimmed.to_string()))
@@ -196,7 +210,7 @@ pub struct Auth {
 const FORCED_LOGIN_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Auth {
-    pub fn new(client: Arc<VaultClient>, cfg: AuthConfig) -> Arc<Self> {
+    pub(crate) fn new(client: Arc<VaultClient>, cfg: AuthConfig) -> Arc<Self> {
         Arc::new(Auth {
             client,
             cfg,
@@ -207,17 +221,18 @@ impl Auth {
         })
     }
 
-    pub fn config(&self) -> &AuthConfig {
-        &self.cfg
+    /// [`login_description`] of this login.
+    pub(crate) fn login_description(&self) -> String {
+        login_description(&self.cfg)
     }
 
     /// The token as it is now, without logging in.
-    pub fn current(&self) -> Option<Arc<VaultToken>> {
+    pub(crate) fn current(&self) -> Option<Arc<VaultToken>> {
         self.current.lock().unwrap().clone()
     }
 
     /// A usable token: the current one, or a new login.
-    pub async fn token(&self) -> Result<Arc<VaultToken>, VaultError> {
+    pub(crate) async fn token(&self) -> Result<Arc<VaultToken>, VaultError> {
         if let Some(t) = self.current().filter(|t| t.usable(Instant::now())) {
             return Ok(t);
         }
@@ -232,7 +247,10 @@ impl Auth {
     /// After Vault denied a request made with `used`: log in again once (a revoked token or
     /// changed role needs a new login; policies themselves apply per request). Returns None when
     /// a forced login happened recently: the caller reports the denial instead of looping.
-    pub async fn relogin_after_denial(&self, used: &Arc<VaultToken>) -> Option<Result<Arc<VaultToken>, VaultError>> {
+    pub(crate) async fn relogin_after_denial(
+        &self,
+        used: &Arc<VaultToken>,
+    ) -> Option<Result<Arc<VaultToken>, VaultError>> {
         let _guard = self.login_lock.lock().await;
         if let Some(cur) = self.current() {
             if !Arc::ptr_eq(&cur, used) {
@@ -249,16 +267,8 @@ impl Auth {
         Some(self.login_now().await)
     }
 
-    /// Forgets the current token (e.g. Vault said it is invalid).
-    pub fn forget(&self, used: &Arc<VaultToken>) {
-        let mut cur = self.current.lock().unwrap();
-        if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, used)) {
-            *cur = None;
-        }
-    }
-
     /// The generation of the current login (0 before the first).
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         self.current().map(|t| t.generation).unwrap_or(0)
     }
 
@@ -266,7 +276,7 @@ impl Auth {
     /// passed, and logs in anew when it cannot be renewed or when Vault grants less than asked
     /// (the max TTL is near). A new login happens while the old token still has time left, so
     /// credentials can move to leases of the new token before the old token's leases die with it.
-    pub async fn keep_alive(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
+    pub(crate) async fn keep_alive(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
         let mut backoff = crate::backoff::Backoff::default();
         loop {
@@ -282,12 +292,12 @@ impl Auth {
             let ok = if tok.renewable {
                 self.renew(&tok).await
             } else {
-                Err(None)
+                Err(NeedsLogin::NotRenewable)
             };
             let result = match ok {
                 Ok(()) => Ok(()),
                 Err(why) => {
-                    if let Some(why) = why {
+                    if !matches!(why, NeedsLogin::NotRenewable) {
                         tracing::info!(generation = tok.generation, reason = %why, "logging in to Vault anew");
                     }
                     let _guard = self.login_lock.lock().await;
@@ -307,38 +317,26 @@ impl Auth {
         }
     }
 
-    /// Renews the token; Err(Some(reason)) when a new login is needed instead.
-    async fn renew(&self, tok: &Arc<VaultToken>) -> Result<(), Option<String>> {
+    /// Renews the token; the error says why a new login is needed instead.
+    async fn renew(&self, tok: &Arc<VaultToken>) -> Result<(), NeedsLogin> {
         let asked = tok.initial_ttl.or(tok.ttl).unwrap_or_default();
-        let body = json!({ "increment": asked.as_secs() });
         let started = Instant::now();
-        let resp = match self
-            .client
-            .write("renew-self", "auth/token/renew-self", Some(&tok.token), &body)
-            .await
-        {
+        let renewal = match renew_self(&self.client, &tok.token, asked).await {
             Ok(r) => r,
-            Err(e) if e.is_unavailable() => return Err(Some(format!("renewal failed: {e}"))),
-            Err(e) => return Err(Some(format!("Vault refused to renew the token: {e}"))),
+            Err(e) if e.is_unavailable() => return Err(NeedsLogin::Unavailable(e)),
+            Err(e) => return Err(NeedsLogin::Refused(e)),
         };
-        let granted = resp
-            .u64_field("/auth/lease_duration")
-            .map(Duration::from_secs)
-            .unwrap_or_default();
+        let granted = renewal.granted.unwrap_or_default();
         // Less than asked means the token's max TTL is near: leases it owns die with it.
         if granted + Duration::from_secs(1) < asked {
-            return Err(Some(format!(
-                "Vault renewed the token for {}s only (asked {}s): its max TTL is near",
-                granted.as_secs(),
-                asked.as_secs()
-            )));
+            return Err(NeedsLogin::Capped { granted, asked });
         }
         let renewed = Arc::new(VaultToken {
             token: tok.token.clone(),
             policies: tok.policies.clone(),
             ttl: Some(granted),
             initial_ttl: tok.initial_ttl,
-            renewable: resp.body["auth"]["renewable"].as_bool().unwrap_or(tok.renewable),
+            renewable: renewal.renewable.unwrap_or(tok.renewable),
             obtained_at: started,
             generation: tok.generation,
         });
@@ -390,22 +388,14 @@ impl Auth {
                     tracing::warn!(role, claims = %claims.describe(), error = %e, "Vault login failed");
                     match e {
                         VaultError::Status {
-                            op,
+                            path, status, errors, ..
+                        } => VaultError::JwtLoginRefused {
                             path,
                             status,
-                            mut errors,
-                        } => {
-                            errors.push(format!(
-                                "the JWT has {}; compare with the bound claims of Vault role {role:?}",
-                                claims.describe()
-                            ));
-                            VaultError::Status {
-                                op,
-                                path,
-                                status,
-                                errors,
-                            }
-                        }
+                            errors,
+                            role: role.to_string(),
+                            claims: Arc::new(claims),
+                        },
                         other => other,
                     }
                 })?;
@@ -424,15 +414,13 @@ impl Auth {
             }
             AuthMethod::Token => {
                 let token = read_secret_file("token_file", self.cfg.token_file.as_deref().expect("validated"))?;
-                let resp = self.client.read(&token, "auth/token/lookup-self").await?;
-                let data = &resp.body["data"];
-                let ttl = data["ttl"].as_u64().filter(|t| *t > 0).map(Duration::from_secs);
+                let found = lookup_self(&self.client, &token).await?;
                 Ok(VaultToken {
                     token,
-                    policies: string_list(&data["policies"]),
-                    ttl,
-                    initial_ttl: ttl,
-                    renewable: data["renewable"].as_bool().unwrap_or(false),
+                    policies: found.policies,
+                    ttl: found.ttl,
+                    initial_ttl: found.ttl,
+                    renewable: found.renewable.unwrap_or(false),
                     obtained_at: Instant::now(),
                     generation: 0,
                 })
@@ -454,12 +442,6 @@ struct AppRoleLogin<'a> {
     secret_id: &'a str,
 }
 
-fn string_list(v: &serde_json::Value) -> Vec<String> {
-    v.as_array()
-        .map(|a| a.iter().filter_map(|p| p.as_str().map(str::to_string)).collect())
-        .unwrap_or_default()
-}
-
 fn token_from_auth(body: &serde_json::Value, path: &str) -> Result<VaultToken, VaultError> {
     let auth = &body["auth"];
     let token = auth["client_token"]
@@ -468,7 +450,7 @@ fn token_from_auth(body: &serde_json::Value, path: &str) -> Result<VaultToken, V
         .ok_or_else(|| VaultError::Malformed {
             op: "login",
             path: path.to_string(),
-            detail: "no auth.client_token in the answer".into(),
+            problem: Malformed::NoClientToken,
         })?;
     let ttl = auth["lease_duration"]
         .as_u64()
@@ -483,6 +465,82 @@ fn token_from_auth(body: &serde_json::Value, path: &str) -> Result<VaultToken, V
         obtained_at: Instant::now(),
         generation: 0,
     })
+}
+
+/// Why [`Auth::keep_alive`] logs in anew instead of renewing.
+#[derive(Debug, thiserror::Error)]
+enum NeedsLogin {
+    #[error("the token is not renewable")]
+    NotRenewable,
+    #[error("renewal failed: {0}")]
+    Unavailable(VaultError),
+    #[error("Vault refused to renew the token: {0}")]
+    Refused(VaultError),
+    #[error("Vault renewed the token for {}s only (asked {}s): its max TTL is near", .granted.as_secs(), .asked.as_secs())]
+    Capped { granted: Duration, asked: Duration },
+}
+
+/// What `auth/token/lookup-self` says about a token. Only names and numbers are taken from the
+/// answer: it also holds the token.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TokenLookup {
+    /// In Vault's order (sorted), without identity policies.
+    pub(crate) policies: Vec<String>,
+    /// Policies from the token's identity entity and groups.
+    pub(crate) identity_policies: Vec<String>,
+    /// What is left of the TTL; None: the token does not expire.
+    pub(crate) ttl: Option<Duration>,
+    pub(crate) renewable: Option<bool>,
+    /// Set for periodic tokens, which can be renewed forever.
+    pub(crate) period: Option<Duration>,
+    pub(crate) explicit_max_ttl: Option<Duration>,
+}
+
+/// `auth/token/lookup-self`.
+pub(crate) async fn lookup_self(client: &VaultClient, token: &SecretString) -> Result<TokenLookup, VaultError> {
+    let resp = client.read(token, "auth/token/lookup-self").await?;
+    let data = &resp.body["data"];
+    let secs = |key: &str| data[key].as_u64().filter(|t| *t > 0).map(Duration::from_secs);
+    Ok(TokenLookup {
+        policies: string_list(&data["policies"]),
+        identity_policies: string_list(&data["identity_policies"]),
+        ttl: secs("ttl"),
+        renewable: data["renewable"].as_bool(),
+        period: secs("period"),
+        explicit_max_ttl: secs("explicit_max_ttl"),
+    })
+}
+
+/// What a renewal granted.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Renewal {
+    /// The new TTL; Vault caps it at what is left of the max TTL. None: the answer had none.
+    pub(crate) granted: Option<Duration>,
+    pub(crate) renewable: Option<bool>,
+}
+
+/// `auth/token/renew-self` by `increment`.
+pub(crate) async fn renew_self(
+    client: &VaultClient,
+    token: &SecretString,
+    increment: Duration,
+) -> Result<Renewal, VaultError> {
+    let body = json!({ "increment": increment.as_secs() });
+    let resp = client
+        .write("renew-self", "auth/token/renew-self", Some(token), &body)
+        .await?;
+    Ok(Renewal {
+        granted: resp.u64_field("/auth/lease_duration").map(Duration::from_secs),
+        renewable: resp.body["auth"]["renewable"].as_bool(),
+    })
+}
+
+/// `auth/token/revoke-self`: the token, and every lease it obtained, are gone.
+pub(crate) async fn revoke_self(client: &VaultClient, token: &SecretString) -> Result<(), VaultError> {
+    client
+        .write("revoke-self", "auth/token/revoke-self", Some(token), &json!({}))
+        .await
+        .map(drop)
 }
 
 #[cfg(test)]
@@ -521,6 +579,58 @@ mod tests {
         check_jwt_times(&c, file, SystemTime::now()).unwrap();
         let e = read_claims("not-a-jwt", file).unwrap_err().to_string();
         assert!(e.contains("/tmp/t: not a JWT"), "{e}");
+    }
+
+    /// The one description check and the client's error details both use.
+    #[test]
+    fn login_is_described_by_method() {
+        let cfg = |method, mount: Option<&str>, role: Option<&str>| AuthConfig {
+            method,
+            mount: mount.map(str::to_string),
+            role: role.map(str::to_string),
+            token_file: Some("/run/dbward/token".into()),
+            role_id_file: None,
+            secret_id_file: None,
+        };
+        let cases = [
+            (
+                cfg(AuthMethod::Jwt, None, Some("payments")),
+                "jwt role payments at auth/jwt",
+            ),
+            (
+                cfg(AuthMethod::Kubernetes, Some("/k8s/prod/"), Some("payments")),
+                "kubernetes role payments at auth/k8s/prod",
+            ),
+            (cfg(AuthMethod::Approle, None, None), "approle at auth/approle"),
+            (cfg(AuthMethod::Token, None, None), "the token in /run/dbward/token"),
+        ];
+        for (c, want) in cases {
+            assert_eq!(login_description(&c), want);
+        }
+        assert_eq!(policies_text(&[]), "none");
+        assert_eq!(policies_text(&["a".into(), "default".into()]), "a, default");
+    }
+
+    #[test]
+    fn renewal_refusals_say_why_a_login_follows() {
+        let capped = NeedsLogin::Capped {
+            granted: Duration::from_secs(20),
+            asked: Duration::from_secs(30),
+        };
+        assert_eq!(
+            capped.to_string(),
+            "Vault renewed the token for 20s only (asked 30s): its max TTL is near"
+        );
+        let denied = VaultError::Status {
+            op: "renew-self",
+            path: "auth/token/renew-self".into(),
+            status: 403,
+            errors: vec!["permission denied".into()],
+        };
+        assert_eq!(
+            NeedsLogin::Refused(denied).to_string(),
+            "Vault refused to renew the token: Vault denied renew-self of auth/token/renew-self (403 permission denied)"
+        );
     }
 
     #[test]

@@ -1,147 +1,34 @@
 //! The HTTP client for the Vault API (`/v1/...`): TLS with the configured CA or the system
-//! roots, `X-Vault-Namespace`, a timeout on every request, and errors that keep Vault's status
-//! and message.
+//! roots, `X-Vault-Namespace`, a timeout on every request, and errors (see [`super::error`])
+//! that keep Vault's status and message.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, Method, Request, StatusCode};
+use http::{header, Method, Request};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::dns::{GaiAddrs, GaiFuture, GaiResolver, Name};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
 
+use super::error::{clean_errors, describe_hyper_error, transport_kind, DnsError, ErrorBody};
+use super::error::{LocalError, Malformed, VaultError, VaultSetupError};
 use crate::config::VaultConfig;
 use crate::metrics::Metrics;
 
 /// Vault answers are small; anything larger is not a Vault answer.
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
 
-/// A Vault API failure. Display texts name the operation and the path; none carries a secret.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum VaultError {
-    /// Vault answered with an error status.
-    #[error("{}", status_message(.op, .path, *.status, .errors))]
-    Status {
-        op: &'static str,
-        path: String,
-        status: u16,
-        errors: Vec<String>,
-    },
-    /// No TCP/TLS connection to Vault.
-    #[error("Vault at {address} is unreachable ({op} {path}): {detail}")]
-    Unreachable {
-        op: &'static str,
-        path: String,
-        address: String,
-        detail: String,
-    },
-    /// Vault accepted the connection but did not answer in time (hung, or frozen).
-    #[error("Vault at {address} did not answer {op} of {path} within {after:?}")]
-    Timeout {
-        op: &'static str,
-        path: String,
-        address: String,
-        after: Duration,
-    },
-    /// Vault answered 2xx with a body dbward cannot use.
-    #[error("Vault answered {op} of {path} with an unusable response: {detail}")]
-    Malformed {
-        op: &'static str,
-        path: String,
-        detail: String,
-    },
-    /// A problem on this host before any request (token file unreadable, JWT expired...).
-    #[error("{detail}")]
-    Local { detail: String },
-}
-
-fn status_message(op: &str, path: &str, status: u16, errors: &[String]) -> String {
-    let text = if errors.is_empty() {
-        StatusCode::from_u16(status)
-            .ok()
-            .and_then(|s| s.canonical_reason())
-            .unwrap_or("error")
-            .to_lowercase()
-    } else {
-        errors.join("; ")
-    };
-    match status {
-        403 => format!("Vault denied {op} of {path} (403 {text})"),
-        _ => format!("Vault {op} of {path} failed ({status} {text})"),
-    }
-}
-
-impl VaultError {
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            VaultError::Status { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-
-    pub fn is_denied(&self) -> bool {
-        self.status() == Some(403)
-    }
-
-    /// Vault could not be asked at all (down, hanging, sealed, overloaded): a cached credential
-    /// may still be used and the client's error is 08001.
-    pub fn is_unavailable(&self) -> bool {
-        match self {
-            VaultError::Unreachable { .. } | VaultError::Timeout { .. } => true,
-            VaultError::Status { status, .. } => matches!(status, 429 | 500..=599),
-            _ => false,
-        }
-    }
-
-    /// A short label for metrics: the status code or the failure class.
-    pub fn label(&self) -> String {
-        match self {
-            VaultError::Status { status, .. } => status.to_string(),
-            VaultError::Unreachable { .. } => "unreachable".into(),
-            VaultError::Timeout { .. } => "timeout".into(),
-            VaultError::Malformed { .. } => "malformed".into(),
-            VaultError::Local { .. } => "local".into(),
-        }
-    }
-}
-
-/// Vault's error body: `{"errors": ["1 error occurred:\n\t* permission denied\n\n"]}`.
-#[derive(Deserialize)]
-struct ErrorBody {
-    #[serde(default)]
-    errors: Vec<String>,
-}
-
-/// Vault wraps multierrors as "1 error occurred:\n\t* permission denied\n\n"; keep the messages.
-fn clean_errors(errors: Vec<String>) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in errors {
-        let lines: Vec<&str> = e
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .filter(|l| !(l.ends_with("occurred:") && l.contains("error")))
-            .map(|l| l.trim_start_matches("* ").trim())
-            .collect();
-        if lines.is_empty() {
-            continue;
-        }
-        out.push(lines.join("; "));
-    }
-    out
-}
-
 /// A successful response: the JSON body and the server's `Date` header (for clock-skew checks).
 /// Every string in the body is wiped when the response is dropped: credentials and tokens pass
 /// through it. Its Debug shows the status only.
-pub struct VaultResponse {
-    pub status: u16,
-    pub body: serde_json::Value,
-    pub date: Option<String>,
+pub(crate) struct VaultResponse {
+    pub(crate) status: u16,
+    pub(crate) body: serde_json::Value,
+    pub(crate) date: Option<String>,
 }
 
 impl std::fmt::Debug for VaultResponse {
@@ -168,20 +55,27 @@ impl Drop for VaultResponse {
 }
 
 impl VaultResponse {
-    pub fn str_field(&self, ptr: &str) -> Option<&str> {
+    pub(crate) fn str_field(&self, ptr: &str) -> Option<&str> {
         self.body.pointer(ptr).and_then(|v| v.as_str())
     }
 
-    pub fn u64_field(&self, ptr: &str) -> Option<u64> {
+    pub(crate) fn u64_field(&self, ptr: &str) -> Option<u64> {
         self.body.pointer(ptr).and_then(|v| v.as_u64())
     }
+}
+
+/// The strings of a JSON array (policies, capabilities); anything else is no strings.
+pub(crate) fn string_list(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(|p| p.as_str().map(str::to_string)).collect())
+        .unwrap_or_default()
 }
 
 pub struct VaultClient {
     address: String,
     namespace: Option<String>,
     timeout: Duration,
-    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    http: Client<HttpsConnector<HttpConnector<Resolver>>, Full<Bytes>>,
     metrics: Arc<Metrics>,
 }
 
@@ -195,25 +89,25 @@ impl std::fmt::Debug for VaultClient {
 
 impl VaultClient {
     /// Builds the client; errors name the config key.
-    pub fn new(cfg: &VaultConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, String> {
+    pub(crate) fn new(cfg: &VaultConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, VaultSetupError> {
         let roots = match &cfg.ca_file {
-            Some(path) => crate::tls_files::load_roots("vault.ca_file", path).map_err(|e| e.to_string())?,
+            Some(path) => crate::tls_files::load_roots("vault.ca_file", path)?,
             // Plain http verifies no certificate, so it needs no system store.
             None if cfg.address.starts_with("http://") => rustls::RootCertStore::empty(),
-            None => crate::tls_files::system_roots().map_err(|why| {
-                format!("vault.address: https without vault.ca_file needs the system CA store, but {why}; set vault.ca_file")
-            })?,
+            None => crate::tls_files::system_roots()?,
         };
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("vault: TLS setup failed: {e}"))?
+            .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
+        let mut tcp = HttpConnector::new_with_resolver(Resolver(GaiResolver::new()));
+        // The scheme is the HTTPS connector's business (https_or_http).
+        tcp.enforce_http(false);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
-            .build();
+            .wrap_connector(tcp);
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(https);
@@ -226,17 +120,17 @@ impl VaultClient {
         }))
     }
 
-    pub fn address(&self) -> &str {
+    pub(crate) fn address(&self) -> &str {
         &self.address
     }
 
     /// `GET /v1/<path>`.
-    pub async fn read(&self, token: &SecretString, path: &str) -> Result<VaultResponse, VaultError> {
+    pub(crate) async fn read(&self, token: &SecretString, path: &str) -> Result<VaultResponse, VaultError> {
         self.call("read", Method::GET, path, Some(token), None).await
     }
 
     /// A request with a JSON body. `op` names the operation in errors ("login", "renew", ...).
-    pub async fn write(
+    pub(crate) async fn write(
         &self,
         op: &'static str,
         path: &str,
@@ -251,7 +145,7 @@ impl VaultClient {
     }
 
     /// A request with no body other than GET (e.g. `sys/health`), without a token.
-    pub async fn get_unauthenticated(&self, op: &'static str, path: &str) -> Result<VaultResponse, VaultError> {
+    pub(crate) async fn get_unauthenticated(&self, op: &'static str, path: &str) -> Result<VaultResponse, VaultError> {
         self.call(op, Method::GET, path, None, None).await
     }
 
@@ -280,15 +174,14 @@ impl VaultClient {
         result
     }
 
-    async fn call_inner(
+    /// The request, with namespace and (sensitive) token headers.
+    fn request(
         &self,
-        op: &'static str,
         method: Method,
         path: &str,
         token: Option<&SecretString>,
         body: Option<Bytes>,
-    ) -> Result<VaultResponse, VaultError> {
-        let path = path.trim_start_matches('/');
+    ) -> Result<Request<Full<Bytes>>, LocalError> {
         let url = format!("{}/v1/{}", self.address, path);
         let mut req = Request::builder()
             .method(method)
@@ -298,25 +191,35 @@ impl VaultClient {
             req = req.header("X-Vault-Namespace", ns);
         }
         if let Some(t) = token {
-            let mut v = http::HeaderValue::from_str(t.expose_secret()).map_err(|_| VaultError::Local {
-                detail: "the Vault token contains characters not allowed in an HTTP header".into(),
-            })?;
+            let mut v = http::HeaderValue::from_str(t.expose_secret()).map_err(|_| LocalError::TokenNotHeaderSafe)?;
             v.set_sensitive(true);
             req = req.header("X-Vault-Token", v);
         }
         if body.is_some() {
             req = req.header(header::CONTENT_TYPE, "application/json");
         }
-        let req = req
-            .body(Full::new(body.unwrap_or_default()))
-            .map_err(|e| VaultError::Local {
-                detail: format!("bad Vault request URL {url}: {e}"),
-            })?;
+        req.body(Full::new(body.unwrap_or_default()))
+            .map_err(|e| LocalError::BadRequestUrl {
+                url,
+                source: Arc::new(e),
+            })
+    }
 
-        let unreachable = |detail: String| VaultError::Unreachable {
+    async fn call_inner(
+        &self,
+        op: &'static str,
+        method: Method,
+        path: &str,
+        token: Option<&SecretString>,
+        body: Option<Bytes>,
+    ) -> Result<VaultResponse, VaultError> {
+        let path = path.trim_start_matches('/');
+        let req = self.request(method, path, token, body)?;
+        let unreachable = |e: &(dyn std::error::Error + 'static), detail: String| VaultError::Unreachable {
             op,
             path: path.to_string(),
             address: self.address.clone(),
+            kind: transport_kind(e),
             detail,
         };
         let exchange = async {
@@ -324,7 +227,7 @@ impl VaultClient {
                 .http
                 .request(req)
                 .await
-                .map_err(|e| unreachable(describe_hyper_error(&e)))?;
+                .map_err(|e| unreachable(&e, describe_hyper_error(&e)))?;
             let status = resp.status().as_u16();
             let date = resp
                 .headers()
@@ -334,7 +237,7 @@ impl VaultClient {
             let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
                 .collect()
                 .await
-                .map_err(|e| unreachable(format!("reading the response failed: {e}")))?
+                .map_err(|e| unreachable(&*e, format!("reading the response failed: {e}")))?
                 .to_bytes();
             Ok::<_, VaultError>((status, date, body))
         };
@@ -350,52 +253,60 @@ impl VaultClient {
 
         // The body may hold a password or token: the raw bytes are wiped once parsed.
         let body = zeroize::Zeroizing::new(Vec::<u8>::from(body));
-        if !(200..300).contains(&status) {
-            let errors = serde_json::from_slice::<ErrorBody>(&body)
-                .map(|b| clean_errors(b.errors))
-                .unwrap_or_default();
-            return Err(VaultError::Status {
-                op,
-                path: path.to_string(),
-                status,
-                errors,
-            });
-        }
-        let body = if body.is_empty() || status == 204 {
-            serde_json::Value::Null
-        } else {
-            serde_json::from_slice(&body).map_err(|e| VaultError::Malformed {
-                op,
-                path: path.to_string(),
-                detail: format!("not JSON ({e})"),
-            })?
-        };
+        let body = parse_body(op, path, status, &body)?;
         Ok(VaultResponse { status, body, date })
     }
 }
 
-/// hyper's errors say "client error (Connect)"; the cause chain says what actually happened.
-fn describe_hyper_error(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![];
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        let s = err.to_string();
-        if !parts.iter().any(|p: &String| p.contains(&s)) {
-            parts.push(s);
-        }
-        cur = err.source();
+/// The system resolver (getaddrinfo), with its failures wrapped in [`DnsError`]: hyper-util's
+/// own "dns error" type is private, so without the wrapper only the text would tell.
+#[derive(Clone)]
+struct Resolver(GaiResolver);
+
+impl tower_service::Service<Name> for Resolver {
+    type Response = GaiAddrs;
+    type Error = DnsError;
+    type Future = futures_util::future::MapErr<GaiFuture, fn(std::io::Error) -> DnsError>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), DnsError>> {
+        self.0.poll_ready(cx).map_err(DnsError)
     }
-    // The outermost "client error (Connect)" adds nothing when there is a cause.
-    if parts.len() > 1 {
-        parts.remove(0);
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        use futures_util::TryFutureExt;
+        self.0.call(name).map_err(DnsError as fn(std::io::Error) -> DnsError)
     }
-    parts.join(": ")
+}
+
+/// An error status becomes [`VaultError::Status`] with Vault's messages; a 2xx body must be JSON
+/// (or empty).
+fn parse_body(op: &'static str, path: &str, status: u16, body: &[u8]) -> Result<serde_json::Value, VaultError> {
+    if !(200..300).contains(&status) {
+        let errors = serde_json::from_slice::<ErrorBody>(body)
+            .map(|b| clean_errors(b.errors))
+            .unwrap_or_default();
+        return Err(VaultError::Status {
+            op,
+            path: path.to_string(),
+            status,
+            errors,
+        });
+    }
+    if body.is_empty() || status == 204 {
+        return Ok(serde_json::Value::Null);
+    }
+    serde_json::from_slice(body).map_err(|e| VaultError::Malformed {
+        op,
+        path: path.to_string(),
+        problem: Malformed::NotJson(Arc::new(e)),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{AuthConfig, AuthMethod, HumanDuration};
+    use crate::vault::error::TransportKind;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn cfg(address: String, timeout: Duration) -> VaultConfig {
@@ -433,24 +344,6 @@ mod tests {
             String::from_utf8_lossy(&buf[..n]).into_owned()
         });
         (addr, h)
-    }
-
-    #[test]
-    fn multierror_text_is_cleaned() {
-        assert_eq!(
-            clean_errors(vec!["1 error occurred:\n\t* permission denied\n\n".into()]),
-            vec!["permission denied"]
-        );
-        let e = VaultError::Status {
-            op: "read",
-            path: "secret/data/apps/payments/db-v2".into(),
-            status: 403,
-            errors: vec!["permission denied".into()],
-        };
-        assert_eq!(
-            e.to_string(),
-            "Vault denied read of secret/data/apps/payments/db-v2 (403 permission denied)"
-        );
     }
 
     #[tokio::test]
@@ -500,6 +393,29 @@ mod tests {
         assert!(err.is_unavailable());
     }
 
+    /// `.invalid` never resolves (RFC 6761): the failure comes back through dbward's resolver,
+    /// so it is named by type.
+    #[tokio::test]
+    async fn unresolvable_host_is_a_dns_failure() {
+        let c = VaultClient::new(
+            &cfg("http://dbward-test.invalid:8200".into(), Duration::from_secs(10)),
+            Arc::default(),
+        )
+        .unwrap();
+        let err = c.read(&SecretString::from("t"), "database/creds/x").await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VaultError::Unreachable {
+                    kind: TransportKind::Dns,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("dns error"), "{err}");
+    }
+
     #[tokio::test]
     async fn refused_connection_is_unreachable() {
         let port = {
@@ -512,7 +428,16 @@ mod tests {
         )
         .unwrap();
         let err = c.read(&SecretString::from("t"), "database/creds/x").await.unwrap_err();
-        assert!(matches!(err, VaultError::Unreachable { .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                VaultError::Unreachable {
+                    kind: TransportKind::Refused,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
         assert!(err.to_string().contains("refused"), "{err}");
     }
 }

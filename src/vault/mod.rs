@@ -4,8 +4,10 @@
 
 pub mod auth;
 pub mod client;
+pub mod error;
 pub mod secrets;
 
-pub use auth::{Auth, VaultToken};
-pub use client::{VaultClient, VaultError, VaultResponse};
-pub use secrets::{Credential, Lease};
+pub(crate) use auth::{Auth, VaultToken};
+pub(crate) use client::VaultClient;
+pub(crate) use error::VaultError;
+pub(crate) use secrets::{Credential, Lease};

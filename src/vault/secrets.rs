@@ -6,30 +6,31 @@ use std::time::{Duration, Instant};
 
 use secrecy::SecretString;
 
-use super::client::{VaultClient, VaultError, VaultResponse};
+use super::client::{VaultClient, VaultResponse};
+use super::error::{Malformed, VaultError};
 use crate::config::{CredentialKind, CredentialsConfig};
 
 /// A Vault lease on a dynamic credential.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lease {
-    pub id: String,
-    pub duration: Duration,
-    pub renewable: bool,
+pub(crate) struct Lease {
+    pub(crate) id: String,
+    pub(crate) duration: Duration,
+    pub(crate) renewable: bool,
 }
 
 /// A database login from Vault. Debug shows the user and lease, never the password.
 pub struct Credential {
-    pub username: String,
-    pub password: SecretString,
-    pub lease: Option<Lease>,
+    pub(crate) username: String,
+    pub(crate) password: SecretString,
+    pub(crate) lease: Option<Lease>,
     /// How long Vault says it stays valid (lease duration, or a static role's time to rotation);
     /// None for KV secrets, which carry no lease.
-    pub valid_for: Option<Duration>,
-    pub fetched_at: Instant,
+    pub(crate) valid_for: Option<Duration>,
+    pub(crate) fetched_at: Instant,
     /// The Vault path it came from, exactly as a policy names it.
-    pub path: String,
+    pub(crate) path: String,
     /// Numbered per database entry: 1 for the first credential, 2 after the first refresh...
-    pub generation: u64,
+    pub(crate) generation: u64,
 }
 
 impl std::fmt::Debug for Credential {
@@ -46,13 +47,13 @@ impl std::fmt::Debug for Credential {
 }
 
 impl Credential {
-    pub fn expires_at(&self) -> Option<Instant> {
+    pub(crate) fn expires_at(&self) -> Option<Instant> {
         self.valid_for.map(|d| self.fetched_at + d)
     }
 }
 
 /// Reads one credential. `token` must be a usable Vault token.
-pub async fn fetch(
+pub(crate) async fn fetch(
     client: &VaultClient,
     token: &SecretString,
     cfg: &CredentialsConfig,
@@ -60,26 +61,21 @@ pub async fn fetch(
     let path = cfg.vault_path();
     let fetched_at = Instant::now();
     let resp = client.read(token, &path).await?;
-    let malformed = |detail: String| VaultError::Malformed {
+    let malformed = |problem: Malformed| VaultError::Malformed {
         op: "read",
         path: path.clone(),
-        detail,
+        problem,
     };
     let (data, user_key, pass_key) = match cfg.kind {
         CredentialKind::Kv => (
-            resp.body.pointer("/data/data").ok_or_else(|| {
-                malformed(
-                    "no data.data: is this a KV v2 path, and does the secret have a current version (not deleted)?"
-                        .into(),
-                )
-            })?,
+            resp.body
+                .pointer("/data/data")
+                .ok_or_else(|| malformed(Malformed::NoKvData))?,
             cfg.username_key.as_str(),
             cfg.password_key.as_str(),
         ),
         _ => (
-            resp.body
-                .get("data")
-                .ok_or_else(|| malformed("no data in the answer".into()))?,
+            resp.body.get("data").ok_or_else(|| malformed(Malformed::NoData))?,
             "username",
             "password",
         ),
@@ -87,18 +83,15 @@ pub async fn fetch(
     let field = |key: &str| -> Result<String, VaultError> {
         match data.get(key) {
             Some(serde_json::Value::String(s)) if !s.is_empty() => Ok(s.clone()),
-            Some(_) => Err(malformed(format!("key {key:?} is not a non-empty string"))),
-            None => {
+            Some(_) => Err(malformed(Malformed::NotAString { key: key.to_string() })),
+            None => Err(malformed(Malformed::MissingKey {
+                key: key.to_string(),
                 // Key names only: the values are secrets.
-                let keys: Vec<&str> = data
+                present: data
                     .as_object()
-                    .map(|o| o.keys().map(|k| k.as_str()).collect())
-                    .unwrap_or_default();
-                Err(malformed(format!(
-                    "the secret has no key {key:?} (keys present: {})",
-                    keys.join(", ")
-                )))
-            }
+                    .map(|o| o.keys().cloned().collect())
+                    .unwrap_or_default(),
+            })),
         }
     };
     let username = field(user_key)?;
@@ -113,6 +106,28 @@ pub async fn fetch(
         path,
         generation: 0,
     })
+}
+
+/// `sys/leases/renew` of `lease_id` by `increment`: the duration Vault granted (capped at what is
+/// left of the lease's max TTL), None when the answer has none.
+pub(crate) async fn renew_lease(
+    client: &VaultClient,
+    token: &SecretString,
+    lease_id: &str,
+    increment: Duration,
+) -> Result<Option<Duration>, VaultError> {
+    let body = serde_json::json!({ "lease_id": lease_id, "increment": increment.as_secs() });
+    let resp = client.write("renew", "sys/leases/renew", Some(token), &body).await?;
+    Ok(resp.u64_field("/lease_duration").map(Duration::from_secs))
+}
+
+/// `sys/leases/revoke` of `lease_id`: Vault drops the database role it created.
+pub(crate) async fn revoke_lease(client: &VaultClient, token: &SecretString, lease_id: &str) -> Result<(), VaultError> {
+    let body = serde_json::json!({ "lease_id": lease_id });
+    client
+        .write("revoke", "sys/leases/revoke", Some(token), &body)
+        .await
+        .map(drop)
 }
 
 fn lease_of(kind: CredentialKind, resp: &VaultResponse) -> (Option<Lease>, Option<Duration>) {

@@ -281,6 +281,17 @@ impl Wire {
     }
 }
 
+/// Connects to `port`, sends a 3.0 StartupMessage with `params` and reads until the server
+/// closes; the first message must be a FATAL with SQLSTATE `code`. Returns its fields.
+pub async fn refused_startup(port: u16, params: &[(&str, &str)], code: &str) -> BTreeMap<char, String> {
+    let mut w = Wire::tcp(port).await;
+    w.send(&startup(V3_0, params)).await;
+    let msgs = w.until_eof().await;
+    let f = msgs[0].fields();
+    assert_eq!((f[&'S'].as_str(), f[&'C'].as_str()), ("FATAL", code), "{f:?}");
+    f
+}
+
 /// The BackendKeyData in `msgs`: (pid, secret).
 pub fn backend_key(msgs: &[Msg]) -> (i32, Vec<u8>) {
     let k = msgs.iter().find(|m| m.tag == b'K').expect("BackendKeyData");

@@ -1,0 +1,245 @@
+//! The Vault leases dbward holds, keyed by lease id: every dynamic credential from its fetch
+//! until its lease is revoked, expires, or is given up. A replaced lease that sessions still use
+//! is renewed (`sys/leases/renew`) at 2/3 of each grant up to the role's max TTL; one nobody uses
+//! is revoked (`sys/leases/revoke`). Failed renewals and revocations back off per lease, so
+//! a Vault that keeps refusing costs one request per lease per backoff step.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::schedule::{earliest, next_lease_action, wake_at, LeaseAction, LeaseClock, LeaseRole, LeaseView};
+use super::{CredentialStore, Held};
+use crate::backoff::Backoff;
+use crate::vault::VaultError;
+
+#[derive(Default)]
+pub(crate) struct Leases {
+    held: Mutex<HashMap<String, HeldLease>>,
+    /// Wakes the lease task: a lease was added or replaced, or its last session ended.
+    pub(crate) wake: Arc<Notify>,
+}
+
+struct HeldLease {
+    database: String,
+    held: Arc<Held>,
+    clock: LeaseClock,
+    retry: Backoff,
+}
+
+/// One held lease as a pass over them sees it.
+struct Snapshot {
+    id: String,
+    database: String,
+    held: Arc<Held>,
+    clock: LeaseClock,
+    retry_at: Option<Instant>,
+}
+
+impl Leases {
+    pub(crate) fn add(&self, database: &str, held: Arc<Held>, clock: LeaseClock) {
+        let Some(lease) = &held.cred.lease else { return };
+        let id = lease.id.clone();
+        let entry = HeldLease {
+            database: database.to_string(),
+            held,
+            clock,
+            retry: Backoff::default(),
+        };
+        self.held.lock().unwrap().insert(id, entry);
+        self.wake.notify_one();
+    }
+
+    fn snapshot(&self) -> Vec<Snapshot> {
+        self.held
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, l)| Snapshot {
+                id: id.clone(),
+                database: l.database.clone(),
+                held: l.held.clone(),
+                clock: l.clock,
+                retry_at: l.retry.next_attempt(),
+            })
+            .collect()
+    }
+
+    fn forget(&self, id: &str) {
+        self.held.lock().unwrap().remove(id);
+    }
+
+    /// A renewal or revocation failed: the next attempt waits. Returns how long.
+    fn failed(&self, id: &str) -> Option<Duration> {
+        self.held.lock().unwrap().get_mut(id).map(|l| l.retry.failed())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn failures(&self, id: &str) -> u32 {
+        self.held.lock().unwrap().get(id).map_or(0, |l| l.retry.failures())
+    }
+
+    fn renewed(&self, id: &str, clock: LeaseClock) {
+        if let Some(l) = self.held.lock().unwrap().get_mut(id) {
+            l.clock = clock;
+            l.retry.succeeded();
+        }
+    }
+}
+
+/// Vault's answer to a lease that no longer exists ("lease not found", "lease expired").
+fn lease_is_gone(e: &VaultError) -> bool {
+    matches!(e.status(), Some(400) | Some(404))
+}
+
+impl CredentialStore {
+    /// One pass over the held leases: does what is due now and returns when the next thing is
+    /// due (None: nothing until woken). After renewing or revoking it returns `now`, so the
+    /// caller looks again at once; every such action changes the lease's state (its clock, its
+    /// backoff, or its removal), so the passes end.
+    pub(crate) async fn lease_step(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut next = None;
+        let mut acted = false;
+        for l in self.leases.snapshot() {
+            let Some(lease) = &l.held.cred.lease else { continue };
+            // An entry removed by a reload: its leases get the default treatment.
+            let (renew_in_use, revoke_unused) = self
+                .entry(&l.database)
+                .map(|e| (e.cfg.renew_in_use, e.cfg.revoke_unused))
+                .unwrap_or((true, true));
+            let current = self
+                .cache
+                .get(&l.database)
+                .await
+                .is_some_and(|c| Arc::ptr_eq(&c, &l.held));
+            let role = if current {
+                LeaseRole::Current {
+                    until: l.held.cache_until(),
+                }
+            } else {
+                LeaseRole::Replaced {
+                    in_use: l.held.in_use(),
+                }
+            };
+            let view = LeaseView {
+                clock: l.clock,
+                role,
+                renewable: lease.renewable,
+                renew_in_use,
+                revoke_unused,
+                retry_at: l.retry_at,
+            };
+            match next_lease_action(&view, now) {
+                LeaseAction::Forget => self.leases.forget(&l.id),
+                LeaseAction::Revoke => {
+                    self.revoke(&l.id, &l.database, &l.held, "replaced and no longer used")
+                        .await;
+                    acted = true;
+                }
+                LeaseAction::Renew => {
+                    self.renew(&l.id, &l.database, &l.held).await;
+                    acted = true;
+                }
+                LeaseAction::Wait(at) => next = earliest(next, at),
+            }
+        }
+        if acted {
+            Some(Instant::now())
+        } else {
+            wake_at(next, now)
+        }
+    }
+
+    async fn renew(&self, id: &str, database: &str, h: &Held) {
+        let lease = h.cred.lease.as_ref().expect("only leases are held");
+        let Some(token) = self.auth.current() else {
+            let retry_in = self.leases.failed(id);
+            tracing::debug!(database, lease = %lease.id, ?retry_in, "no Vault token to renew the lease with yet");
+            return;
+        };
+        let body = json!({ "lease_id": lease.id, "increment": lease.duration.as_secs() });
+        match self
+            .vault
+            .write("renew", "sys/leases/renew", Some(&token.token), &body)
+            .await
+        {
+            Ok(resp) => {
+                let granted = Duration::from_secs(resp.u64_field("/lease_duration").unwrap_or(0));
+                let clock = LeaseClock {
+                    at_max: granted + Duration::from_secs(1) < lease.duration,
+                    ..LeaseClock::new(Instant::now(), granted)
+                };
+                self.leases.renewed(id, clock);
+                self.metrics
+                    .lease_renewals_total
+                    .with_label_values(&[database, "ok"])
+                    .inc();
+                tracing::info!(database, lease = %lease.id, in_use = h.in_use(), granted = ?granted, at_max = clock.at_max, "renewed lease still in use");
+            }
+            Err(e) => {
+                self.metrics
+                    .lease_renewals_total
+                    .with_label_values(&[database, "error"])
+                    .inc();
+                // Nothing left to renew: stop tracking it.
+                let retry_in = if lease_is_gone(&e) {
+                    self.leases.forget(id);
+                    None
+                } else {
+                    self.leases.failed(id)
+                };
+                tracing::warn!(database, lease = %lease.id, in_use = h.in_use(), error = %e, ?retry_in, "lease renewal failed");
+            }
+        }
+    }
+
+    async fn revoke(&self, id: &str, database: &str, h: &Held, why: &str) {
+        let lease = h.cred.lease.as_ref().expect("only leases are held");
+        let Some(token) = self.auth.current() else {
+            let retry_in = self.leases.failed(id);
+            tracing::debug!(database, lease = %lease.id, ?retry_in, "no Vault token to revoke the lease with yet");
+            return;
+        };
+        let body = json!({ "lease_id": lease.id });
+        match self
+            .vault
+            .write("revoke", "sys/leases/revoke", Some(&token.token), &body)
+            .await
+        {
+            Ok(_) => {
+                self.metrics
+                    .lease_revocations_total
+                    .with_label_values(&[database, "ok"])
+                    .inc();
+                tracing::info!(database, lease = %lease.id, username = %h.cred.username, why, "revoked lease");
+                self.leases.forget(id);
+            }
+            Err(e) => {
+                self.metrics
+                    .lease_revocations_total
+                    .with_label_values(&[database, "error"])
+                    .inc();
+                let retry_in = if lease_is_gone(&e) {
+                    self.leases.forget(id);
+                    None
+                } else {
+                    self.leases.failed(id)
+                };
+                tracing::warn!(database, lease = %lease.id, error = %e, ?retry_in, "lease revocation failed");
+            }
+        }
+    }
+
+    /// On clean shutdown: revoke every lease dbward still holds (one attempt each).
+    pub(crate) async fn revoke_all(&self) {
+        for l in self.leases.snapshot() {
+            self.revoke(&l.id, &l.database, &l.held, "dbward is shutting down")
+                .await;
+        }
+    }
+}

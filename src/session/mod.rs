@@ -1,0 +1,278 @@
+//! One client connection, from its first byte to the end:
+//!
+//! 1. negotiation ([`negotiate`]) under one deadline (`startup_timeout`): encryption requests,
+//!    TLS, then a StartupMessage or a CancelRequest (routed to the backend its key stands for);
+//! 2. a credential from the entry's source and the upstream connection made with it;
+//! 3. the byte relay ([`relay`]).
+//!
+//! A session gets a [`SessionContext`]: its entry, the credential store, the cancel map, the
+//! metrics and the shutdown signal; nothing else of the daemon.
+
+mod negotiate;
+mod relay;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_util::either::Either;
+
+use crate::credentials::{CredentialStore, InUse};
+use crate::entry::Database;
+use crate::metrics::Metrics;
+use crate::pg::cancel::{BackendKey, CancelMap, CancelTarget};
+use crate::pg::error::{sqlstate, PgError};
+use crate::pg::frame::Boundaries;
+use crate::pg::startup::StartupMessage;
+use crate::pg::tls::Rewind;
+use crate::shutdown::Shutdown;
+use crate::upstream::{self, Connected, UpstreamSettings};
+use negotiate::{negotiate, Opening};
+
+/// Bound on sending dbward's own error to a client: one that does not read must not keep the
+/// session (and its credential) alive.
+const ERROR_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What one session may use.
+pub(crate) struct SessionContext {
+    /// The entry as published when the client connected; a reload applies to later clients.
+    pub(crate) entry: Arc<Database>,
+    pub(crate) startup_timeout: Duration,
+    pub(crate) credentials: Arc<CredentialStore>,
+    pub(crate) cancels: Arc<CancelMap<Arc<UpstreamSettings>>>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) shutdown: Shutdown,
+}
+
+/// The client's connection: as accepted (Left), or inside TLS (Right).
+pub(crate) type ClientIo<S> = Either<S, Box<tokio_rustls::server::TlsStream<Rewind<S>>>>;
+
+/// Sends dbward's own error and closes: the client learns why in its own error message.
+async fn send_error<W: AsyncWrite + Unpin>(client: &mut W, e: &PgError) {
+    tracing::info!(sqlstate = e.code, error = %e, "refusing client");
+    let _ = tokio::time::timeout(ERROR_WRITE_TIMEOUT, async {
+        let _ = client.write_all(&e.to_bytes()).await;
+        let _ = client.shutdown().await;
+    })
+    .await;
+}
+
+fn shutting_down() -> PgError {
+    PgError::fatal(
+        sqlstate::ADMIN_SHUTDOWN,
+        "terminating connection: dbward is shutting down",
+    )
+}
+
+/// Serves one client from its first byte to the end.
+pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContext, client: S) {
+    let Some((mut client, opening, pending)) = negotiate(ctx, client).await else {
+        return;
+    };
+    let msg = match opening {
+        Opening::Cancel(key) => return route_cancel(ctx, key).await,
+        Opening::Startup(m) => m,
+    };
+    let db = &ctx.entry;
+    if ctx.shutdown.is_stopping() {
+        return send_error(&mut client, &shutting_down()).await;
+    }
+    if let Some(v) = msg
+        .get("replication")
+        .filter(|v| !matches!(*v, "false" | "off" | "no" | "0"))
+    {
+        if !db.cfg.allow_replication {
+            let e = PgError::fatal(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!(
+                    "dbward: replication connections (replication={v}) are not relayed for database entry {:?}",
+                    db.name
+                ),
+            )
+            .with_hint("set allow_replication = true for this database entry to relay them");
+            return send_error(&mut client, &e).await;
+        }
+    }
+
+    let started = Instant::now();
+    // The credential stays checked out for the whole session: its lease is renewed while used.
+    let Some((upstream, credential)) = open_upstream(ctx, &msg, &mut client).await else {
+        return;
+    };
+    let connect_time = started.elapsed();
+    let span = tracing::Span::current();
+    span.record("credential", credential.generation);
+    if let Some(pid) = upstream.backend_pid {
+        span.record("backend_pid", pid);
+    }
+
+    // Our own cancel key stands in for the backend's; the mapping ends with the session.
+    let (key, _cancel_guard) = match &upstream.key {
+        Some(k) => {
+            let target = CancelTarget {
+                database: db.name.clone(),
+                upstream: db.upstream.clone(),
+                key: k.clone(),
+            };
+            let (key, guard) = ctx.cancels.register(target, msg.secret_len());
+            (Some(key), Some(guard))
+        }
+        None => (None, None),
+    };
+    let mut hello = BytesMut::with_capacity(upstream.greeting.len() + 128);
+    if msg.needs_negotiation() {
+        hello.extend_from_slice(&msg.negotiate_protocol_version());
+    }
+    crate::pg::frame::authentication_ok(&mut hello);
+    if let Some(k) = &key {
+        k.encode(&mut hello);
+    }
+    // The greeting starts at a message boundary (after AuthenticationOk) and may end inside a
+    // message the server sent early, so the relay's tracking starts from it.
+    let mut boundaries = Boundaries::default();
+    boundaries.advance(&upstream.greeting);
+    hello.extend_from_slice(&upstream.greeting);
+    if client.write_all(&hello).await.is_err() || client.flush().await.is_err() {
+        return;
+    }
+    tracing::debug!(
+        ?connect_time,
+        tls = upstream.tls,
+        client_tls = matches!(client, Either::Right(_)),
+        "session established"
+    );
+
+    relay::relay(ctx, client, upstream.stream, pending, boundaries).await;
+    drop(credential);
+}
+
+/// Gets a credential and connects upstream with it; a credential the server refuses (28P01) is
+/// dropped and replaced once. On failure the client has been told why.
+async fn open_upstream<S: AsyncWrite + Unpin>(
+    ctx: &SessionContext,
+    msg: &StartupMessage,
+    client: &mut S,
+) -> Option<(Connected, InUse)> {
+    let db = &ctx.entry;
+    let mut retried = false;
+    loop {
+        let cred = match ctx.credentials.checkout(&db.name).await {
+            Ok(c) => c,
+            Err(e) => {
+                ctx.metrics
+                    .client_connections_rejected_total
+                    .with_label_values(&[&db.name, "credential"])
+                    .inc();
+                send_error(client, &e.to_pg_error()).await;
+                return None;
+            }
+        };
+        let params = upstream_params(db, msg, &cred.username);
+        let started = Instant::now();
+        let result = tokio::select! {
+            r = upstream::connect_with_keys(&db.upstream, &params, &cred.password, cred.scram_keys()) => r,
+            _ = ctx.shutdown.terminating() => {
+                send_error(client, &shutting_down()).await;
+                return None;
+            }
+        };
+        match result {
+            Ok(c) => {
+                ctx.metrics
+                    .upstream_connect_seconds
+                    .with_label_values(&[&db.name])
+                    .observe(started.elapsed().as_secs_f64());
+                return Some((c, cred));
+            }
+            Err(e) if e.is_password_rejected() && !retried => {
+                retried = true;
+                tracing::info!(
+                    path = %cred.path,
+                    username = %cred.username,
+                    lease = cred.lease.as_ref().map(|l| l.id.as_str()).unwrap_or("-"),
+                    generation = cred.generation,
+                    "upstream refused the Vault-issued credential (28P01); fetching a new one"
+                );
+                ctx.credentials.rejected(&db.name, cred.generation).await;
+            }
+            Err(e) => {
+                let class: String = e.sqlstate().chars().take(2).collect();
+                ctx.metrics
+                    .upstream_connect_failures_total
+                    .with_label_values(&[&db.name, &class])
+                    .inc();
+                ctx.metrics
+                    .client_connections_rejected_total
+                    .with_label_values(&[&db.name, "upstream"])
+                    .inc();
+                tracing::warn!(upstream = %db.upstream.addr(), error = %e, "upstream connection failed");
+                match (e.to_pg_error(&db.name), &e) {
+                    (Some(pg), _) => send_error(client, &pg).await,
+                    // The server's own error (3D000, 28000 from pg_hba...) reaches the client as sent.
+                    (None, upstream::UpstreamError::Server(se)) => {
+                        let _ = tokio::time::timeout(ERROR_WRITE_TIMEOUT, async {
+                            let _ = client.write_all(&se.raw).await;
+                            let _ = client.shutdown().await;
+                        })
+                        .await;
+                    }
+                    (None, _) => {
+                        let pg = PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("dbward: {e}"));
+                        send_error(client, &pg).await
+                    }
+                }
+                return None;
+            }
+        }
+    }
+}
+
+/// The startup parameters sent upstream: the client's, with the user replaced by the credential's
+/// and the database forced when the entry says so.
+fn upstream_params(db: &Database, msg: &StartupMessage, username: &str) -> Vec<(String, String)> {
+    // Postgres defaults the database to the user name; the client's user name is meaningless
+    // here, so the default is the client's (libpq always sends one).
+    let database = db
+        .cfg
+        .dbname
+        .clone()
+        .or_else(|| msg.get("database").map(str::to_string))
+        .unwrap_or_else(|| msg.get("user").unwrap_or_default().to_string());
+    let mut params = vec![
+        ("user".to_string(), username.to_string()),
+        ("database".to_string(), database),
+    ];
+    params.extend(
+        msg.params
+            .iter()
+            .filter(|(k, _)| k != "user" && k != "database")
+            .cloned(),
+    );
+    params
+}
+
+/// Routes a client's CancelRequest to the backend its key stands for. Unknown keys are dropped
+/// silently, as Postgres does, so keys cannot be probed; so are keys of another database entry,
+/// whose listeners may be open to other users.
+async fn route_cancel(ctx: &SessionContext, key: BackendKey) {
+    match ctx.cancels.lookup(&key).filter(|t| t.database == ctx.entry.name) {
+        Some(target) => match upstream::cancel(&target.upstream, &target.key).await {
+            Ok(()) => {
+                ctx.metrics.cancel_requests_total.with_label_values(&["routed"]).inc();
+                tracing::info!(database = %target.database, backend_pid = target.key.pid, "cancel request routed");
+            }
+            Err(e) => {
+                ctx.metrics.cancel_requests_total.with_label_values(&["failed"]).inc();
+                tracing::warn!(database = %target.database, error = %e, "cancel request could not be delivered");
+            }
+        },
+        None => {
+            ctx.metrics
+                .cancel_requests_total
+                .with_label_values(&["unknown_key"])
+                .inc();
+            tracing::debug!("cancel request with an unknown key ignored");
+        }
+    }
+}

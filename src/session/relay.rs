@@ -1,0 +1,296 @@
+//! The byte relay between a client and its upstream, once both sides are authenticated.
+//! Nothing is parsed; only the ends of server messages are followed, so that the 57P01 dbward
+//! sends at shutdown lands between two of them. Bytes are counted into the metric as they move.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::{shutting_down, ClientIo, SessionContext};
+use crate::pg::frame::Boundaries;
+use crate::shutdown::Shutdown;
+use crate::upstream::UpstreamStream;
+
+/// Relay buffer per direction: large enough that COPY and big result sets move in few syscalls.
+const RELAY_BUFFER: usize = 64 * 1024;
+
+/// Once shutdown ends a session, how long the relay may take to finish passing on the server
+/// message in flight (so the 57P01 can follow it) and to deliver the 57P01 itself.
+const SHUTDOWN_MESSAGE_WAIT: Duration = Duration::from_secs(1);
+
+/// How the relay ended.
+enum End {
+    /// The server closed the connection (after Terminate, or on its own, e.g. a FATAL).
+    ServerClosed,
+    /// The client stopped sending and the server then closed.
+    ClientClosed,
+    ServerFailed(io::Error),
+    ClientFailed(io::Error),
+    /// dbward is shutting down.
+    Shutdown,
+}
+
+/// A copy failed on this side.
+enum PumpError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &SessionContext,
+    client: ClientIo<S>,
+    upstream: UpstreamStream,
+    pending: BytesMut,
+    boundaries: Boundaries,
+) {
+    let name = ctx.entry.name.as_str();
+    let active = ctx.metrics.client_connections_active.with_label_values(&[name]);
+    active.inc();
+    let started = Instant::now();
+    // Counted into the metric as the bytes move, so long-lived sessions show up in
+    // dbward_relayed_bytes_total before they end.
+    let to_upstream = ByteCount::new(ctx.metrics.bytes_total.with_label_values(&[name, "to_upstream"]));
+    let to_client = ByteCount::new(ctx.metrics.bytes_total.with_label_values(&[name, "to_client"]));
+    let (mut client_rd, mut client_wr) = tokio::io::split(client);
+    let (mut up_rd, mut up_wr) = tokio::io::split(upstream);
+    let mut down = DownState {
+        buf: vec![0; RELAY_BUFFER].into_boxed_slice(),
+        start: 0,
+        end: 0,
+        boundaries,
+    };
+    let mut terminating = termination_signal(&ctx.shutdown);
+
+    let end = {
+        let upward = async {
+            if !pending.is_empty() {
+                up_wr.write_all(&pending).await.map_err(PumpError::Write)?;
+                to_upstream.add(pending.len() as u64);
+            }
+            pump(&mut client_rd, &mut up_wr, &to_upstream).await?;
+            // Pass the client's half-close on: the server ends the session when it reads the
+            // EOF, after finishing what it is doing, and everything it sends until then still
+            // reaches the client.
+            up_wr.shutdown().await.map_err(PumpError::Write)
+        };
+        let downward = pump_down(&mut up_rd, &mut client_wr, &mut down, &to_client);
+        tokio::pin!(upward, downward);
+        let mut client_done = false;
+        loop {
+            tokio::select! {
+                // The server side ending ends the session, whatever the client does: a client
+                // that never reads or closes must not hold the upstream connection and its
+                // credential.
+                r = &mut downward => break match r {
+                    Ok(()) if client_done => End::ClientClosed,
+                    Ok(()) => End::ServerClosed,
+                    Err(PumpError::Read(e)) => End::ServerFailed(e),
+                    Err(PumpError::Write(e)) => End::ClientFailed(e),
+                },
+                r = &mut upward, if !client_done => match r {
+                    Ok(()) => client_done = true,
+                    Err(PumpError::Read(e)) => break End::ClientFailed(e),
+                    Err(PumpError::Write(e)) => break End::ServerFailed(e),
+                },
+                Ok(()) = &mut terminating => break End::Shutdown,
+            }
+        }
+    };
+
+    let how = end.describe();
+    if let End::Shutdown = end {
+        end_at_shutdown(&mut up_rd, &mut up_wr, &mut client_wr, &mut down, &to_client).await;
+    } else {
+        let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, client_wr.shutdown()).await;
+    }
+    active.dec();
+    let (up, down) = (to_upstream.get(), to_client.get());
+    tracing::info!(
+        duration = ?started.elapsed(),
+        bytes_to_upstream = up,
+        bytes_to_client = down,
+        end = how,
+        "session ended"
+    );
+}
+
+impl End {
+    /// The end-of-session log line's `end` field; failures are logged at debug with the error.
+    fn describe(&self) -> &'static str {
+        match self {
+            End::ServerClosed => "server closed",
+            End::ClientClosed => "client closed",
+            End::ServerFailed(e) => {
+                tracing::debug!(error = %e, "relay: upstream connection failed");
+                "upstream error"
+            }
+            End::ClientFailed(e) => {
+                tracing::debug!(error = %e, "relay: client connection failed");
+                "client error"
+            }
+            End::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Ends a session at shutdown: the server message in flight reaches the client whole, then
+/// dbward's 57P01, then both sides are closed; each step bounded in time.
+async fn end_at_shutdown<UR, UW, CW>(
+    up_rd: &mut UR,
+    up_wr: &mut UW,
+    client_wr: &mut CW,
+    down: &mut DownState,
+    to_client: &ByteCount,
+) where
+    UR: AsyncRead + Unpin,
+    UW: AsyncWrite + Unpin,
+    CW: AsyncWrite + Unpin,
+{
+    let finished = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, finish_message(up_rd, client_wr, down, to_client)).await;
+    let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, async {
+        // Only between two server messages: inside one, it would garble the stream.
+        if finished == Ok(true) {
+            let _ = client_wr.write_all(&shutting_down().to_bytes()).await;
+        }
+        let _ = client_wr.shutdown().await;
+    })
+    .await;
+    // No Terminate upstream: the client may have been in the middle of a message of its own.
+    // The server sees the EOF and ends the backend, rolling back what was open.
+    let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, up_wr.shutdown()).await;
+}
+
+/// Resolves (with `Ok`) when shutdown ends sessions. The shared shutdown signal takes a lock
+/// whenever it is polled, and a relay's select polls it on every wake-up, that is for every
+/// chunk moved; so a helper task waits on it once and passes it on through a channel of this
+/// session's own, which polls without locks. The helper ends with the session.
+fn termination_signal(shutdown: &Shutdown) -> tokio::sync::oneshot::Receiver<()> {
+    let (mut tx, rx) = tokio::sync::oneshot::channel();
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let terminated = tokio::select! {
+            _ = shutdown.terminating() => true,
+            _ = tx.closed() => false,
+        };
+        if terminated {
+            let _ = tx.send(());
+        }
+    });
+    rx
+}
+
+/// Bytes moved one way: the session's total (for its end-of-session log line) and the metric.
+struct ByteCount {
+    total: AtomicU64,
+    metric: prometheus::IntCounter,
+}
+
+impl ByteCount {
+    fn new(metric: prometheus::IntCounter) -> Self {
+        ByteCount {
+            total: AtomicU64::new(0),
+            metric,
+        }
+    }
+
+    fn add(&self, n: u64) {
+        self.total.fetch_add(n, Ordering::Relaxed);
+        self.metric.inc_by(n);
+    }
+
+    fn get(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+/// Copies client bytes upstream until the client's EOF.
+async fn pump<R, W>(r: &mut R, w: &mut W, count: &ByteCount) -> Result<(), PumpError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; RELAY_BUFFER];
+    loop {
+        let n = r.read(&mut buf).await.map_err(PumpError::Read)?;
+        if n == 0 {
+            return Ok(());
+        }
+        w.write_all(&buf[..n]).await.map_err(PumpError::Write)?;
+        w.flush().await.map_err(PumpError::Write)?;
+        count.add(n as u64);
+    }
+}
+
+/// The server-to-client copy's state. It lives outside the copying future so that the future
+/// can be dropped at any await (at shutdown) and what the client has received is still known.
+struct DownState {
+    buf: Box<[u8]>,
+    /// `buf[start..end]` came from the server and has not reached the client yet.
+    start: usize,
+    end: usize,
+    boundaries: Boundaries,
+}
+
+/// Copies server bytes to the client until the server's EOF. Each await is a single read or
+/// write, after which `st` is up to date.
+async fn pump_down<R, W>(r: &mut R, w: &mut W, st: &mut DownState, count: &ByteCount) -> Result<(), PumpError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        while st.start < st.end {
+            let n = w.write(&st.buf[st.start..st.end]).await.map_err(PumpError::Write)?;
+            if n == 0 {
+                return Err(PumpError::Write(io::ErrorKind::WriteZero.into()));
+            }
+            st.boundaries.advance(&st.buf[st.start..st.start + n]);
+            st.start += n;
+            count.add(n as u64);
+        }
+        w.flush().await.map_err(PumpError::Write)?;
+        let n = r.read(&mut st.buf).await.map_err(PumpError::Read)?;
+        if n == 0 {
+            return Ok(());
+        }
+        st.start = 0;
+        st.end = n;
+    }
+}
+
+/// At shutdown: passes on the rest of the server message the client is in the middle of, and
+/// nothing after it, so that dbward's 57P01 can follow. False if that could not be done.
+async fn finish_message<R, W>(r: &mut R, w: &mut W, st: &mut DownState, count: &ByteCount) -> bool
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        let need = st.boundaries.to_boundary();
+        if need == 0 {
+            return w.flush().await.is_ok();
+        }
+        if st.start == st.end {
+            let limit = need.min(st.buf.len());
+            match r.read(&mut st.buf[..limit]).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => {
+                    st.start = 0;
+                    st.end = n;
+                }
+            }
+        }
+        let upto = st.start + (st.end - st.start).min(need);
+        match w.write(&st.buf[st.start..upto]).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => {
+                st.boundaries.advance(&st.buf[st.start..st.start + n]);
+                st.start += n;
+                count.add(n as u64);
+            }
+        }
+    }
+}
