@@ -121,7 +121,7 @@ pub(crate) enum Activated {
 /// The sockets systemd passed (socket activation), to be adopted by listen address. Empty when
 /// not socket-activated.
 #[derive(Default)]
-pub struct ActivatedSockets {
+pub(crate) struct ActivatedSockets {
     sockets: Vec<Passed>,
 }
 
