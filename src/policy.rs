@@ -10,7 +10,7 @@
 use std::cmp::Ordering;
 use std::fmt::Write as _;
 
-use crate::config::{Config, CredentialKind};
+use crate::config::{Config, CredentialKind, CredentialSource};
 
 /// Path dbward renews leases at.
 pub const LEASE_RENEW_PATH: &str = "sys/leases/renew";
@@ -35,20 +35,10 @@ pub fn requirements(config: &Config) -> Vec<Requirement> {
     for db in &config.databases {
         let c = &db.credentials;
         let path = c.vault_path();
-        let purpose = match c.kind {
-            CredentialKind::Database => {
-                format!(
-                    "dynamic credentials of database role {:?}",
-                    c.role.as_deref().unwrap_or("")
-                )
-            }
-            CredentialKind::Static => {
-                format!(
-                    "static credentials of database role {:?}",
-                    c.role.as_deref().unwrap_or("")
-                )
-            }
-            CredentialKind::Kv => "username and password from a KV v2 secret".to_string(),
+        let purpose = match &c.source {
+            CredentialSource::Database { role, .. } => format!("dynamic credentials of database role {role:?}"),
+            CredentialSource::Static { role, .. } => format!("static credentials of database role {role:?}"),
+            CredentialSource::Kv { .. } => "username and password from a KV v2 secret".to_string(),
         };
         match out.iter_mut().find(|r| r.path == path) {
             Some(r) => r.databases.push(db.name.clone()),
@@ -65,7 +55,7 @@ pub fn requirements(config: &Config) -> Vec<Requirement> {
         config
             .databases
             .iter()
-            .filter(|d| d.credentials.kind == CredentialKind::Database)
+            .filter(|d| d.credentials.kind() == CredentialKind::Database)
     };
     let renewing: Vec<String> = dynamic()
         .filter(|d| d.credentials.renew_in_use)

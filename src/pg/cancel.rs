@@ -74,7 +74,11 @@ impl<T: Clone> Default for CancelMap<T> {
 impl<T: Clone> CancelMap<T> {
     /// Registers an upstream backend and returns the key to give the client: the backend's pid
     /// with a random secret of `secret_len` bytes. The mapping lives as long as the guard.
-    pub(crate) fn register(self: &Arc<Self>, target: CancelTarget<T>, secret_len: usize) -> (BackendKey, CancelGuard<T>) {
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        target: CancelTarget<T>,
+        secret_len: usize,
+    ) -> (BackendKey, CancelGuard<T>) {
         let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let key = loop {
             let mut secret = vec![0u8; secret_len];
@@ -106,7 +110,6 @@ impl<T: Clone> CancelMap<T> {
     fn len(&self) -> usize {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
-
 }
 
 /// Removes the mapping when the session ends.

@@ -304,7 +304,9 @@ mod tests {
             take(&packet(GSSENC_REQUEST_CODE, b"")).unwrap().unwrap(),
             StartupPacket::GssEncRequest
         );
-        let c = take(&packet(CANCEL_REQUEST_CODE, &[0, 0, 0, 7, 1, 2, 3, 4])).unwrap().unwrap();
+        let c = take(&packet(CANCEL_REQUEST_CODE, &[0, 0, 0, 7, 1, 2, 3, 4]))
+            .unwrap()
+            .unwrap();
         assert_eq!(
             c,
             StartupPacket::Cancel {
