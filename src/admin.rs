@@ -39,10 +39,9 @@ const READY_VAULT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The admin listener: the socket systemd passed for `addr` (socket activation), else a new one.
 pub(crate) async fn bind_or_take(
-    addr: &str,
+    a: std::net::SocketAddr,
     activated: &mut crate::systemd::ActivatedSockets,
 ) -> std::io::Result<TcpListener> {
-    let a = crate::config::resolve(addr)?;
     match activated.take_tcp(a) {
         Some(l) => TcpListener::from_std(l),
         None => TcpListener::bind(a).await,

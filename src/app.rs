@@ -94,7 +94,7 @@ impl App {
             vault,
             auth,
             config.databases.iter().map(|d| (d.name.clone(), d.credentials.clone())),
-            config.proxy.vault_error_cache.0,
+            config.proxy.vault_error_cache,
             metrics.clone(),
         );
         let snapshot = Snapshot::build(config)?;
@@ -134,7 +134,7 @@ impl App {
         let current = self.listeners.lock().await;
         let mut fresh = Vec::new();
         for (i, db) in config.databases.iter().enumerate() {
-            for addr in db.listen_addrs() {
+            for addr in db.listen.iter().cloned() {
                 if current.get(&addr).is_some_and(|b| b.database == db.name) {
                     continue;
                 }
@@ -142,7 +142,7 @@ impl App {
                     // Moving an address between entries: the old listener must close first.
                     return Err(ReloadError::ListenerMoved { index: i, addr });
                 }
-                match listener::bind_or_take(&addr, db.socket_mode.0, activated).await {
+                match listener::bind_or_take(&addr, db.socket_mode, activated).await {
                     Ok(l) => fresh.push((addr, db.name.clone(), l)),
                     // Dropping `fresh` closes what was bound so far.
                     Err(source) => {
@@ -174,7 +174,7 @@ impl App {
             ));
             current.insert(addr, Bound { database, stop, task });
         }
-        let wanted: HashSet<ListenAddr> = config.databases.iter().flat_map(|d| d.listen_addrs()).collect();
+        let wanted: HashSet<ListenAddr> = config.databases.iter().flat_map(|d| d.listen.iter().cloned()).collect();
         let gone: Vec<ListenAddr> = current.keys().filter(|a| !wanted.contains(*a)).cloned().collect();
         for addr in gone {
             if let Some(b) = current.remove(&addr) {
@@ -270,7 +270,7 @@ pub async fn run(app: Arc<App>, stop: impl std::future::Future<Output = ()>) -> 
     let fresh = app.bind_missing(&config, &mut activated).await?;
     let admin = match &config.admin.listen {
         Some(addr) => Some(
-            crate::admin::bind_or_take(addr, &mut activated)
+            crate::admin::bind_or_take(*addr, &mut activated)
                 .await
                 .map_err(|source| BindError {
                     key: "admin.listen".into(),
@@ -293,7 +293,7 @@ pub async fn run(app: Arc<App>, stop: impl std::future::Future<Output = ()>) -> 
     tokio::spawn(services.credentials.clone().maintain(services.shutdown.clone()));
     stop.await;
     tracing::info!("shutdown requested");
-    let grace = app.config().proxy.shutdown_grace.0;
+    let grace = app.config().proxy.shutdown_grace;
     crate::systemd::stopping(grace);
     services.shutdown.run(grace).await;
     let tasks: Vec<Bound> = app.listeners.lock().await.drain().map(|(_, b)| b).collect();

@@ -9,8 +9,8 @@ use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 
 use crate::config::{Config, DatabaseConfig};
-use crate::pg::tls::ClientTls;
-use crate::upstream::UpstreamSettings;
+use crate::pg::tls::{ClientTls, ServerTlsError};
+use crate::upstream::{SettingsError, UpstreamSettings};
 
 /// One `[[databases]]` entry, ready to serve: what a session needs of its entry.
 pub(crate) struct Database {
@@ -27,21 +27,25 @@ pub(crate) struct Database {
 impl Database {
     /// Reads the entry's files (CA, client certificate, client TLS); errors name the config key.
     pub(crate) fn build(index: usize, cfg: &DatabaseConfig) -> Result<Arc<Database>, EntryError> {
-        let upstream = UpstreamSettings::from_config(index, cfg).map_err(EntryError)?;
+        let upstream = UpstreamSettings::from_config(index, cfg)?;
         Ok(Arc::new(Database {
             name: cfg.name.clone(),
             cfg: cfg.clone(),
             upstream: Arc::new(upstream),
             slots: Arc::new(Semaphore::new(cfg.max_client_connections)),
-            client_tls: ClientTls::load(index, cfg).map_err(EntryError)?,
+            client_tls: ClientTls::load(index, cfg)?,
         }))
     }
 }
 
-/// A database entry whose files could not be loaded; the text names the config key and file.
+/// A database entry whose files could not be loaded; the texts name the config key and file.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct EntryError(String);
+pub enum EntryError {
+    #[error(transparent)]
+    Upstream(#[from] SettingsError),
+    #[error(transparent)]
+    ClientTls(#[from] ServerTlsError),
+}
 
 /// The configuration in force and its database entries, in config order.
 pub(crate) struct Snapshot {

@@ -143,7 +143,7 @@ pub(crate) async fn accept_loop(
         let Some(db) = snapshot.database(&name).cloned() else {
             break;
         };
-        let startup_timeout = snapshot.config.proxy.startup_timeout.0;
+        let startup_timeout = snapshot.config.proxy.startup_timeout;
         drop(snapshot);
         services
             .metrics

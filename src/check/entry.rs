@@ -19,18 +19,14 @@ pub(super) struct Entry<'a> {
 }
 
 impl Entry<'_> {
+    /// The Vault database role (empty for KV, whose messages never name one).
     pub(super) fn role(&self) -> &str {
-        self.db.credentials.role.as_deref().unwrap_or("")
+        self.db.credentials.source.role().unwrap_or_default()
     }
 
-    /// The secrets engine's mount, as Vault paths spell it.
+    /// The database secrets engine's mount (empty for KV).
     pub(super) fn secrets_mount(&self) -> &str {
-        self.db
-            .credentials
-            .mount
-            .as_deref()
-            .unwrap_or("database")
-            .trim_matches('/')
+        self.db.credentials.source.mount().unwrap_or_default()
     }
 }
 
@@ -167,7 +163,7 @@ impl Run<'_> {
         denied: Option<&VaultError>,
     ) -> Check {
         let db = e.db;
-        let key = match db.credentials.kind {
+        let key = match db.credentials.kind() {
             CredentialKind::Kv => format!("databases[{}].credentials.path", e.index),
             _ => format!("databases[{}].credentials.role (or .mount)", e.index),
         };
@@ -201,7 +197,7 @@ impl Run<'_> {
         let index = e.index;
         let path = c.vault_path();
         let (role, mount) = (e.role(), e.secrets_mount());
-        let fix = match (err, c.kind) {
+        let fix = match (err, c.kind()) {
             (VaultError::Status { status: 404, .. }, CredentialKind::Kv) => Some(format!(
                 "no secret at {path}: write it there, or correct databases[{index}].credentials.path (the KV v2 API path, with /data/ after the mount)"
             )),
@@ -210,7 +206,7 @@ impl Run<'_> {
             )),
             (VaultError::Status { errors, .. }, _) if says_no_role(errors) => Some(format!(
                 "create Vault role {role:?} ({mount}/{}roles/{role}), or correct databases[{index}].credentials.role",
-                if c.kind == CredentialKind::Static { "static-" } else { "" }
+                if c.kind() == CredentialKind::Static { "static-" } else { "" }
             )),
             (VaultError::Malformed { problem: vault::error::Malformed::MissingKey { .. }, .. }, CredentialKind::Kv) => Some(format!(
                 "set databases[{index}].credentials.username_key / password_key to the secret's keys, or add the keys to the secret"
@@ -261,7 +257,7 @@ fn says_no_role(errors: &[String]) -> bool {
 
 fn read_ok(db: &DatabaseConfig, c: &Credential) -> Check {
     let mut message = format!("ok, user {}", c.username);
-    match (&c.lease, db.credentials.kind) {
+    match (&c.lease, db.credentials.kind()) {
         (Some(l), _) => message.push_str(&format!(
             ", lease {} ({})",
             fmt_duration(l.duration),

@@ -130,7 +130,7 @@ impl Run<'_> {
             MaxTtl::Unlimited
         } else if !info.renewable {
             info.ttl.map(MaxTtl::Limited).unwrap_or(MaxTtl::Unknown)
-        } else if self.config.vault.auth.method == AuthMethod::Token {
+        } else if self.config.vault.auth.method() == AuthMethod::Token {
             explicit_max.map(MaxTtl::Limited).unwrap_or(MaxTtl::Unknown)
         } else {
             let renewal = auth::renew_self(&self.client, &token.token, ttl::PROBE_INCREMENT).await;

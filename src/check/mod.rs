@@ -62,9 +62,9 @@ pub struct Options {
 pub enum SetupError {
     #[error(transparent)]
     Vault(#[from] VaultSetupError),
-    /// An upstream's TLS files; the text is the upstream module's, which names the config key.
-    #[error("{0}")]
-    Upstream(String),
+    /// An upstream's TLS files or server name; the text names the config key.
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::SettingsError),
 }
 
 /// Runs every check. Only setup problems are errors; everything else is in the report.
@@ -72,7 +72,7 @@ pub async fn run(config: &Config, opts: &Options) -> Result<Report, SetupError> 
     let client = VaultClient::new(&config.vault, Arc::new(Metrics::new()))?;
     let mut upstreams = Vec::new();
     for (i, db) in config.databases.iter().enumerate() {
-        upstreams.push(UpstreamSettings::from_config(i, db).map_err(SetupError::Upstream)?);
+        upstreams.push(UpstreamSettings::from_config(i, db)?);
     }
     let mut r = Report {
         config: opts.config_path.display().to_string(),
@@ -126,7 +126,7 @@ pub async fn run(config: &Config, opts: &Options) -> Result<Report, SetupError> 
         };
         run.database(&mut r, &e, &access).await;
     }
-    if config.vault.auth.method != AuthMethod::Token {
+    if config.vault.auth.method() != AuthMethod::Token {
         r.push(run.revoke_token(&token).await);
     }
     Ok(r)
@@ -158,12 +158,13 @@ impl Run<'_> {
 
     /// The auth method's mount, as Vault paths spell it (`jwt`, `k8s/prod`).
     fn auth_mount(&self) -> &str {
-        self.config.vault.auth.mount().trim_matches('/')
+        &self.config.vault.auth.mount
     }
 
     /// The auth role that issues the token, as a Vault path fixes can name.
     fn auth_role(&self) -> String {
-        let role = self.config.vault.auth.role.as_deref().unwrap_or("");
+        // Only jwt and kubernetes logins have a role; the fixes that name it are about them.
+        let role = self.config.vault.auth.role().unwrap_or("");
         format!("auth/{}/role/{role}", self.auth_mount())
     }
 

@@ -28,7 +28,7 @@ impl Run<'_> {
         let path = format!("sys/policies/acl/{name}");
         let result = self.client.read(&token, &path).await;
         if let Some(t) = &own {
-            if self.config.vault.auth.method != AuthMethod::Token {
+            if self.config.vault.auth.method() != AuthMethod::Token {
                 r.push(self.revoke_token(t).await);
             }
         }

@@ -71,7 +71,7 @@ fn upstream_error(e: &Entry<'_>, dbname: &str, cred: &Credential, err: &Upstream
     match err {
         UpstreamError::Server(se) if se.code == "28P01" => (
             format!("the server refused the credential Vault issued ({se})"),
-            match c.kind {
+            match c.kind() {
                 CredentialKind::Database => format!(
                     "the Postgres role Vault created for {mount}/roles/{role} cannot log in: check its creation_statements (LOGIN, PASSWORD, VALID UNTIL) and that the database connection in Vault points at this server"
                 ),

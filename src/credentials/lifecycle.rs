@@ -78,7 +78,7 @@ impl CredentialStore {
             let cached = self.cache.get(&name).await;
             let retry_at = entry.backoff.lock().unwrap().next_attempt();
             let now = Instant::now();
-            match next_refresh(entry.cfg.kind, cached.as_deref(), login, retry_at, now) {
+            match next_refresh(entry.cfg.kind(), cached.as_deref(), login, retry_at, now) {
                 Next::Now(reason) => tokio::select! {
                     _ = self.refresh_step(&name, &entry, reason, cached.is_some()) => {}
                     _ = entry.retired.cancelled() => return,

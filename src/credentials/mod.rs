@@ -30,7 +30,7 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::config::{CredentialKind, CredentialsConfig};
+use crate::config::{CredentialSource, CredentialsConfig};
 use crate::metrics::Metrics;
 use crate::upstream::scram::KeyCache;
 use crate::vault::{Auth, Credential, VaultClient};
@@ -307,13 +307,11 @@ impl CredentialStore {
         let entry = self.entry(database);
         if let Some(e) = &entry {
             if !e.warned_rejected.swap(true, Ordering::SeqCst) {
-                let role = match e.cfg.kind {
-                    CredentialKind::Kv => format!("the KV secret at {}", e.cfg.vault_path()),
-                    _ => format!(
-                        "Vault role {:?} ({})",
-                        e.cfg.role.as_deref().unwrap_or(""),
-                        e.cfg.vault_path()
-                    ),
+                let role = match &e.cfg.source {
+                    CredentialSource::Kv { path, .. } => format!("the KV secret at {path}"),
+                    CredentialSource::Database { role, .. } | CredentialSource::Static { role, .. } => {
+                        format!("Vault role {role:?} ({})", e.cfg.vault_path())
+                    }
                 };
                 tracing::warn!(
                     database,

@@ -29,10 +29,10 @@ pub(crate) struct Schedule {
 /// The schedule of a credential valid for `valid_for` (None: no lease). `jitter` (0.95 to 1)
 /// spreads the refreshes of many dbward instances.
 pub(crate) fn schedule(cfg: &CredentialsConfig, valid_for: Option<Duration>, jitter: f64) -> Schedule {
-    match (cfg.kind, valid_for) {
+    match (cfg.kind(), valid_for) {
         // KV secrets have no lease: re-read on the interval, handed out until replaced.
         (CredentialKind::Kv, _) | (_, None) => Schedule {
-            refresh_after: Some(cfg.refresh_interval.0),
+            refresh_after: Some(cfg.refresh_interval),
             cache_for: None,
         },
         // The password changes at rotation: fetched again just after; until then it is valid
@@ -44,7 +44,7 @@ pub(crate) fn schedule(cfg: &CredentialsConfig, valid_for: Option<Duration>, jit
         // Replaced at refresh_fraction, and always before the cache drops it (expiry_margin
         // before the lease ends), so no client waits for Vault once the first credential is in.
         (CredentialKind::Database, Some(v)) => {
-            let cache_for = v.saturating_sub(cfg.expiry_margin.0);
+            let cache_for = v.saturating_sub(cfg.expiry_margin);
             let latest = cache_for.saturating_sub(Duration::from_millis(500));
             Schedule {
                 refresh_after: Some(v.mul_f64(cfg.refresh_fraction * jitter).min(latest)),

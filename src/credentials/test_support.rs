@@ -15,12 +15,10 @@ pub(crate) fn creds(kind: &str, extra: &str) -> CredentialsConfig {
     } else {
         "role = \"r\""
     };
-    let text = format!(
-        "[vault]\naddress = \"http://127.0.0.1:1\"\n[vault.auth]\nmethod = \"token\"\ntoken_file = \"/t\"\n\
-         [[databases]]\nname = \"d\"\nlisten = [\"127.0.0.1:1\"]\nupstream = \"h:5432\"\n\
-         [databases.credentials]\nkind = \"{kind}\"\n{what}\n{extra}\n"
-    );
-    Config::parse(&text).unwrap().databases.remove(0).credentials
+    crate::config::test_config("", &format!("kind = \"{kind}\"\n{what}\n{extra}"))
+        .databases
+        .remove(0)
+        .credentials
 }
 
 /// A credential fetched now (on tokio's clock, which tests may pause).

@@ -15,7 +15,7 @@ use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::config::{ClientTlsConfig, DatabaseConfig};
-use crate::tls_files::{load_certs, load_key};
+use crate::tls_files::{load_certs, load_key, PemError};
 
 /// The ALPN protocol name Postgres 17 registered. Clients that offer ALPN must offer this one;
 /// direct TLS (no SSLRequest first) requires it, so that a TLS connection meant for another
@@ -27,23 +27,40 @@ pub(crate) const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 /// others send a packet length (which, starting with 0x16, would be over 300 MB).
 pub(crate) const TLS_HANDSHAKE_BYTE: u8 = 0x16;
 
+/// Why an entry's `client_tls` files cannot be served; the texts name the config key and file.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerTlsError {
+    #[error(transparent)]
+    File(#[from] PemError),
+    #[error("{key}: {source}")]
+    Protocols { key: String, source: Box<rustls::Error> },
+    #[error("{key}: cannot use {key_file:?} with the certificate in {cert_file:?}: {source}")]
+    KeyMismatch {
+        key: String,
+        key_file: String,
+        cert_file: String,
+        source: Box<rustls::Error>,
+    },
+}
+
 /// Builds the server configuration from the entry's files. Errors name the config key and file.
-pub(crate) fn server_config(index: usize, cfg: &ClientTlsConfig) -> Result<Arc<ServerConfig>, String> {
+pub(crate) fn server_config(index: usize, cfg: &ClientTlsConfig) -> Result<Arc<ServerConfig>, ServerTlsError> {
     let key = |k: &str| format!("databases[{index}].client_tls.{k}");
-    let certs = load_certs(&key("cert_file"), &cfg.cert_file).map_err(|e| e.to_string())?;
-    let private_key = load_key(&key("key_file"), &cfg.key_file).map_err(|e| e.to_string())?;
+    let certs = load_certs(&key("cert_file"), &cfg.cert_file)?;
+    let private_key = load_key(&key("key_file"), &cfg.key_file)?;
     let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("{}: {e}", key("cert_file")))?
+        .map_err(|source| ServerTlsError::Protocols {
+            key: key("cert_file"),
+            source: Box::new(source),
+        })?
         .with_no_client_auth()
         .with_single_cert(certs, private_key)
-        .map_err(|e| {
-            format!(
-                "{}: cannot use {:?} with the certificate in {:?}: {e}",
-                key("key_file"),
-                cfg.key_file.display().to_string(),
-                cfg.cert_file.display().to_string()
-            )
+        .map_err(|source| ServerTlsError::KeyMismatch {
+            key: key("key_file"),
+            key_file: cfg.key_file.display().to_string(),
+            cert_file: cfg.cert_file.display().to_string(),
+            source: Box::new(source),
         })?;
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
     Ok(Arc::new(config))
@@ -73,7 +90,7 @@ pub(crate) struct ClientTls {
 impl ClientTls {
     /// Reads the entry's files now; `None` for entries without `client_tls`. Errors name the
     /// config key and the file.
-    pub(crate) fn load(index: usize, db: &DatabaseConfig) -> Result<Option<Arc<ClientTls>>, String> {
+    pub(crate) fn load(index: usize, db: &DatabaseConfig) -> Result<Option<Arc<ClientTls>>, ServerTlsError> {
         let Some(cfg) = &db.client_tls else {
             return Ok(None);
         };
@@ -171,11 +188,10 @@ mod tests {
     }
 
     fn db(name: &str, tls: ClientTlsConfig) -> DatabaseConfig {
-        let toml = format!(
-            "name = {name:?}\nlisten = [\"127.0.0.1:1\"]\nupstream = \"db:5432\"\n\
-             [credentials]\nkind = \"kv\"\npath = \"secret/data/x\"\n"
-        );
-        let mut db: DatabaseConfig = toml::from_str(&toml).unwrap();
+        let mut db = crate::config::test_config("", "kind = \"kv\"\npath = \"secret/data/x\"")
+            .databases
+            .remove(0);
+        db.name = name.to_string();
         db.client_tls = Some(tls);
         db
     }
@@ -187,7 +203,7 @@ mod tests {
             cert_file: dir.path().join("nope.pem"),
             key_file: dir.path().join("k.pem"),
         };
-        let e = server_config(3, &missing).unwrap_err();
+        let e = server_config(3, &missing).unwrap_err().to_string();
         assert!(e.starts_with("databases[3].client_tls.cert_file: cannot read"), "{e}");
         assert!(e.contains("nope.pem"), "{e}");
 
@@ -198,7 +214,7 @@ mod tests {
             cert_file: good.cert_file,
             key_file: other.key_file,
         };
-        let e = server_config(0, &mismatched).unwrap_err();
+        let e = server_config(0, &mismatched).unwrap_err().to_string();
         assert!(e.starts_with("databases[0].client_tls.key_file:"), "{e}");
     }
 

@@ -10,7 +10,7 @@
 use std::cmp::Ordering;
 use std::fmt::Write as _;
 
-use crate::config::{Config, CredentialKind};
+use crate::config::{Config, CredentialKind, CredentialSource};
 
 mod read;
 pub(crate) use read::parse_policy;
@@ -38,20 +38,10 @@ pub(crate) fn requirements(config: &Config) -> Vec<Requirement> {
     for db in &config.databases {
         let c = &db.credentials;
         let path = c.vault_path();
-        let purpose = match c.kind {
-            CredentialKind::Database => {
-                format!(
-                    "dynamic credentials of database role {:?}",
-                    c.role.as_deref().unwrap_or("")
-                )
-            }
-            CredentialKind::Static => {
-                format!(
-                    "static credentials of database role {:?}",
-                    c.role.as_deref().unwrap_or("")
-                )
-            }
-            CredentialKind::Kv => "username and password from a KV v2 secret".to_string(),
+        let purpose = match &c.source {
+            CredentialSource::Database { role, .. } => format!("dynamic credentials of database role {role:?}"),
+            CredentialSource::Static { role, .. } => format!("static credentials of database role {role:?}"),
+            CredentialSource::Kv { .. } => "username and password from a KV v2 secret".to_string(),
         };
         match out.iter_mut().find(|r| r.path == path) {
             Some(r) => r.databases.push(db.name.clone()),
@@ -68,7 +58,7 @@ pub(crate) fn requirements(config: &Config) -> Vec<Requirement> {
         config
             .databases
             .iter()
-            .filter(|d| d.credentials.kind == CredentialKind::Database)
+            .filter(|d| d.credentials.kind() == CredentialKind::Database)
     };
     let renewing: Vec<String> = dynamic()
         .filter(|d| d.credentials.renew_in_use)

@@ -25,6 +25,15 @@ use crate::pg::cancel::BackendKey;
 use crate::pg::error::{sqlstate, PgError};
 use crate::pg::startup::SSL_REQUEST_CODE;
 
+/// Why an entry's upstream settings cannot be used; the texts name the config key.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error(transparent)]
+    Tls(#[from] tls::ClientConfigError),
+    #[error("{key}: {name:?} is not a valid TLS server name (a DNS name or an IP address)")]
+    ServerName { key: String, name: String },
+}
+
 /// How to reach one database entry's upstream.
 #[derive(Clone)]
 pub struct UpstreamSettings {
@@ -60,15 +69,10 @@ impl fmt::Debug for UpstreamSettings {
 
 impl UpstreamSettings {
     /// Builds settings (incl. reading ca_file / cert_file / key_file) from a validated config entry.
-    /// Errors are strings naming the config key and the file, e.g.
+    /// Errors name the config key and the file, e.g.
     /// `databases[0].ca_file: cannot read "/x.pem": No such file or directory (os error 2)`.
-    pub fn from_config(index: usize, db: &DatabaseConfig) -> Result<Self, String> {
-        let (host, port) = crate::config::split_host_port(&db.upstream).ok_or_else(|| {
-            format!(
-                "databases[{index}].upstream: {:?} is not host:port (e.g. \"db.internal:5432\")",
-                db.upstream
-            )
-        })?;
+    pub fn from_config(index: usize, db: &DatabaseConfig) -> Result<Self, SettingsError> {
+        let (host, port) = (db.upstream.host.clone(), db.upstream.port);
         let (name_key, name) = match &db.sni {
             Some(sni) => ("sni", sni.clone()),
             None => ("upstream", host.clone()),
@@ -78,9 +82,10 @@ impl UpstreamSettings {
             // The name only matters when there is TLS.
             Err(_) if db.sslmode == SslMode::Disable => ServerName::try_from("localhost").expect("valid name"),
             Err(_) => {
-                return Err(format!(
-                "databases[{index}].{name_key}: {name:?} is not a valid TLS server name (a DNS name or an IP address)"
-            ))
+                return Err(SettingsError::ServerName {
+                    key: format!("databases[{index}].{name_key}"),
+                    name,
+                })
             }
         };
         Ok(UpstreamSettings {
@@ -88,9 +93,9 @@ impl UpstreamSettings {
             host,
             port,
             sslmode: db.sslmode,
-            tls: tls::client_config(index, db).map_err(|e| e.to_string())?,
+            tls: tls::client_config(index, db)?,
             server_name,
-            connect_timeout: db.connect_timeout.0,
+            connect_timeout: db.connect_timeout,
             allow_insecure_password: db.allow_insecure_password,
         })
     }

@@ -782,25 +782,7 @@ async fn cancel_goes_over_tls_when_configured() {
 // --- settings ---
 
 fn config_with(extra: &str) -> crate::config::Config {
-    let text = format!(
-        r#"
-[vault]
-address = "http://127.0.0.1:8200"
-[vault.auth]
-method = "token"
-token_file = "/nonexistent/token"
-
-[[databases]]
-name = "payments"
-listen = ["127.0.0.1:6432"]
-upstream = "db.internal:5432"
-{extra}
-[databases.credentials]
-kind = "database"
-role = "payments"
-"#
-    );
-    crate::config::Config::parse(&text).unwrap()
+    crate::config::test_config(extra, "kind = \"database\"\nrole = \"payments\"")
 }
 
 #[test]
@@ -827,7 +809,7 @@ fn settings_from_config() {
     assert!(s.tls.is_none());
 
     let mut c = config_with("");
-    c.databases[0].upstream = "[::1]:5433".into();
+    c.databases[0].upstream = crate::config::HostPort::parse("[::1]:5433").unwrap();
     c.databases[0].ca_file = Some(ca.clone());
     let s = UpstreamSettings::from_config(0, &c.databases[0]).unwrap();
     assert_eq!(s.addr(), "[::1]:5433");
@@ -839,7 +821,9 @@ fn settings_errors_name_key_and_file() {
     let not_pem = dir.path().join("ca.pem");
     std::fs::write(&not_pem, "hello").unwrap();
     let mut c = config_with(&format!("ca_file = {:?}", not_pem.display().to_string()));
-    let e = UpstreamSettings::from_config(0, &c.databases[0]).unwrap_err();
+    let e = UpstreamSettings::from_config(0, &c.databases[0])
+        .unwrap_err()
+        .to_string();
     assert_eq!(
         e,
         format!(
@@ -849,7 +833,9 @@ fn settings_errors_name_key_and_file() {
     );
 
     c.databases[0].ca_file = Some("/nonexistent/x.pem".into());
-    let e = UpstreamSettings::from_config(0, &c.databases[0]).unwrap_err();
+    let e = UpstreamSettings::from_config(0, &c.databases[0])
+        .unwrap_err()
+        .to_string();
     assert!(
         e.starts_with("databases[0].ca_file: cannot read \"/nonexistent/x.pem\": No such file"),
         "{e}"
@@ -860,18 +846,23 @@ fn settings_errors_name_key_and_file() {
     std::fs::write(&cert, &pki.ca_pem).unwrap();
     c.databases[0].ca_file = None;
     c.databases[0].sslmode = SslMode::Require;
-    c.databases[0].cert_file = Some(cert.clone());
-    c.databases[0].key_file = Some(cert.clone());
-    let e = UpstreamSettings::from_config(0, &c.databases[0]).unwrap_err();
+    c.databases[0].client_cert = Some(crate::config::ClientCert {
+        cert_file: cert.clone(),
+        key_file: cert.clone(),
+    });
+    let e = UpstreamSettings::from_config(0, &c.databases[0])
+        .unwrap_err()
+        .to_string();
     assert!(
         e.starts_with("databases[0].key_file: ") && e.contains("no PEM private key"),
         "{e}"
     );
 
-    c.databases[0].cert_file = None;
-    c.databases[0].key_file = None;
+    c.databases[0].client_cert = None;
     c.databases[0].sni = Some("not a name!".into());
-    let e = UpstreamSettings::from_config(0, &c.databases[0]).unwrap_err();
+    let e = UpstreamSettings::from_config(0, &c.databases[0])
+        .unwrap_err()
+        .to_string();
     assert!(
         e.starts_with("databases[0].sni: \"not a name!\" is not a valid TLS server name"),
         "{e}"

@@ -27,7 +27,7 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// Why a database entry's TLS settings cannot be used; the texts name the config keys.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum ClientConfigError {
+pub enum ClientConfigError {
     /// ca_file, cert_file or key_file.
     #[error(transparent)]
     File(#[from] PemError),
@@ -56,9 +56,12 @@ pub(crate) fn client_config(index: usize, db: &DatabaseConfig) -> Result<Option<
         Some(path) => Some(load_roots(&key("ca_file"), path)?),
         None => None,
     };
-    let client_auth = match (&db.cert_file, &db.key_file) {
-        (Some(cert), Some(pkey)) => Some((load_certs(&key("cert_file"), cert)?, load_key(&key("key_file"), pkey)?)),
-        _ => None,
+    let client_auth = match &db.client_cert {
+        Some(c) => Some((
+            load_certs(&key("cert_file"), &c.cert_file)?,
+            load_key(&key("key_file"), &c.key_file)?,
+        )),
+        None => None,
     };
     let config = build(db.sslmode, roots, client_auth).map_err(|e| match e {
         BuildError::NoSystemRoots(source) => ClientConfigError::NoSystemRoots {
@@ -74,7 +77,7 @@ pub(crate) fn client_config(index: usize, db: &DatabaseConfig) -> Result<Option<
 
 /// Why [`build`] failed.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum BuildError {
+pub enum BuildError {
     #[error(transparent)]
     NoSystemRoots(NoSystemRoots),
     #[error("cannot use the client certificate and key: {0}")]

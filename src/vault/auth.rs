@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::client::{string_list, VaultClient};
 use super::error::{LocalError, Malformed, VaultError};
-use crate::config::{AuthConfig, AuthMethod};
+use crate::config::{AuthConfig, Login};
 
 /// A Vault token and what Vault said about it. Debug never shows the token.
 pub(crate) struct VaultToken {
@@ -77,19 +77,13 @@ pub(crate) fn policies_text(policies: &[String]) -> String {
 /// How the config logs in, as messages name it: `jwt role payments-service at auth/jwt`,
 /// `approle at auth/approle`, `the token in /etc/dbward/token`.
 pub(crate) fn login_description(a: &AuthConfig) -> String {
-    let mount = a.mount().trim_matches('/');
-    match a.method {
-        AuthMethod::Jwt | AuthMethod::Kubernetes => {
-            format!("{} role {} at auth/{mount}", a.method, a.role.as_deref().unwrap_or(""))
+    let mount = &a.mount;
+    match &a.login {
+        Login::Jwt { role, .. } | Login::Kubernetes { role, .. } => {
+            format!("{} role {role} at auth/{mount}", a.method())
         }
-        AuthMethod::Approle => format!("approle at auth/{mount}"),
-        AuthMethod::Token => format!(
-            "the token in {}",
-            a.token_file
-                .as_deref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
-        ),
+        Login::Approle { .. } => format!("approle at auth/{mount}"),
+        Login::Token { token_file } => format!("the token in {}", token_file.display()),
     }
 }
 
@@ -358,7 +352,7 @@ impl Auth {
             *g
         };
         tracing::info!(
-            method = %self.cfg.method,
+            method = %self.cfg.method(),
             policies = %token.policies_text(),
             ttl = ?token.ttl,
             renewable = token.renewable,
@@ -371,15 +365,14 @@ impl Auth {
     }
 
     async fn login(&self) -> Result<VaultToken, VaultError> {
-        let mount = self.cfg.mount().trim_matches('/').to_string();
-        let path = format!("auth/{mount}/login");
-        match self.cfg.method {
-            AuthMethod::Jwt | AuthMethod::Kubernetes => {
-                let file = self.cfg.token_file.as_deref().expect("validated");
+        let path = format!("auth/{}/login", self.cfg.mount);
+        match &self.cfg.login {
+            Login::Jwt { role, token_file } | Login::Kubernetes { role, token_file } => {
+                let file = token_file.as_path();
                 let jwt = read_secret_file("token_file", file)?;
                 let claims = read_claims(jwt.expose_secret(), file)?;
                 check_jwt_times(&claims, file, SystemTime::now())?;
-                let role = self.cfg.role.as_deref().unwrap_or_default();
+                let role = role.as_str();
                 let body = JwtLogin {
                     role,
                     jwt: jwt.expose_secret(),
@@ -401,10 +394,12 @@ impl Auth {
                 })?;
                 token_from_auth(&resp.body, &path)
             }
-            AuthMethod::Approle => {
-                let role_id = read_secret_file("role_id_file", self.cfg.role_id_file.as_deref().expect("validated"))?;
-                let secret_id =
-                    read_secret_file("secret_id_file", self.cfg.secret_id_file.as_deref().expect("validated"))?;
+            Login::Approle {
+                role_id_file,
+                secret_id_file,
+            } => {
+                let role_id = read_secret_file("role_id_file", role_id_file)?;
+                let secret_id = read_secret_file("secret_id_file", secret_id_file)?;
                 let body = AppRoleLogin {
                     role_id: role_id.expose_secret(),
                     secret_id: secret_id.expose_secret(),
@@ -412,8 +407,8 @@ impl Auth {
                 let resp = self.client.write("login", &path, None, &body).await?;
                 token_from_auth(&resp.body, &path)
             }
-            AuthMethod::Token => {
-                let token = read_secret_file("token_file", self.cfg.token_file.as_deref().expect("validated"))?;
+            Login::Token { token_file } => {
+                let token = read_secret_file("token_file", token_file)?;
                 let found = lookup_self(&self.client, &token).await?;
                 Ok(VaultToken {
                     token,
@@ -584,25 +579,47 @@ mod tests {
     /// The one description check and the client's error details both use.
     #[test]
     fn login_is_described_by_method() {
-        let cfg = |method, mount: Option<&str>, role: Option<&str>| AuthConfig {
-            method,
-            mount: mount.map(str::to_string),
-            role: role.map(str::to_string),
-            token_file: Some("/run/dbward/token".into()),
-            role_id_file: None,
-            secret_id_file: None,
+        let cfg = |mount: &str, login| AuthConfig {
+            mount: mount.to_string(),
+            login,
         };
+        let token_file = std::path::PathBuf::from("/run/dbward/token");
+        let role = || "payments".to_string();
         let cases = [
             (
-                cfg(AuthMethod::Jwt, None, Some("payments")),
+                cfg(
+                    "jwt",
+                    Login::Jwt {
+                        role: role(),
+                        token_file: token_file.clone(),
+                    },
+                ),
                 "jwt role payments at auth/jwt",
             ),
             (
-                cfg(AuthMethod::Kubernetes, Some("/k8s/prod/"), Some("payments")),
+                cfg(
+                    "k8s/prod",
+                    Login::Kubernetes {
+                        role: role(),
+                        token_file: token_file.clone(),
+                    },
+                ),
                 "kubernetes role payments at auth/k8s/prod",
             ),
-            (cfg(AuthMethod::Approle, None, None), "approle at auth/approle"),
-            (cfg(AuthMethod::Token, None, None), "the token in /run/dbward/token"),
+            (
+                cfg(
+                    "approle",
+                    Login::Approle {
+                        role_id_file: "/r".into(),
+                        secret_id_file: "/s".into(),
+                    },
+                ),
+                "approle at auth/approle",
+            ),
+            (
+                cfg("token", Login::Token { token_file }),
+                "the token in /run/dbward/token",
+            ),
         ];
         for (c, want) in cases {
             assert_eq!(login_description(&c), want);

@@ -114,7 +114,7 @@ impl VaultClient {
         Ok(Arc::new(VaultClient {
             address: cfg.address.trim_end_matches('/').to_string(),
             namespace: cfg.namespace.clone(),
-            timeout: cfg.request_timeout.0,
+            timeout: cfg.request_timeout,
             http,
             metrics,
         }))
@@ -305,7 +305,7 @@ fn parse_body(op: &'static str, path: &str, status: u16, body: &[u8]) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{AuthConfig, AuthMethod, HumanDuration};
+    use crate::config::{AuthConfig, Login};
     use crate::vault::error::TransportKind;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -314,15 +314,13 @@ mod tests {
             address,
             namespace: Some("team-a".into()),
             ca_file: None,
-            request_timeout: HumanDuration(timeout),
+            request_timeout: timeout,
             revoke_on_shutdown: true,
             auth: AuthConfig {
-                method: AuthMethod::Token,
-                mount: None,
-                role: None,
-                token_file: Some("/dev/null".into()),
-                role_id_file: None,
-                secret_id_file: None,
+                mount: "token".into(),
+                login: Login::Token {
+                    token_file: "/dev/null".into(),
+                },
             },
         }
     }

@@ -8,7 +8,7 @@ use secrecy::SecretString;
 
 use super::client::{VaultClient, VaultResponse};
 use super::error::{Malformed, VaultError};
-use crate::config::{CredentialKind, CredentialsConfig};
+use crate::config::{CredentialKind, CredentialSource, CredentialsConfig};
 
 /// A Vault lease on a dynamic credential.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,13 +66,17 @@ pub(crate) async fn fetch(
         path: path.clone(),
         problem,
     };
-    let (data, user_key, pass_key) = match cfg.kind {
-        CredentialKind::Kv => (
+    let (data, user_key, pass_key) = match &cfg.source {
+        CredentialSource::Kv {
+            username_key,
+            password_key,
+            ..
+        } => (
             resp.body
                 .pointer("/data/data")
                 .ok_or_else(|| malformed(Malformed::NoKvData))?,
-            cfg.username_key.as_str(),
-            cfg.password_key.as_str(),
+            username_key.as_str(),
+            password_key.as_str(),
         ),
         _ => (
             resp.body.get("data").ok_or_else(|| malformed(Malformed::NoData))?,
@@ -96,7 +100,7 @@ pub(crate) async fn fetch(
     };
     let username = field(user_key)?;
     let password = SecretString::from(field(pass_key)?);
-    let (lease, valid_for) = lease_of(cfg.kind, &resp);
+    let (lease, valid_for) = lease_of(cfg.kind(), &resp);
     Ok(Credential {
         username,
         password,

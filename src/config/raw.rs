@@ -1,0 +1,253 @@
+//! The file's shape as serde reads it: every key, its default, unknown keys rejected. What is
+//! read here is not yet checked; [`super::validate`] turns it into the typed [`super::Config`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{AuthMethod, ClientTlsConfig, CredentialKind, InvalidValue, SslMode};
+
+/// A duration written as `"10s"`, `"500ms"`, `"5m"`, `"1h 30m"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub(super) struct HumanDuration(pub(super) Duration);
+
+impl TryFrom<String> for HumanDuration {
+    type Error = InvalidValue;
+    fn try_from(value: String) -> Result<Self, InvalidValue> {
+        humantime::parse_duration(&value)
+            .map(HumanDuration)
+            .map_err(|reason| InvalidValue::Duration { value, reason })
+    }
+}
+
+/// Unix permission bits written as an octal string, `"0660"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub(super) struct FileMode(pub(super) u32);
+
+impl TryFrom<String> for FileMode {
+    type Error = InvalidValue;
+    fn try_from(value: String) -> Result<Self, InvalidValue> {
+        match u32::from_str_radix(value.trim_start_matches("0o"), 8) {
+            Ok(m) if m <= 0o777 => Ok(FileMode(m)),
+            _ => Err(InvalidValue::Mode { value }),
+        }
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Config {
+    pub(super) vault: VaultConfig,
+    #[serde(default)]
+    pub(super) admin: AdminConfig,
+    #[serde(default)]
+    pub(super) proxy: ProxyConfig,
+    pub(super) databases: Vec<DatabaseConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct VaultConfig {
+    /// `http://` or `https://` URL of Vault or OpenBao.
+    pub(super) address: String,
+    /// Sent as `X-Vault-Namespace`.
+    pub(super) namespace: Option<String>,
+    /// PEM bundle of CAs to trust for an https address; default: the system roots.
+    pub(super) ca_file: Option<PathBuf>,
+    /// Upper bound on any one Vault request.
+    #[serde(default = "default_vault_timeout")]
+    pub(super) request_timeout: HumanDuration,
+    /// On a clean shutdown, revoke the leases dbward holds (their Postgres roles are dropped).
+    #[serde(default = "default_true")]
+    pub(super) revoke_on_shutdown: bool,
+    pub(super) auth: AuthConfig,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_vault_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AuthConfig {
+    pub(super) method: AuthMethod,
+    /// Where the method is mounted; default: the method's name.
+    pub(super) mount: Option<String>,
+    /// The Vault role to log in as (jwt, kubernetes).
+    pub(super) role: Option<String>,
+    /// jwt/kubernetes: the workload JWT; token: a file holding the Vault token. Re-read at every login.
+    pub(super) token_file: Option<PathBuf>,
+    /// approle: files holding the role_id and secret_id.
+    pub(super) role_id_file: Option<PathBuf>,
+    pub(super) secret_id_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AdminConfig {
+    /// Address of the /metrics, /healthz, /readyz server; absent: no admin server.
+    pub(super) listen: Option<String>,
+    /// The admin server tells which databases and Vault paths exist and why they fail: a
+    /// non-loopback address must be asked for.
+    #[serde(default)]
+    pub(super) allow_remote: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ProxyConfig {
+    /// How long a client may take to send its startup packet.
+    #[serde(default = "default_startup_timeout")]
+    pub(super) startup_timeout: HumanDuration,
+    /// How long open sessions may run on after SIGTERM before they are closed with 57P01.
+    #[serde(default = "default_shutdown_grace")]
+    pub(super) shutdown_grace: HumanDuration,
+    /// A Vault error is remembered this long, so a broken policy does not turn every client
+    /// connection into a Vault request; short, so a fixed policy is picked up at once.
+    #[serde(default = "default_error_cache")]
+    pub(super) vault_error_cache: HumanDuration,
+    /// Runtime worker threads. A sidecar relaying small queries does best with few: each
+    /// extra worker adds cross-thread wake-ups (benches/README.md). Applies at start.
+    #[serde(default = "default_worker_threads")]
+    pub(super) worker_threads: usize,
+}
+
+fn default_worker_threads() -> usize {
+    2
+}
+
+fn default_startup_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_shutdown_grace() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_error_cache() -> HumanDuration {
+    HumanDuration(Duration::from_secs(2))
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            startup_timeout: default_startup_timeout(),
+            shutdown_grace: default_shutdown_grace(),
+            vault_error_cache: default_error_cache(),
+            worker_threads: default_worker_threads(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DatabaseConfig {
+    /// The entry's name: used in logs, metrics and client errors.
+    pub(super) name: String,
+    /// TCP addresses (`127.0.0.1:6432`) and/or Unix socket paths (`/run/dbward/.s.PGSQL.6432`).
+    pub(super) listen: Vec<String>,
+    /// `host:port` of the Postgres server.
+    pub(super) upstream: String,
+    /// Force the upstream database name; default: what the client asked for.
+    pub(super) dbname: Option<String>,
+    #[serde(default = "default_sslmode")]
+    pub(super) sslmode: SslMode,
+    /// CA bundle for verify-ca / verify-full; default: the system roots.
+    pub(super) ca_file: Option<PathBuf>,
+    /// Client certificate and key for servers that require one.
+    pub(super) cert_file: Option<PathBuf>,
+    pub(super) key_file: Option<PathBuf>,
+    /// TLS server name to send and verify; default: the upstream host.
+    pub(super) sni: Option<String>,
+    #[serde(default = "default_connect_timeout")]
+    pub(super) connect_timeout: HumanDuration,
+    /// Anyone who can reach a listener gets the database role: non-loopback TCP listeners must
+    /// be asked for explicitly.
+    #[serde(default)]
+    pub(super) allow_remote_clients: bool,
+    /// Permission bits of Unix socket listeners.
+    #[serde(default = "default_socket_mode")]
+    pub(super) socket_mode: FileMode,
+    /// Client connections above this are refused with 53300.
+    #[serde(default = "default_max_clients")]
+    pub(super) max_client_connections: usize,
+    /// Allow MD5 and cleartext password authentication upstream without verified TLS
+    /// (verify-ca/verify-full). Off: such a server is refused rather than sent a password it
+    /// could replay.
+    #[serde(default)]
+    pub(super) allow_insecure_password: bool,
+    /// Relay `replication=` startups (physical/logical replication clients).
+    #[serde(default)]
+    pub(super) allow_replication: bool,
+    /// Terminate TLS from clients (answer SSLRequest with 'S'); absent: clients get 'N'.
+    pub(super) client_tls: Option<ClientTlsConfig>,
+    pub(super) credentials: CredentialsConfig,
+}
+
+fn default_sslmode() -> SslMode {
+    SslMode::VerifyFull
+}
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
+fn default_socket_mode() -> FileMode {
+    FileMode(0o660)
+}
+fn default_max_clients() -> usize {
+    1000
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CredentialsConfig {
+    pub(super) kind: CredentialKind,
+    /// Secrets engine mount for `database` and `static`; default `database`.
+    pub(super) mount: Option<String>,
+    /// The Vault database role (dynamic or static).
+    pub(super) role: Option<String>,
+    /// KV v2: the API path exactly as a policy names it (`secret/data/apps/payments/db`).
+    pub(super) path: Option<String>,
+    #[serde(default = "default_username_key")]
+    pub(super) username_key: String,
+    #[serde(default = "default_password_key")]
+    pub(super) password_key: String,
+    /// KV secrets carry no lease: re-read them this often.
+    #[serde(default = "default_kv_refresh")]
+    pub(super) refresh_interval: HumanDuration,
+    /// A credential is treated as expired this long before its lease ends.
+    #[serde(default = "default_expiry_margin")]
+    pub(super) expiry_margin: HumanDuration,
+    /// A dynamic credential is replaced in the background once this fraction of its lease has
+    /// passed (a little jitter is added so many dbward instances do not all ask at once).
+    #[serde(default = "default_refresh_fraction")]
+    pub(super) refresh_fraction: f64,
+    /// Renew a replaced lease while client connections still use it, up to its max TTL.
+    #[serde(default = "default_true")]
+    pub(super) renew_in_use: bool,
+    /// Revoke a replaced lease once no client connection uses it.
+    #[serde(default = "default_true")]
+    pub(super) revoke_unused: bool,
+}
+
+fn default_refresh_fraction() -> f64 {
+    2.0 / 3.0
+}
+
+fn default_username_key() -> String {
+    "username".into()
+}
+fn default_password_key() -> String {
+    "password".into()
+}
+fn default_kv_refresh() -> HumanDuration {
+    HumanDuration(Duration::from_secs(300))
+}
+fn default_expiry_margin() -> HumanDuration {
+    HumanDuration(Duration::from_secs(2))
+}

@@ -1,0 +1,177 @@
+//! The config file's error messages and defaults, as an operator sees them.
+
+use super::*;
+
+const GOOD: &str = r#"
+[vault]
+address = "http://127.0.0.1:8200"
+[vault.auth]
+method = "jwt"
+role = "payments-service"
+token_file = "/var/run/secrets/dbward/token"
+
+[[databases]]
+name = "payments"
+listen = ["127.0.0.1:6432", "/run/dbward/.s.PGSQL.6432"]
+upstream = "db.internal:5432"
+[databases.credentials]
+kind = "database"
+role = "payments"
+"#;
+
+#[test]
+fn good_config_gets_defaults() {
+    let c = Config::parse(GOOD).unwrap();
+    let db = &c.databases[0];
+    assert_eq!(db.sslmode, SslMode::VerifyFull);
+    assert_eq!(db.credentials.vault_path(), "database/creds/payments");
+    assert_eq!(db.socket_mode, 0o660);
+    assert_eq!(c.vault.auth.mount, "jwt");
+    assert_eq!(
+        db.listen,
+        [
+            ListenAddr::Tcp("127.0.0.1:6432".parse().unwrap()),
+            ListenAddr::Unix("/run/dbward/.s.PGSQL.6432".into())
+        ]
+    );
+    assert_eq!(
+        db.upstream,
+        HostPort {
+            host: "db.internal".into(),
+            port: 5432
+        }
+    );
+    assert_eq!(
+        c.vault.auth.login,
+        Login::Jwt {
+            role: "payments-service".into(),
+            token_file: "/var/run/secrets/dbward/token".into()
+        }
+    );
+}
+
+#[test]
+fn unknown_enum_value_names_key_and_choices() {
+    let bad = GOOD.replace("kind = \"database\"", "kind = \"kvv\"");
+    let e = Config::parse(&bad).unwrap_err().to_string();
+    assert!(
+        e.starts_with("databases[0].credentials.kind: unknown value \"kvv\", expected one of database, static, kv"),
+        "{e}"
+    );
+    assert!(e.contains("line 14"), "{e}");
+}
+
+#[test]
+fn unknown_key_is_rejected_with_its_path() {
+    let bad = GOOD.replace("role = \"payments\"", "role = \"payments\"\nrenew = true");
+    let e = Config::parse(&bad).unwrap_err().to_string();
+    assert!(
+        e.starts_with("databases[0].credentials.renew: unknown field `renew`, expected one of `kind`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn remote_listener_needs_opt_in() {
+    let bad = GOOD.replace("127.0.0.1:6432", "0.0.0.0:6432");
+    let e = Config::parse(&bad).unwrap_err().to_string();
+    assert!(
+        e.starts_with("databases[0].listen[0]: \"0.0.0.0:6432\" is not a loopback address"),
+        "{e}"
+    );
+    let ok = bad.replace("upstream =", "allow_remote_clients = true\nupstream =");
+    Config::parse(&ok).unwrap();
+}
+
+#[test]
+fn kv_path_must_be_the_api_path() {
+    let kv = GOOD.replace(
+        "kind = \"database\"\nrole = \"payments\"",
+        "kind = \"kv\"\npath = \"secret/apps/payments/db\"",
+    );
+    let e = Config::parse(&kv).unwrap_err().to_string();
+    assert!(
+        e.starts_with("databases[0].credentials.path: \"secret/apps/payments/db\" is not a KV v2 API path"),
+        "{e}"
+    );
+    let fixed = kv.replace("secret/apps", "secret/data/apps");
+    let c = Config::parse(&fixed).unwrap();
+    assert_eq!(c.databases[0].credentials.vault_path(), "secret/data/apps/payments/db");
+}
+
+#[test]
+fn bad_values_name_key_and_value() {
+    let cases = [
+        ("upstream = \"db.internal:5432\"", "upstream = \"db.internal\"", "databases[0].upstream: \"db.internal\" is not host:port"),
+        ("method = \"jwt\"", "method = \"ldap\"", "vault.auth.method: unknown value \"ldap\""),
+        ("role = \"payments-service\"\n", "", "vault.auth.role: is required for method = \"jwt\""),
+        ("address = \"http://127.0.0.1:8200\"", "address = \"127.0.0.1:8200\"", "vault.address: \"127.0.0.1:8200\" must start with http://"),
+        ("name = \"payments\"", "name = \"payments\"\nconnect_timeout = \"soon\"", "databases[0].connect_timeout: invalid duration \"soon\""),
+        ("name = \"payments\"", "name = \"payments\"\nsslmode = \"allow\"", "databases[0].sslmode: unknown value \"allow\", expected one of disable, prefer, require, verify-ca, verify-full"),
+    ];
+    for (from, to, want) in cases {
+        let e = Config::parse(&GOOD.replacen(from, to, 1)).unwrap_err().to_string();
+        assert!(e.starts_with(want), "want {want:?}, got {e:?}");
+    }
+}
+
+#[test]
+fn duplicate_names_and_listeners_are_rejected() {
+    let two = format!("{GOOD}\n{}", &GOOD[GOOD.find("[[databases]]").unwrap()..]);
+    let e = Config::parse(&two).unwrap_err().to_string();
+    assert!(
+        e.starts_with("databases[1].name: \"payments\" is used by another"),
+        "{e}"
+    );
+    let two = two
+        .replacen("name = \"payments\"\nlisten", "name = \"orders\"\nlisten", 2)
+        .replacen("name = \"orders\"", "name = \"payments\"", 1);
+    let e = Config::parse(&two).unwrap_err().to_string();
+    assert!(
+        e.starts_with("databases[1].listen[0]: \"127.0.0.1:6432\" is also a listener of database \"payments\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn mounts_are_stored_as_vault_paths_spell_them() {
+    let c =
+        Config::parse(&GOOD.replace("method = \"jwt\"", "method = \"kubernetes\"\nmount = \"/k8s/prod/\"")).unwrap();
+    assert_eq!(c.vault.auth.mount, "k8s/prod");
+    assert_eq!(c.vault.auth.method(), AuthMethod::Kubernetes);
+    let c =
+        Config::parse(&GOOD.replace("role = \"payments\"\n", "role = \"payments\"\nmount = \"/db-prod/\"\n")).unwrap();
+    assert_eq!(c.databases[0].credentials.vault_path(), "db-prod/creds/payments");
+    assert_eq!(c.databases[0].credentials.source.mount(), Some("db-prod"));
+}
+
+#[test]
+fn cert_file_and_key_file_go_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("c.pem");
+    std::fs::write(&cert, "x").unwrap();
+    let one = GOOD.replace(
+        "upstream = \"db.internal:5432\"",
+        &format!(
+            "upstream = \"db.internal:5432\"\ncert_file = {:?}",
+            cert.display().to_string()
+        ),
+    );
+    let e = Config::parse(&one).unwrap_err().to_string();
+    assert!(
+        e.starts_with("databases[0].cert_file: cert_file and key_file go together"),
+        "{e}"
+    );
+    let both = one.replace(
+        "cert_file =",
+        &format!("key_file = {:?}\ncert_file =", cert.display().to_string()),
+    );
+    let c = Config::parse(&both).unwrap();
+    assert_eq!(
+        c.databases[0].client_cert,
+        Some(ClientCert {
+            cert_file: cert.clone(),
+            key_file: cert
+        })
+    );
+}
