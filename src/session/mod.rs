@@ -9,6 +9,7 @@
 //! metrics and the shutdown signal; nothing else of the daemon.
 
 mod negotiate;
+mod refusal;
 mod relay;
 
 use std::sync::Arc;
@@ -164,7 +165,7 @@ async fn open_upstream<S: AsyncWrite + Unpin>(
                     .client_connections_rejected_total
                     .with_label_values(&[&db.name, "credential"])
                     .inc();
-                send_error(client, &e.to_pg_error()).await;
+                send_error(client, &refusal::credential_refusal(&e)).await;
                 return None;
             }
         };
