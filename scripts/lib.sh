@@ -107,3 +107,22 @@ ensure_openbao() {
     export DBWARD_BAO
     log "OpenBao: $DBWARD_BAO"
 }
+
+# kubernetes-validate from PyPI in $REPO_ROOT/.venv (it bundles the Kubernetes API schemas and
+# runs offline), for tests/deploy.rs. `python -m pip`, not .venv/bin/pip: pip's own script keeps
+# the path of the venv it was made in, which a copied .venv would otherwise install into.
+ensure_kubernetes_validate() {
+    local venv="$REPO_ROOT/.venv"
+    if "$venv/bin/python" -c 'import kubernetes_validate, yaml' >/dev/null 2>&1; then
+        return 0
+    fi
+    ensure_python_venv
+    if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
+        rm -rf "$venv"
+        log "python3 -m venv .venv"
+        python3 -m venv "$venv"
+    fi
+    log "pip install kubernetes-validate (into .venv)"
+    "$venv/bin/python" -m pip install --disable-pip-version-check -q kubernetes-validate
+    "$venv/bin/python" -c 'import kubernetes_validate, yaml' || die "kubernetes-validate installed but cannot be imported"
+}
