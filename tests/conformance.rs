@@ -8,9 +8,6 @@
 //!
 //! Stalls are bounded by a 1 s timeout on both sides (Postgres `authentication_timeout`, dbward
 //! `startup_timeout`); every read waits on a condition with a deadline.
-//!
-//! Fuzz mode: `DBWARD_CONFORMANCE_SEED` (default fixed) and `DBWARD_CONFORMANCE_CASES` (default
-//! 40) pick the generated sequences; a failure prints the seed and the bytes.
 
 // The servers' disruption lock is held for a whole test, across its awaits, on purpose.
 #![allow(clippy::await_holding_lock)]
@@ -83,6 +80,11 @@ enum Deliberate {
     /// without GSSAPI does; the test Postgres (Debian's) answers 'G'. What such a Postgres does
     /// (postmaster.c, ProcessStartupPacket) is written out here.
     NoGssEncryption(Vec<Tok>),
+    /// dbward logs in upstream before it answers, so what the server refuses only after
+    /// authentication (an unknown parameter, a startup the server finds too long once dbward
+    /// added its user and database) reaches the client where Postgres would ask for a password.
+    /// The SQLSTATE is the server's (relayed) or 08001 (the server closed without one).
+    RefusedUpstream(&'static str),
 }
 
 struct Case {
@@ -200,9 +202,10 @@ fn table(db: &str) -> Vec<Case> {
                 ],
             ))],
         ),
-        case(
+        differs(
             "non-UTF-8 parameter name",
             vec![Send(startup_raw(V3_0, b"user\0u\0\xff\xfe\0v\0\0"))],
+            Deliberate::RefusedUpstream("42704"),
         ),
         differs(
             "replication=database",
@@ -230,6 +233,8 @@ fn table(db: &str) -> Vec<Case> {
         case("protocol 2.0", vec![Send(startup(v2, &[("user", "u")]))]),
         case("protocol 1.0", vec![Send(startup(1 << 16, &[("user", "u")]))]),
         case("protocol 0.0", vec![Send(startup(0, &[("user", "u")]))]),
+        case("protocol 0.1", vec![Send(startup(1, &[("user", "u")]))]),
+        case("protocol 2.5", vec![Send(startup((2 << 16) | 5, &[("user", "u")]))]),
         case("protocol 4.0", vec![Send(startup(4 << 16, &[("user", "u")]))]),
         case(
             "protocol 1234.1",
@@ -263,9 +268,10 @@ fn table(db: &str) -> Vec<Case> {
             "length 8, version 3.0 only",
             vec![Send(raw_packet(8, &V3_0.to_be_bytes()))],
         ),
-        case(
+        differs(
             "length 10004 (largest allowed)",
             vec![Send(startup_raw(V3_0, &big_params(10004 - 8)))],
+            Deliberate::RefusedUpstream("08001"),
         ),
         case(
             "length 10005 (too long)",
@@ -591,6 +597,13 @@ fn expected_from_dbward(pg: &[Tok], deliberate: Option<&Deliberate>) -> Vec<Tok>
         Some(Deliberate::NewerMinor) => want.retain(|t| *t != Tok::Negotiate),
         Some(Deliberate::Replication) => want = vec![fatal("0A000"), CLOSED],
         Some(Deliberate::NoGssEncryption(without_gss)) => want = without_gss.clone(),
+        Some(Deliberate::RefusedUpstream(code)) => {
+            assert!(
+                matches!(pg.last(), Some(Tok::Auth { .. })),
+                "Postgres went on to authenticate: {pg:?}"
+            );
+            want = vec![fatal(code), CLOSED]
+        }
     }
     want
 }
@@ -627,7 +640,7 @@ fn short_postgres_timeout(s: &Servers) {
 
 /// Runs every case against both servers (a few at a time) and returns the mismatches.
 async fn compare(pg_port: u16, dbward_port: u16, cases: Vec<Case>) -> (usize, Vec<String>) {
-    let limit = Arc::new(tokio::sync::Semaphore::new(12));
+    let limit = Arc::new(tokio::sync::Semaphore::new(8));
     let mut tasks = Vec::new();
     for c in cases {
         let limit = limit.clone();
@@ -655,19 +668,41 @@ async fn compare(pg_port: u16, dbward_port: u16, cases: Vec<Case>) -> (usize, Ve
     (n, failures)
 }
 
-fn start_dbward(app: &TestApp) -> Dbward {
-    Dbward::start(
-        &app.config("static")
-            .proxy("startup_timeout", &format!("{}s", STALL.as_secs())),
-    )
+/// dbward with the same 1 s startup timeout, its credential fetched and its SCRAM keys derived
+/// by one login: the short `authentication_timeout` also bounds dbward's own upstream logins,
+/// which must not all wait for the first Vault read at once. Returns dbward and its admin port.
+async fn start_dbward(app: &TestApp) -> (Dbward, u16) {
+    let config = app
+        .config("static")
+        .with_admin()
+        .proxy("startup_timeout", &format!("{}s", STALL.as_secs()));
+    let d = Dbward::start(&config);
+    let hello = observe(d.port(), &[Act::Send(startup(V3_0, &[("user", "warm-up")]))]).await;
+    assert_eq!(hello, [AUTH], "warm-up login through dbward:\n{}", d.log_contents());
+    (d, config.admin_port())
+}
+
+/// `dbward_client_startup_errors_total` for `reason`, from dbward's /metrics.
+fn startup_errors(admin_port: u16, database: &str, reason: &str) -> f64 {
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
+    let body = agent
+        .get(&format!("http://127.0.0.1:{}/metrics", admin_port))
+        .call()
+        .expect("GET /metrics")
+        .into_string()
+        .unwrap();
+    let want = format!("dbward_client_startup_errors_total{{database=\"{database}\",reason=\"{reason}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(want.as_str()))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
 }
 
 #[tokio::test]
-#[ignore = "dbward's pre-authentication answers do not match Postgres yet: the next commit fixes them"]
 async fn every_table_sequence_is_answered_as_postgres_answers_it() {
     let (s, _g, app) = shared_app("conformance_table");
     short_postgres_timeout(s);
-    let d = start_dbward(&app);
+    let (d, admin) = start_dbward(&app).await;
     let cases = table(&app.dbname);
     let (n, failures) = compare(s.pg_port(), d.port(), cases).await;
     assert!(
@@ -678,4 +713,28 @@ async fn every_table_sequence_is_answered_as_postgres_answers_it() {
         d.log_contents()
     );
     eprintln!("conformance: {n} sequences answered as Postgres answers them");
+
+    // What dbward cannot tell the client it logs (with the peer) and counts.
+    for reason in [
+        "invalid_length",
+        "incomplete",
+        "timeout",
+        "invalid_cancel",
+        "unsupported_protocol",
+        "invalid_packet",
+        "unencrypted_data",
+        "missing_user",
+        "invalid_parameter",
+    ] {
+        assert!(startup_errors(admin, &app.tag, reason) >= 1.0, "no {reason} counted");
+    }
+    let log = d.log_contents();
+    let line = log
+        .lines()
+        .find(|l| l.contains("invalid length of startup packet"))
+        .expect("the invalid length is logged");
+    assert!(
+        line.contains("peer=127.0.0.1:") && line.contains("reason=\"invalid_length\""),
+        "{line}"
+    );
 }
