@@ -75,7 +75,7 @@ impl StartupMessage {
     }
 
     /// Length of the cancel key secret this client expects in BackendKeyData.
-    pub(crate) fn secret_len(&self) -> usize {
+    pub fn secret_len(&self) -> usize {
         if self.effective_minor() >= 2 {
             LONG_SECRET_LEN
         } else {
@@ -90,7 +90,7 @@ impl StartupMessage {
 
     /// NegotiateProtocolVersion ('v'): the version the session will use (never above what the
     /// client asked for), and every protocol option we do not know, which is all of them.
-    pub(crate) fn negotiate_protocol_version(&self) -> BytesMut {
+    pub fn negotiate_protocol_version(&self) -> BytesMut {
         let mut b = BytesMut::new();
         b.put_u8(b'v');
         let at = b.len();
