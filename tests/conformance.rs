@@ -6,7 +6,7 @@
 //! authentication proceeds. The only differences allowed are the deliberate ones listed in
 //! [`Deliberate`] (and in the README's protocol section).
 //!
-//! Stalls are bounded by a 1 s timeout on both sides (Postgres `authentication_timeout`, dbward
+//! Stalls are bounded by a 2 s timeout on both sides (Postgres `authentication_timeout`, dbward
 //! `startup_timeout`); every read waits on a condition with a deadline.
 //!
 //! Fuzz mode: `DBWARD_CONFORMANCE_SEED` (default fixed) and `DBWARD_CONFORMANCE_CASES` (default
@@ -27,10 +27,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use wire::{cancel_request, gssenc_request, ssl_request, startup, CANCEL_REQUEST, V3_0};
 
-/// Both sides close a stalled startup after this long.
-const STALL: Duration = Duration::from_secs(1);
+/// Both sides close a stalled startup after this long. Postgres's authentication_timeout also
+/// bounds dbward's own upstream logins, so it is not cut finer than a loaded CI machine allows.
+const STALL: Duration = Duration::from_secs(2);
 /// A close this long after connecting counts as "after the startup timeout".
-const LATE: Duration = Duration::from_millis(700);
+const LATE: Duration = Duration::from_millis(1400);
 /// How long one observation may take at most.
 const OBSERVE: Duration = Duration::from_secs(6);
 
@@ -623,7 +624,7 @@ fn show(acts: &[Act]) -> String {
         .join(", ")
 }
 
-/// Postgres closes a stalled startup after 1 s, as dbward does with `startup_timeout = "1s"`.
+/// Postgres closes a stalled startup after [`STALL`], as dbward does with the same `startup_timeout`.
 fn short_postgres_timeout(s: &Servers) {
     let secs = STALL.as_secs();
     s.pg_exec(
@@ -631,7 +632,7 @@ fn short_postgres_timeout(s: &Servers) {
         &format!("alter system set authentication_timeout = '{secs}s'"),
     );
     s.pg_exec("postgres", "select pg_reload_conf()");
-    wait_until(Duration::from_secs(10), "authentication_timeout = 1s", || {
+    wait_until(Duration::from_secs(10), "authentication_timeout set", || {
         let v = s.pg_exec("postgres", "show authentication_timeout");
         if v == format!("{secs}s") {
             Ok(())
@@ -671,7 +672,7 @@ async fn compare(pg_port: u16, dbward_port: u16, cases: Vec<Case>) -> (usize, Ve
     (n, failures)
 }
 
-/// dbward with the same 1 s startup timeout, its credential fetched and its SCRAM keys derived
+/// dbward with the same startup timeout, its credential fetched and its SCRAM keys derived
 /// by one login: the short `authentication_timeout` also bounds dbward's own upstream logins,
 /// which must not all wait for the first Vault read at once. Returns dbward and its admin port.
 async fn start_dbward(app: &TestApp) -> (Dbward, u16) {
