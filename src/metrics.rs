@@ -30,6 +30,7 @@ pub struct Metrics {
     pub(crate) client_connections_total: IntCounterVec,
     pub(crate) client_connections_active: IntGaugeVec,
     pub(crate) client_connections_rejected_total: IntCounterVec,
+    pub(crate) client_startup_errors_total: IntCounterVec,
     pub(crate) upstream_connect_seconds: HistogramVec,
     pub(crate) upstream_connect_failures_total: IntCounterVec,
     pub(crate) bytes_total: IntCounterVec,
@@ -103,6 +104,11 @@ impl Metrics {
             client_connections_rejected_total: r.counter(
                 "dbward_client_connections_rejected_total",
                 "Client connections refused before relaying, by reason.",
+                &["database", "reason"],
+            ),
+            client_startup_errors_total: r.counter(
+                "dbward_client_startup_errors_total",
+                "Client connections ended before authentication because of what the client sent (or did not send in time), by reason; most end without a word, as Postgres ends them.",
                 &["database", "reason"],
             ),
             upstream_connect_seconds: r.histogram(

@@ -20,6 +20,8 @@ pub(crate) mod sqlstate {
     pub(crate) const TOO_MANY_CONNECTIONS: &str = "53300";
     /// dbward is shutting down.
     pub(crate) const ADMIN_SHUTDOWN: &str = "57P01";
+    /// A startup parameter with a value Postgres would refuse (`replication=maybe`).
+    pub(crate) const INVALID_PARAMETER_VALUE: &str = "22023";
     /// Feature the client asked for that dbward does not offer.
     pub(crate) const FEATURE_NOT_SUPPORTED: &str = "0A000";
 }
@@ -32,6 +34,8 @@ pub struct PgError {
     pub message: String,
     pub detail: Option<String>,
     pub hint: Option<String>,
+    /// Sent in the protocol-2 format (to a client whose StartupMessage asked for 2.x or older).
+    pub protocol2: bool,
 }
 
 impl PgError {
@@ -42,6 +46,7 @@ impl PgError {
             message: message.into(),
             detail: None,
             hint: None,
+            protocol2: false,
         }
     }
 
@@ -81,9 +86,24 @@ impl PgError {
         buf[len_at..len_at + 4].copy_from_slice(&len.to_be_bytes());
     }
 
+    /// For a client that asked for protocol 2.x or older: what Postgres sends such a client.
+    pub fn in_protocol2(mut self) -> Self {
+        self.protocol2 = true;
+        self
+    }
+
+    /// The error as the client reads it: an ErrorResponse, or for a protocol-2 client 'E' and a
+    /// NUL-terminated "SEVERITY:  message\n" (no length word, no fields), as Postgres sends it.
     pub fn to_bytes(&self) -> BytesMut {
         let mut b = BytesMut::new();
-        self.encode(&mut b);
+        if self.protocol2 {
+            b.put_u8(b'E');
+            let text = format!("{}:  {}\n", self.severity, self.message);
+            b.put_slice(text.replace('\0', " ").as_bytes());
+            b.put_u8(0);
+        } else {
+            self.encode(&mut b);
+        }
         b
     }
 }
@@ -128,5 +148,11 @@ mod tests {
             _ => panic!("not an ErrorResponse"),
         }
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn protocol2_errors_are_text_as_postgres_sends_them() {
+        let e = PgError::fatal(sqlstate::FEATURE_NOT_SUPPORTED, "unsupported frontend protocol 2.0").in_protocol2();
+        assert_eq!(&e.to_bytes()[..], b"EFATAL:  unsupported frontend protocol 2.0\n\0");
     }
 }

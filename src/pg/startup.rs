@@ -1,13 +1,19 @@
 //! The first packet a client sends: StartupMessage, SSLRequest, GSSENCRequest or CancelRequest.
 //! These packets have no type byte, only a length, so they are parsed here rather than by
 //! `postgres-protocol` (which parses the typed messages that follow).
+//!
+//! What is accepted and refused, and how, follows Postgres 15's `ProcessStartupPacket`
+//! (postmaster.c): where Postgres logs a COMMERROR and closes without a word, the error here is
+//! [`StartupError::Silent`]; where it sends a FATAL, [`StartupError::Refuse`]. tests/conformance.rs
+//! compares the two servers byte sequence by byte sequence.
 
 use bytes::{BufMut, BytesMut};
 
 use super::error::{sqlstate, PgError};
 
-/// Startup packets larger than this are refused: a real one is a few hundred bytes.
-pub(crate) const MAX_STARTUP_LEN: usize = 10_000;
+/// Startup packets larger than this (length word included) are closed on: a real one is a few
+/// hundred bytes. Postgres allows 10000 bytes after the length word.
+pub(crate) const MAX_STARTUP_LEN: usize = 10_004;
 
 pub(crate) const SSL_REQUEST_CODE: u32 = 80877103;
 pub(crate) const GSSENC_REQUEST_CODE: u32 = 80877104;
@@ -101,27 +107,84 @@ impl StartupMessage {
     }
 }
 
-fn protocol_error(message: impl Into<String>) -> PgError {
-    PgError::fatal(sqlstate::PROTOCOL_VIOLATION, message)
+/// Why a startup-phase packet ends the connection. `reason` labels the log line and
+/// `dbward_client_startup_errors_total`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartupError {
+    /// Postgres logs these (COMMERROR) and closes without sending anything: so does dbward.
+    Silent { reason: &'static str, detail: String },
+    /// Tell the client (FATAL) and close.
+    Refuse { reason: &'static str, error: Box<PgError> },
+}
+
+impl StartupError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            StartupError::Silent { reason, .. } | StartupError::Refuse { reason, .. } => reason,
+        }
+    }
+}
+
+impl std::fmt::Display for StartupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartupError::Silent { detail, .. } => f.write_str(detail),
+            StartupError::Refuse { error, .. } => write!(f, "{error}"),
+        }
+    }
+}
+
+fn silent(reason: &'static str, detail: impl Into<String>) -> StartupError {
+    StartupError::Silent {
+        reason,
+        detail: detail.into(),
+    }
+}
+
+fn layout_error(message: &str) -> StartupError {
+    StartupError::Refuse {
+        reason: "invalid_packet",
+        error: Box::new(PgError::fatal(
+            sqlstate::PROTOCOL_VIOLATION,
+            format!("invalid startup packet layout: {message}"),
+        )),
+    }
+}
+
+/// The FATAL for a protocol version outside 3.x, in the format that version reads (Postgres sets
+/// the frontend protocol before checking it, so a 2.x client gets protocol-2 text; version 0.0
+/// counts as unset, and gets an ErrorResponse, as tests/conformance.rs shows). Also what a
+/// repeated SSLRequest or GSSENCRequest gets: once answered, its code is read as a version.
+pub(crate) fn unsupported_version(code: u32) -> StartupError {
+    let (major, minor) = (code >> 16, code & 0xffff);
+    let e = PgError::fatal(
+        sqlstate::FEATURE_NOT_SUPPORTED,
+        format!("unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.{NEWEST_MINOR}"),
+    );
+    StartupError::Refuse {
+        reason: "unsupported_protocol",
+        error: Box::new(if major < 3 && code != 0 { e.in_protocol2() } else { e }),
+    }
 }
 
 /// Parses the packet body (everything after the 4-byte length).
-pub fn parse(body: &[u8]) -> Result<StartupPacket, PgError> {
+pub fn parse(body: &[u8]) -> Result<StartupPacket, StartupError> {
     if body.len() < 4 {
-        return Err(protocol_error("invalid startup packet: shorter than its protocol code"));
+        return Err(silent("invalid_length", "invalid length of startup packet"));
     }
     let code = u32::from_be_bytes(body[..4].try_into().unwrap());
     let rest = &body[4..];
     match code {
-        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE if !rest.is_empty() => {
-            Err(protocol_error("invalid startup packet: SSL/GSSENC request with a body"))
-        }
+        // Postgres reads the whole packet and looks only at the code: a body is ignored.
         SSL_REQUEST_CODE => Ok(StartupPacket::SslRequest),
         GSSENC_REQUEST_CODE => Ok(StartupPacket::GssEncRequest),
         CANCEL_REQUEST_CODE => {
-            // Protocol 3.2 allows secret keys of up to 256 bytes; 3.0 uses 4.
-            if rest.len() < 8 || rest.len() > 4 + 256 {
-                return Err(protocol_error("invalid cancel request length"));
+            // A CancelRequest is never answered; one too short to hold a key cancels nothing.
+            if rest.len() < 8 {
+                return Err(silent(
+                    "invalid_cancel",
+                    format!("cancel request of {} bytes holds no key", body.len() + 4),
+                ));
             }
             let pid = i32::from_be_bytes(rest[..4].try_into().unwrap());
             Ok(StartupPacket::Cancel {
@@ -133,10 +196,7 @@ pub fn parse(body: &[u8]) -> Result<StartupPacket, PgError> {
             let major = (code >> 16) as u16;
             let minor = (code & 0xffff) as u16;
             if major != 3 {
-                return Err(PgError::fatal(
-                    sqlstate::FEATURE_NOT_SUPPORTED,
-                    format!("unsupported frontend protocol {major}.{minor}: dbward supports 3.0 to 3.{NEWEST_MINOR}"),
-                ));
+                return Err(unsupported_version(code));
             }
             parse_params(rest).map(|(params, protocol_options)| {
                 StartupPacket::Startup(StartupMessage {
@@ -153,47 +213,86 @@ pub fn parse(body: &[u8]) -> Result<StartupPacket, PgError> {
 /// Parameters in order, and the `_pq_.*` option names.
 type Params = (Vec<(String, String)>, Vec<String>);
 
-fn parse_params(mut rest: &[u8]) -> Result<Params, PgError> {
-    let mut params = Vec::new();
+/// Postgres's rules: name/value pairs up to an empty name, which must be the last byte; a name
+/// given twice keeps its place and takes the later value (Postgres applies both, in order);
+/// `replication` must be a boolean or `database`. Bytes that are not UTF-8 are replaced.
+fn parse_params(mut rest: &[u8]) -> Result<Params, StartupError> {
+    let mut params: Vec<(String, String)> = Vec::new();
     let mut options = Vec::new();
     loop {
         let Some(nul) = rest.iter().position(|b| *b == 0) else {
-            return Err(protocol_error("invalid startup packet: missing terminator"));
+            return Err(layout_error("expected terminator as last byte"));
         };
         if nul == 0 {
             if rest.len() != 1 {
-                return Err(protocol_error("invalid startup packet: bytes after the terminator"));
+                return Err(layout_error("expected terminator as last byte"));
             }
             break;
         }
-        let name = std::str::from_utf8(&rest[..nul])
-            .map_err(|_| protocol_error("invalid startup packet: parameter name is not UTF-8"))?
-            .to_string();
+        let name = String::from_utf8_lossy(&rest[..nul]).into_owned();
         rest = &rest[nul + 1..];
         let Some(vnul) = rest.iter().position(|b| *b == 0) else {
-            return Err(protocol_error(format!(
-                "invalid startup packet: no value for parameter {name:?}"
-            )));
+            return Err(layout_error("expected terminator as last byte"));
         };
         let value = String::from_utf8_lossy(&rest[..vnul]).into_owned();
         rest = &rest[vnul + 1..];
+        if name == "replication" && value != "database" && pg_bool(&value).is_none() {
+            return Err(StartupError::Refuse {
+                reason: "invalid_parameter",
+                error: Box::new(
+                    PgError::fatal(
+                        sqlstate::INVALID_PARAMETER_VALUE,
+                        format!("invalid value for parameter \"replication\": \"{value}\""),
+                    )
+                    .with_hint("Valid values are: \"false\", 0, \"true\", 1, \"database\"."),
+                ),
+            });
+        }
         if name.starts_with("_pq_.") {
             options.push(name);
-        } else if params.iter().any(|(k, _): &(String, String)| *k == name) {
-            return Err(protocol_error(format!(
-                "invalid startup packet: parameter {name:?} given twice"
-            )));
+        } else if let Some(slot) = params.iter_mut().find(|(k, _)| *k == name) {
+            slot.1 = value;
         } else {
             params.push((name, value));
         }
     }
-    if !params.iter().any(|(k, _)| k == "user") {
-        return Err(PgError::fatal(
-            sqlstate::INVALID_AUTHORIZATION,
-            "no PostgreSQL user name specified in startup packet",
-        ));
-    }
     Ok((params, options))
+}
+
+/// Postgres's `parse_bool`: true/false, yes/no, on/off, 1/0, any case, and unambiguous prefixes.
+fn pg_bool(v: &str) -> Option<bool> {
+    let l = v.to_ascii_lowercase();
+    let prefix_of = |word: &str, min: usize| l.len() >= min && word.starts_with(l.as_str());
+    match l.as_bytes().first()? {
+        b't' if prefix_of("true", 1) => Some(true),
+        b'f' if prefix_of("false", 1) => Some(false),
+        b'y' if prefix_of("yes", 1) => Some(true),
+        b'n' if prefix_of("no", 1) => Some(false),
+        b'o' if prefix_of("on", 2) => Some(true),
+        b'o' if prefix_of("off", 2) => Some(false),
+        b'1' if l.len() == 1 => Some(true),
+        b'0' if l.len() == 1 => Some(false),
+        _ => None,
+    }
+}
+
+impl StartupMessage {
+    /// The FATAL Postgres sends when the StartupMessage names no user (or an empty one): after
+    /// NegotiateProtocolVersion, if that is due.
+    pub(crate) fn missing_user(&self) -> Option<PgError> {
+        self.get("user").is_none_or(str::is_empty).then(|| {
+            PgError::fatal(
+                sqlstate::INVALID_AUTHORIZATION,
+                "no PostgreSQL user name specified in startup packet",
+            )
+        })
+    }
+
+    /// The `replication` value when it asks for a replication connection.
+    pub(crate) fn replication(&self) -> Option<&str> {
+        self.get("replication")
+            .filter(|v| *v == "database" || pg_bool(v) == Some(true))
+    }
 }
 
 /// Why reading a startup packet stopped.
@@ -202,21 +301,21 @@ pub(crate) enum ReadError {
     /// The client closed before sending anything: not worth a log line above debug.
     Closed,
     Io(std::io::Error),
-    /// Tell the client and close.
-    Protocol(PgError),
+    Startup(StartupError),
 }
 
 /// Takes one whole packet off the front of `buf` and parses it; `Ok(None)` while more bytes are
 /// needed. Anything after the packet stays in `buf`.
-pub fn take_packet(buf: &mut BytesMut) -> Result<Option<StartupPacket>, PgError> {
+pub fn take_packet(buf: &mut BytesMut) -> Result<Option<StartupPacket>, StartupError> {
     if buf.len() < 4 {
         return Ok(None);
     }
     let len = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
     if !(8..=MAX_STARTUP_LEN).contains(&len) {
-        return Err(protocol_error(format!(
-            "invalid startup packet length {len} (allowed 8 to {MAX_STARTUP_LEN} bytes)"
-        )));
+        return Err(silent(
+            "invalid_length",
+            format!("invalid length of startup packet: {len} (allowed 8 to {MAX_STARTUP_LEN} bytes)"),
+        ));
     }
     if buf.len() < len {
         return Ok(None);
@@ -242,13 +341,11 @@ pub(crate) async fn read<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> Result<S
     }
     let len = u32::from_be_bytes(len) as usize;
     if !(8..=MAX_STARTUP_LEN).contains(&len) {
-        return Err(ReadError::Protocol(protocol_error(format!(
-            "invalid startup packet length {len} (allowed 8 to {MAX_STARTUP_LEN} bytes)"
-        ))));
+        return Err(ReadError::Startup(silent("invalid_length", format!("length {len}"))));
     }
     let mut body = vec![0u8; len - 4];
     r.read_exact(&mut body).await.map_err(ReadError::Io)?;
-    parse(&body).map_err(ReadError::Protocol)
+    parse(&body).map_err(ReadError::Startup)
 }
 
 /// Encodes a StartupMessage for protocol 3.0 with the given parameters (used upstream).
@@ -273,7 +370,7 @@ mod tests {
     use super::*;
 
     /// One packet off the front of `bytes`, as the session takes it from its read buffer.
-    fn take(bytes: &[u8]) -> Result<Option<StartupPacket>, PgError> {
+    fn take(bytes: &[u8]) -> Result<Option<StartupPacket>, StartupError> {
         take_packet(&mut BytesMut::from(bytes))
     }
 
@@ -320,22 +417,114 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn oversized_and_truncated_packets_are_protocol_errors() {
-        let mut huge = (20_000u32).to_be_bytes().to_vec();
-        huge.extend_from_slice(&[0; 16]);
-        match take(&huge) {
-            Err(e) => assert_eq!(e.code, "08P01"),
-            other => panic!("{other:?}"),
+    fn refused(r: Result<Option<StartupPacket>, StartupError>) -> PgError {
+        match r {
+            Err(StartupError::Refuse { error, .. }) => *error,
+            other => panic!("not refused: {other:?}"),
         }
-        let unterminated = packet(196608, b"user\0app");
-        match take(&unterminated) {
-            Err(e) => {
-                assert!(e.message.contains("missing terminator") || e.message.contains("no value"))
-            }
-            other => panic!("{other:?}"),
+    }
+
+    #[tokio::test]
+    async fn bad_lengths_close_silently_and_bad_layouts_are_refused() {
+        // As Postgres: a length outside 8..=10004 is logged, not answered.
+        for len in [0u32, 4, 7, 10_005, 20_000, 0x7fff_ffff, u32::MAX] {
+            let mut bytes = len.to_be_bytes().to_vec();
+            bytes.extend_from_slice(&[0; 16]);
+            assert!(
+                matches!(
+                    take(&bytes),
+                    Err(StartupError::Silent {
+                        reason: "invalid_length",
+                        ..
+                    })
+                ),
+                "{len}"
+            );
+        }
+        let largest = packet(
+            196608,
+            &[b"user\0u\0a\0".as_slice(), &[b'x'; 10_004 - 8 - 11], b"\0\0"].concat(),
+        );
+        assert_eq!(largest.len(), MAX_STARTUP_LEN);
+        assert!(matches!(take(&largest), Ok(Some(StartupPacket::Startup(_)))));
+
+        for body in [
+            &b"user\0app"[..],
+            b"user\0",
+            b"user\0u\0",
+            b"",
+            b"\0user\0u\0\0",
+            b"user\0u\0\0x",
+        ] {
+            let e = refused(take(&packet(196608, body)));
+            assert_eq!(e.code, "08P01", "{body:?}");
+            assert!(e.message.contains("invalid startup packet layout"), "{e:?}");
         }
         assert!(matches!(take(b""), Ok(None)), "nothing yet: more bytes are needed");
+    }
+
+    #[test]
+    fn repeated_names_take_the_later_value_in_place() {
+        let StartupPacket::Startup(m) =
+            parse(&[&196608u32.to_be_bytes()[..], b"user\0a\0x\0one\0user\0b\0\0"].concat()).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(m.params, vec![("user".into(), "b".into()), ("x".into(), "one".into())]);
+    }
+
+    #[test]
+    fn ssl_and_gss_requests_ignore_a_body_and_short_cancels_are_silent() {
+        assert_eq!(
+            parse(&[&SSL_REQUEST_CODE.to_be_bytes()[..], b"xyz"].concat()),
+            Ok(StartupPacket::SslRequest)
+        );
+        assert_eq!(
+            parse(&[&GSSENC_REQUEST_CODE.to_be_bytes()[..], b"x"].concat()),
+            Ok(StartupPacket::GssEncRequest)
+        );
+        for rest in [&b""[..], b"\0\0\0\x01", b"\0\0\0\x01\0\0\0"] {
+            let r = parse(&[&CANCEL_REQUEST_CODE.to_be_bytes()[..], rest].concat());
+            assert!(matches!(r, Err(StartupError::Silent { .. })), "{rest:?}");
+        }
+    }
+
+    #[test]
+    fn replication_values_follow_postgres_parse_bool() {
+        for (v, on) in [
+            ("database", true),
+            ("true", true),
+            ("T", true),
+            ("yes", true),
+            ("on", true),
+            ("1", true),
+            ("off", false),
+            ("of", false),
+            ("0", false),
+            ("f", false),
+            ("no", false),
+        ] {
+            let body = [
+                &196608u32.to_be_bytes()[..],
+                format!("user\0u\0replication\0{v}\0\0").as_bytes(),
+            ]
+            .concat();
+            let StartupPacket::Startup(m) = parse(&body).unwrap() else {
+                panic!()
+            };
+            assert_eq!(m.replication().is_some(), on, "{v}");
+        }
+        for v in ["maybe", "o", "", "10", "Database"] {
+            let body = [
+                &196608u32.to_be_bytes()[..],
+                format!("user\0u\0replication\0{v}\0\0").as_bytes(),
+            ]
+            .concat();
+            match parse(&body) {
+                Err(StartupError::Refuse { error, .. }) => assert_eq!(error.code, "22023", "{v}"),
+                other => panic!("{v}: {other:?}"),
+            }
+        }
     }
 
     #[test]
@@ -403,18 +592,32 @@ mod tests {
         assert!(buf.is_empty());
 
         let mut bad = BytesMut::from(&[0u8, 0, 0, 3][..]);
-        assert_eq!(take_packet(&mut bad).unwrap_err().code, "08P01");
+        assert_eq!(take_packet(&mut bad).unwrap_err().reason(), "invalid_length");
     }
 
     #[test]
-    fn other_major_versions_are_refused() {
-        let e = parse(&[&(2u32 << 16).to_be_bytes()[..], b"user\0u\0\0"].concat()).unwrap_err();
-        assert_eq!(e.code, "0A000");
+    fn other_major_versions_are_refused_in_their_own_format() {
+        for (code, protocol2) in [
+            (0u32, false),
+            (1, true),
+            (1 << 16, true),
+            (2 << 16, true),
+            (4 << 16, false),
+            (1234 << 16, false),
+        ] {
+            let body = [&code.to_be_bytes()[..], b"user\0u\0\0"].concat();
+            let e = refused(parse(&body).map(Some));
+            assert_eq!((e.code, e.protocol2), ("0A000", protocol2), "{code:#x}");
+        }
     }
 
     #[test]
-    fn missing_user_is_28000() {
-        let e = parse(&[&196608u32.to_be_bytes()[..], b"database\0d\0\0"].concat()).unwrap_err();
-        assert_eq!(e.code, "28000");
+    fn missing_or_empty_user_is_28000() {
+        for params in [&b"database\0d\0\0"[..], b"user\0\0\0", b"\0"] {
+            let StartupPacket::Startup(m) = parse(&[&196608u32.to_be_bytes()[..], params].concat()).unwrap() else {
+                panic!()
+            };
+            assert_eq!(m.missing_user().map(|e| e.code), Some("28000"), "{params:?}");
+        }
     }
 }

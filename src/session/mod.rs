@@ -76,13 +76,21 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
         Opening::Startup(m) => m,
     };
     let db = &ctx.entry;
+    // As Postgres: NegotiateProtocolVersion (when due), then 28000.
+    if let Some(e) = msg.missing_user() {
+        ctx.metrics
+            .client_startup_errors_total
+            .with_label_values(&[&db.name, "missing_user"])
+            .inc();
+        if msg.needs_negotiation() && client.write_all(&msg.negotiate_protocol_version()).await.is_err() {
+            return;
+        }
+        return send_error(&mut client, &e).await;
+    }
     if ctx.shutdown.is_stopping() {
         return send_error(&mut client, &shutting_down()).await;
     }
-    if let Some(v) = msg
-        .get("replication")
-        .filter(|v| !matches!(*v, "false" | "off" | "no" | "0"))
-    {
+    if let Some(v) = msg.replication() {
         if !db.cfg.allow_replication {
             let e = PgError::fatal(
                 sqlstate::FEATURE_NOT_SUPPORTED,
@@ -238,7 +246,7 @@ fn upstream_params(db: &Database, msg: &StartupMessage, username: &str) -> Vec<(
         .cfg
         .dbname
         .clone()
-        .or_else(|| msg.get("database").map(str::to_string))
+        .or_else(|| msg.get("database").filter(|d| !d.is_empty()).map(str::to_string))
         .unwrap_or_else(|| msg.get("user").unwrap_or_default().to_string());
     let mut params = vec![
         ("user".to_string(), username.to_string()),

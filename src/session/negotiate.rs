@@ -13,7 +13,7 @@ use tokio_util::either::Either;
 use super::{send_error, shutting_down, ClientIo, SessionContext};
 use crate::pg::cancel::BackendKey;
 use crate::pg::error::{sqlstate, PgError};
-use crate::pg::startup::{self, ReadError, StartupMessage, StartupPacket};
+use crate::pg::startup::{self, ReadError, StartupError, StartupMessage, StartupPacket};
 use crate::pg::tls::{Rewind, ALPN_POSTGRESQL, TLS_HANDSHAKE_BYTE};
 
 /// What the client came for, once negotiation is over.
@@ -50,8 +50,12 @@ pub(crate) enum Step {
     StartTls {
         direct: bool,
     },
-    /// Tell the client why and close.
-    Refuse(PgError),
+    /// End the session: tell the client why (FATAL) or, where Postgres closes without a word,
+    /// close.
+    End(StartupError),
+    /// Answer with this byte, then end: Postgres answers an encryption request before it
+    /// notices the unencrypted bytes that came with it.
+    AnswerThenEnd(u8, StartupError),
     /// Close without a word: the client speaks TLS and could not read a Postgres error.
     Close(&'static str),
     Done(Opening),
@@ -86,16 +90,14 @@ pub(crate) fn step(state: State, incoming: Incoming, tls_offered: bool, buffered
         Incoming::Packet(p) => p,
     };
     match packet {
-        StartupPacket::SslRequest if ssl_refused => {
-            Step::Refuse(violation("SSLRequest sent twice or after encryption was established"))
-        }
+        // Postgres reads a second request's code as a protocol version (1234.5679) once the
+        // first was answered, and refuses that version.
+        StartupPacket::SslRequest if ssl_refused => Step::End(startup::unsupported_version(startup::SSL_REQUEST_CODE)),
         // CVE-2021-3935: what follows the request in the same read arrived unencrypted and,
-        // once TLS is on, would pass for something sent under it.
-        StartupPacket::SslRequest if buffered => {
-            Step::Refuse(violation("received unencrypted data after SSL request").with_detail(
-                "This could be either a client-software bug or evidence of an attempted man-in-the-middle attack.",
-            ))
-        }
+        // once TLS is on, would pass for something sent under it. Refused before 'S' (dbward
+        // does not start a handshake it will abandon); after 'N' as Postgres does.
+        StartupPacket::SslRequest if buffered && tls_offered => Step::End(unencrypted("SSL request")),
+        StartupPacket::SslRequest if buffered => Step::AnswerThenEnd(b'N', unencrypted("SSL request")),
         StartupPacket::SslRequest if tls_offered => Step::StartTls { direct: false },
         StartupPacket::SslRequest => Step::Answer(
             b'N',
@@ -104,9 +106,10 @@ pub(crate) fn step(state: State, incoming: Incoming, tls_offered: bool, buffered
                 gss_refused,
             },
         ),
-        StartupPacket::GssEncRequest if gss_refused => Step::Refuse(violation(
-            "GSSENCRequest sent twice or after encryption was established",
-        )),
+        StartupPacket::GssEncRequest if gss_refused => {
+            Step::End(startup::unsupported_version(startup::GSSENC_REQUEST_CODE))
+        }
+        StartupPacket::GssEncRequest if buffered => Step::AnswerThenEnd(b'N', unencrypted("GSSAPI encryption request")),
         // GSSAPI encryption is not offered: 'N' lets the client go on (libpq then tries TLS or
         // plaintext, as its settings say).
         StartupPacket::GssEncRequest => Step::Answer(
@@ -118,6 +121,18 @@ pub(crate) fn step(state: State, incoming: Incoming, tls_offered: bool, buffered
         ),
         StartupPacket::Cancel { pid, secret } => Step::Done(Opening::Cancel(BackendKey { pid, secret })),
         StartupPacket::Startup(m) => Step::Done(Opening::Startup(m)),
+    }
+}
+
+/// Postgres's FATAL for bytes that came in plaintext with an encryption request.
+fn unencrypted(request: &str) -> StartupError {
+    StartupError::Refuse {
+        reason: "unencrypted_data",
+        error: Box::new(
+            violation(&format!("received unencrypted data after {request}")).with_detail(
+                "This could be either a client-software bug or evidence of an attempted man-in-the-middle attack.",
+            ),
+        ),
     }
 }
 
@@ -151,7 +166,11 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 break direct;
             }
-            Step::Refuse(e) => return refuse(&mut plain, &e).await,
+            Step::End(e) => return end(ctx, &mut plain, e).await,
+            Step::AnswerThenEnd(byte, e) => {
+                answer(&mut plain, byte).await.ok()?;
+                return end(ctx, &mut plain, e).await;
+            }
             Step::Close(why) => {
                 tracing::info!("{why}; closing");
                 return None;
@@ -161,13 +180,13 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let acceptor = tls?.acceptor();
     // Direct TLS: the ClientHello is already in `buf`; after an SSLRequest `buf` is empty.
-    let mut io = accept_tls(acceptor, Rewind::new(buf.split(), plain), direct, deadline).await?;
+    let mut io = accept_tls(ctx, acceptor, Rewind::new(buf.split(), plain), direct, deadline).await?;
     let incoming = next(ctx, &mut io, &mut buf, State::Encrypted, deadline).await?;
     match step(State::Encrypted, incoming, true, !buf.is_empty()) {
         Step::Done(opening) => Some((io, opening, buf)),
-        Step::Refuse(e) => refuse(&mut io, &e).await,
+        Step::End(e) => end(ctx, &mut io, e).await,
         // Once encrypted, `step` neither answers nor starts TLS again (see the table test).
-        Step::Answer(..) | Step::StartTls { .. } | Step::Close(_) => None,
+        Step::Answer(..) | Step::AnswerThenEnd(..) | Step::StartTls { .. } | Step::Close(_) => None,
     }
 }
 
@@ -181,6 +200,22 @@ async fn refuse<W: AsyncWrite + Unpin, T>(w: &mut W, e: &PgError) -> Option<T> {
     None
 }
 
+/// Ends the session for what the client sent: counted by reason, logged (with the peer, from
+/// the session span), and told to the client only where Postgres would tell it.
+async fn end<W: AsyncWrite + Unpin, T>(ctx: &SessionContext, w: &mut W, e: StartupError) -> Option<T> {
+    ctx.metrics
+        .client_startup_errors_total
+        .with_label_values(&[&ctx.entry.name, e.reason()])
+        .inc();
+    match e {
+        StartupError::Silent { reason, detail } => {
+            tracing::info!(reason, "{detail}; closing without an answer, as Postgres does");
+            None
+        }
+        StartupError::Refuse { error, .. } => refuse(w, &error).await,
+    }
+}
+
 /// Reads the next startup-phase packet into `buf`, keeping whatever follows it there. `None`
 /// when the session is over (the client closed, stalled past the deadline, sent garbage or
 /// dbward is terminating); the client has been told why when it could be.
@@ -191,42 +226,62 @@ async fn next<S: AsyncRead + AsyncWrite + Unpin>(
     state: State,
     deadline: tokio::time::Instant,
 ) -> Option<Incoming> {
+    let direct_tls = state == State::Start && ctx.entry.client_tls.is_some();
     let read = tokio::select! {
-        r = tokio::time::timeout_at(deadline, read_packet(io, buf, state == State::Start)) => r,
+        r = tokio::time::timeout_at(deadline, read_packet(io, buf, direct_tls)) => r,
         _ = ctx.shutdown.terminating() => return refuse(io, &shutting_down()).await,
     };
     match read {
+        // Postgres ends a stalled startup (authentication_timeout) without a word.
         Err(_) => {
-            let e = PgError::fatal(
-                sqlstate::PROTOCOL_VIOLATION,
-                format!(
-                    "dbward: no startup packet within {}",
-                    humantime::format_duration(ctx.startup_timeout)
-                ),
+            let detail = format!(
+                "no startup packet within startup_timeout ({}; {} bytes of one received)",
+                humantime::format_duration(ctx.startup_timeout),
+                buf.len()
             );
-            refuse(io, &e).await
+            end(
+                ctx,
+                io,
+                StartupError::Silent {
+                    reason: "timeout",
+                    detail,
+                },
+            )
+            .await
         }
         Ok(Err(ReadError::Closed)) => None,
         Ok(Err(ReadError::Io(e))) => {
             tracing::debug!(error = %e, "client went away during startup");
             None
         }
-        Ok(Err(ReadError::Protocol(e))) => refuse(io, &e).await,
+        Ok(Err(ReadError::Startup(e))) => end(ctx, io, e).await,
         Ok(Ok(incoming)) => Some(incoming),
     }
 }
 
-async fn read_packet<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut, first: bool) -> Result<Incoming, ReadError> {
+/// The next packet off `buf`, reading as needed. `direct_tls`: a TLS record where the first
+/// packet should be starts TLS (only with `client_tls`; otherwise those bytes are a length, as
+/// Postgres 15 reads them).
+async fn read_packet<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    direct_tls: bool,
+) -> Result<Incoming, ReadError> {
     loop {
-        if first && buf.first() == Some(&TLS_HANDSHAKE_BYTE) {
+        if direct_tls && buf.first() == Some(&TLS_HANDSHAKE_BYTE) {
             return Ok(Incoming::DirectTls);
         }
-        if let Some(p) = startup::take_packet(buf).map_err(ReadError::Protocol)? {
+        if let Some(p) = startup::take_packet(buf).map_err(ReadError::Startup)? {
             return Ok(Incoming::Packet(p));
         }
         match r.read_buf(buf).await {
             Ok(0) if buf.is_empty() => return Err(ReadError::Closed),
-            Ok(0) => return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into())),
+            Ok(0) => {
+                return Err(ReadError::Startup(StartupError::Silent {
+                    reason: "incomplete",
+                    detail: format!("incomplete startup packet: the client closed after {} bytes", buf.len()),
+                }))
+            }
             Ok(_) => {}
             Err(e) => return Err(ReadError::Io(e)),
         }
@@ -236,6 +291,7 @@ async fn read_packet<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut, first:
 /// The TLS handshake with a client. Failures are logged and end the session: mid-handshake there
 /// is no way to send the client a Postgres error it could read.
 async fn accept_tls<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: &SessionContext,
     acceptor: tokio_rustls::TlsAcceptor,
     stream: Rewind<S>,
     direct: bool,
@@ -258,7 +314,15 @@ async fn accept_tls<S: AsyncRead + AsyncWrite + Unpin>(
     // already refused a client that offered only other protocols).
     if direct && !alpn {
         let e = violation("received direct SSL connection request without ALPN protocol negotiation extension");
-        return refuse(&mut io, &e).await;
+        return end(
+            ctx,
+            &mut io,
+            StartupError::Refuse {
+                reason: "no_alpn",
+                error: Box::new(e),
+            },
+        )
+        .await;
     }
     tracing::debug!(direct, alpn, "client TLS established");
     Some(io)
@@ -296,10 +360,18 @@ mod tests {
         match s {
             Step::Answer(b, st) => format!("answer {} -> {st:?}", b as char),
             Step::StartTls { direct } => format!("tls direct={direct}"),
-            Step::Refuse(e) => format!("refuse {}: {}", e.code, e.message),
+            Step::End(e) => end_text(e),
+            Step::AnswerThenEnd(b, e) => format!("answer {} then {}", b as char, end_text(e)),
             Step::Close(_) => "close".into(),
             Step::Done(Opening::Startup(m)) => format!("startup user={}", m.get("user").unwrap_or("")),
             Step::Done(Opening::Cancel(k)) => format!("cancel pid={}", k.pid),
+        }
+    }
+
+    fn end_text(e: StartupError) -> String {
+        match e {
+            StartupError::Refuse { error, .. } => format!("refuse {}: {}", error.code, error.message),
+            StartupError::Silent { reason, .. } => format!("silent {reason}"),
         }
     }
 
@@ -319,9 +391,11 @@ mod tests {
             (State::Start, ssl(), false, false, "answer N -> Plain { ssl_refused: true, gss_refused: false }"),
             (State::Start, ssl(), true, false, "tls direct=false"),
             (State::Start, ssl(), true, true, "refuse 08P01: received unencrypted data after SSL request"),
-            (ssl_no, ssl(), false, false, "refuse 08P01: SSLRequest sent twice or after encryption was established"),
+            (State::Start, ssl(), false, true, "answer N then refuse 08P01: received unencrypted data after SSL request"),
+            (ssl_no, ssl(), false, false, "refuse 0A000: unsupported frontend protocol 1234.5679: server supports 3.0 to 3.2"),
             (State::Start, gss(), true, false, "answer N -> Plain { ssl_refused: false, gss_refused: true }"),
-            (gss_no, gss(), false, false, "refuse 08P01: GSSENCRequest sent twice or after encryption was established"),
+            (gss_no, gss(), false, false, "refuse 0A000: unsupported frontend protocol 1234.5680: server supports 3.0 to 3.2"),
+            (State::Start, gss(), false, true, "answer N then refuse 08P01: received unencrypted data after GSSAPI encryption request"),
             // libpq asks for GSS first, then TLS.
             (gss_no, ssl(), true, false, "tls direct=false"),
             (gss_no, ssl(), false, false, "answer N -> Plain { ssl_refused: true, gss_refused: true }"),
@@ -332,8 +406,8 @@ mod tests {
             (State::Start, startup(), false, false, "startup user=app"),
             (ssl_no, startup(), false, true, "startup user=app"),
             (State::Start, cancel(), false, false, "cancel pid=7"),
-            (State::Encrypted, ssl(), true, false, "refuse 08P01: SSLRequest sent twice or after encryption was established"),
-            (State::Encrypted, gss(), true, false, "refuse 08P01: GSSENCRequest sent twice or after encryption was established"),
+            (State::Encrypted, ssl(), true, false, "refuse 0A000: unsupported frontend protocol 1234.5679: server supports 3.0 to 3.2"),
+            (State::Encrypted, gss(), true, false, "refuse 0A000: unsupported frontend protocol 1234.5680: server supports 3.0 to 3.2"),
             (State::Encrypted, startup(), true, false, "startup user=app"),
             (State::Encrypted, cancel(), true, false, "cancel pid=7"),
         ];
@@ -349,7 +423,7 @@ mod tests {
             for buffered in [false, true] {
                 let s = step(State::Encrypted, incoming_clone(&incoming), true, buffered);
                 assert!(
-                    matches!(s, Step::Refuse(_) | Step::Done(_) | Step::Close(_)),
+                    matches!(s, Step::End(_) | Step::Done(_) | Step::Close(_)),
                     "{incoming:?}: {s:?}"
                 );
             }
