@@ -162,7 +162,11 @@ impl Metrics {
                 &["operation", "status"],
             ),
             vault_request_seconds: r.histogram("dbward_vault_request_seconds", "Vault request latency.", 15, &["operation"]),
-            vault_denied_total: r.counter("dbward_vault_denied_total", "Credential reads Vault refused with 403.", db),
+            vault_denied_total: r.counter(
+                "dbward_vault_denied_total",
+                "Vault requests refused with 403, by database entry and operation (read, renew, revoke, renew-self, lookup-self; database is empty for the token's own).",
+                &["database", "operation"],
+            ),
             vault_token_expiry_timestamp_seconds: r.reg(IntGauge::new(
                 "dbward_vault_token_expiry_timestamp_seconds",
                 "Unix time at which the current Vault token expires (0: none or no expiry).",

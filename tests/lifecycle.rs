@@ -202,3 +202,107 @@ fn clean_shutdown_revokes_held_leases() {
         d.log_contents()
     );
 }
+
+/// The revocations of this app's tokens in the audit log, by lease (the lease id as the audit
+/// device records it: HMACed, but the same value for the same lease).
+fn revocations_by_lease(s: &Servers, app: &TestApp) -> std::collections::BTreeMap<String, usize> {
+    let mut by_lease = std::collections::BTreeMap::new();
+    for r in s.audit_requests("sys/leases/revoke") {
+        let ours = r["auth"]["policies"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p == app.policy.as_str()));
+        if ours {
+            let lease = r["request"]["data"]["lease_id"].to_string();
+            *by_lease.entry(lease).or_insert(0) += 1;
+        }
+    }
+    by_lease
+}
+
+/// The minimal policy most teams write: `read` on the credential path, nothing else (Vault's
+/// default policy adds lease renewal and the token's own endpoints, not `sys/leases/revoke`).
+/// Over 40 s of rotation with 6 s leases every replaced lease gets at most two revocation
+/// attempts (the first is denied and the operation is not retried until the next login), the
+/// denial is logged once per lease at most, naming path, capability and fix, and counted in
+/// `dbward_vault_denied_total{operation="revoke"}`.
+#[tokio::test]
+async fn a_policy_without_revoke_costs_one_denied_revocation_per_lease_not_a_storm() {
+    let (s, _g, app) = shared_app("life_norevoke");
+    app.set_jwt_role_ttls("8s", Some("16s"));
+    let role = app.short_dynamic_role("6s", "18s");
+    app.set_policy(&format!(
+        "path \"database/creds/{role}\" {{ capabilities = [\"read\"] }}\n"
+    ));
+    let mut cfg = app.config("database").with_admin();
+    cfg.databases[0].credentials = Credentials::database(&role);
+    let admin = cfg.admin_port();
+    let d = Dbward::start(&cfg);
+    let port = d.port();
+
+    let started = Instant::now();
+    let mut failures = Vec::new();
+    while started.elapsed() < Duration::from_secs(40) {
+        match try_connect(port, &app.dbname, "app").await {
+            Ok(c) => {
+                if let Err(e) = whoami(&c).await {
+                    failures.push(format!("{:?}: query: {e}", started.elapsed()));
+                }
+            }
+            Err(e) => failures.push(format!("{:?}: connect: {e}", started.elapsed())),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let log = d.log_contents();
+    assert!(
+        failures.is_empty(),
+        "connections failed:\n{}\n--- log:\n{log}",
+        failures.join("\n")
+    );
+
+    let reads = s
+        .audit_requests(&format!("database/creds/{role}"))
+        .into_iter()
+        .filter(|r| {
+            r["auth"]["policies"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p == app.policy.as_str()))
+        })
+        .count();
+    let by_lease = revocations_by_lease(s, &app);
+    let attempts: usize = by_lease.values().sum();
+    let most = by_lease.values().copied().max().unwrap_or(0);
+    let denial_lines = log
+        .lines()
+        .filter(|l| l.contains("sys/leases/revoke") && l.contains("denied"))
+        .count();
+    eprintln!(
+        "[lifecycle] policy without revoke: {reads} credential reads, {} leases revoked, {attempts} revoke \
+         attempts (at most {most} per lease), {denial_lines} log lines about the denial",
+        by_lease.len()
+    );
+    assert!(reads >= 5, "credentials were not rotated ({reads} reads)");
+    assert!(!by_lease.is_empty(), "no revocation was attempted:\n{log}");
+    assert!(most <= 2, "{most} revoke attempts for one lease: {by_lease:?}");
+    assert!(
+        denial_lines <= by_lease.len(),
+        "{denial_lines} log lines for {} leases:\n{log}",
+        by_lease.len()
+    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("sys/leases/revoke") && l.contains("denied"))
+        .expect("the denial is logged");
+    for want in ["update", "revoke_unused = false"] {
+        assert!(line.contains(want), "the denial line lacks {want:?}: {line}");
+    }
+    let body = ureq::get(&format!("http://127.0.0.1:{admin}/metrics"))
+        .call()
+        .expect("GET /metrics")
+        .into_string()
+        .unwrap();
+    let series = format!(
+        "dbward_vault_denied_total{{database=\"{}\",operation=\"revoke\"}}",
+        app.tag
+    );
+    assert!(body.contains(&series), "no {series} in:\n{body}");
+}

@@ -285,6 +285,33 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_lease_whose_revocation_was_denied_under_this_login_is_left_to_expire_unasked() {
+        use crate::credentials::denials::LeaseOp;
+        let store = store(creds("database", ""));
+        let when = schedule(&creds("database", ""), Some(Duration::from_secs(3600)), 1.0);
+        let replaced = leased(when, "database/creds/r/abc");
+        let clock = LeaseClock::new(Instant::now(), Duration::from_secs(3600));
+        store.leases.add("d", replaced, clock);
+        // Denied under the current login (none yet: generation 0).
+        assert!(store.denials.record("d", LeaseOp::Revoke, 0));
+        let stop = Shutdown::new();
+        tokio::spawn(store.clone().keep_leases(stop.clone()));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!store.leases.holds("database/creds/r/abc"), "the lease is still held");
+        assert_eq!(
+            store.leases.failures("database/creds/r/abc"),
+            0,
+            "a revocation was attempted"
+        );
+        // A reload tries again: a lease held now gets its revocation attempt.
+        store.update_entries([("d".to_string(), creds("database", ""))]).await;
+        let again = leased(when, "database/creds/r/def");
+        store.leases.add("d", again, clock);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(store.leases.failures("database/creds/r/def"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_last_session_of_a_replaced_lease_ending_wakes_its_revocation() {
         let store = store(creds("database", ""));
         let when = schedule(&creds("database", ""), Some(Duration::from_secs(3600)), 1.0);

@@ -8,8 +8,10 @@
 //! - `schedule.rs`: the pure timing (when to refresh, renew, revoke), unit-tested with paused time;
 //! - `lifecycle.rs`: the background tasks, each sleeping until its next deadline or a wake-up;
 //! - `leases.rs`: the leases dbward holds, renewed while in use and revoked when unused;
+//! - `denials.rs`: background operations Vault refused with 403, not retried until a new login;
 //! - `error.rs`: why an entry has no credential, and what the client is told.
 
+mod denials;
 mod error;
 mod fetch;
 mod leases;
@@ -38,6 +40,7 @@ use crate::vault::{Auth, Credential, VaultClient};
 pub(crate) use error::CredentialError;
 use schedule::Schedule;
 
+use denials::Denials;
 use leases::Leases;
 use recent_errors::RecentErrors;
 
@@ -181,6 +184,8 @@ pub(crate) struct CredentialStore {
     /// Every credential with a lease dbward has not given up yet, current ones included.
     leases: Leases,
     recent_errors: RecentErrors,
+    /// Background operations Vault refused with 403, not retried until a new login or reload.
+    denials: Denials,
     metrics: Arc<Metrics>,
     /// A reload added entries: the lifecycle starts their tasks.
     entries_changed: Notify,
@@ -207,6 +212,7 @@ impl CredentialStore {
             cache: Cache::builder().expire_after(LeaseExpiry).build(),
             leases: Leases::default(),
             recent_errors: RecentErrors::new(error_ttl),
+            denials: Denials::default(),
             metrics,
             entries_changed: Notify::new(),
             token_seen: watch::Sender::new(0),
@@ -240,6 +246,8 @@ impl CredentialStore {
                 entries.entry(name).or_insert_with(|| Arc::new(Entry::new(cfg)));
             }
         }
+        // The policy may have changed with the config: denied operations are tried again.
+        self.denials.clear();
         for (name, old) in stale {
             old.retired.cancel();
             self.cache.invalidate(&name).await;

@@ -273,6 +273,8 @@ impl Auth {
     pub(crate) async fn keep_alive(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
         let mut backoff = crate::backoff::Backoff::default();
+        // The login generation whose denied renew-self was logged (logged once per token).
+        let mut denied_renew_logged = 0;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
@@ -291,6 +293,23 @@ impl Auth {
             let result = match ok {
                 Ok(()) => Ok(()),
                 Err(why) => {
+                    if let NeedsLogin::Refused(e) = &why {
+                        if e.is_denied() {
+                            // Not retried: the new login below is the answer, and it happens once
+                            // per token (at 2/3 of its TTL), never on a loop.
+                            self.client.count_denied("", "renew-self");
+                            if denied_renew_logged < tok.generation {
+                                denied_renew_logged = tok.generation;
+                                tracing::warn!(
+                                    path = "auth/token/renew-self",
+                                    capability = "update (missing)",
+                                    error = %e,
+                                    fix = "grant path \"auth/token/renew-self\" { capabilities = [\"update\"] } (Vault's default policy has it; the auth role may set token_no_default_policy)",
+                                    "Vault denied renew-self of auth/token/renew-self: dbward logs in anew instead of renewing"
+                                );
+                            }
+                        }
+                    }
                     if !matches!(why, NeedsLogin::NotRenewable) {
                         tracing::info!(generation = tok.generation, reason = %why, "logging in to Vault anew");
                     }
