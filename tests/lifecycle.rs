@@ -306,3 +306,84 @@ async fn a_policy_without_revoke_costs_one_denied_revocation_per_lease_not_a_sto
     );
     assert!(body.contains(&series), "no {series} in:\n{body}");
 }
+
+/// Revokes (with the root token) every token Vault issued to this app's policy: dbward's.
+/// Returns how many.
+fn revoke_app_tokens(s: &Servers, app: &TestApp) -> usize {
+    let (status, list) = s.vault_request("LIST", "auth/token/accessors", Some(ROOT_TOKEN), None);
+    assert_eq!(status, 200, "LIST auth/token/accessors: {list}");
+    let mut revoked = 0;
+    for accessor in list["data"]["keys"].as_array().unwrap() {
+        let body = json!({ "accessor": accessor });
+        let (status, token) = s.vault_request("POST", "auth/token/lookup-accessor", Some(ROOT_TOKEN), Some(&body));
+        let ours = status == 200
+            && token["data"]["policies"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p == app.policy.as_str()));
+        if ours {
+            s.vault_write("auth/token/revoke-accessor", &body);
+            revoked += 1;
+        }
+    }
+    revoked
+}
+
+/// A KV credential being served when an operator revokes dbward's token (and removes its JWT
+/// role): within the lookup interval the cached credential is dropped, new connections get
+/// 28000 naming the refused login, and they work again once the role is back.
+#[tokio::test]
+async fn a_revoked_token_is_honoured_within_the_check_interval() {
+    let (s, _g, app) = shared_app("life_revoked_token");
+    let mut cfg = app.config("kv");
+    cfg.auth.settings.push(("token_check_interval".into(), "1s".into()));
+    let d = Dbward::start(&cfg);
+    let port = d.port();
+    assert_eq!(
+        whoami(&connect(port, &app.dbname, "x").await).await.unwrap(),
+        app.kv_username
+    );
+
+    s.vault_delete(&format!("auth/jwt/role/{}", app.jwt_role));
+    assert!(revoke_app_tokens(s, &app) >= 1, "dbward's token not found");
+    let revoked_at = Instant::now();
+    // Polled with a deadline: the check runs every second.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let last = match try_connect(port, &app.dbname, "x").await {
+            Ok(_) => "connected with a credential of the revoked token".to_string(),
+            Err(e) => match e.as_db_error() {
+                Some(db) if db.code().code() == "28000" => break,
+                _ => format!("{e:?}"),
+            },
+        };
+        assert!(
+            Instant::now() < deadline,
+            "no 28000 within 20 s of the revocation: {last}\n--- log:\n{}",
+            d.log_contents()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let noticed = revoked_at.elapsed();
+    let refused = connect_refused(port, &app.dbname, "x").await;
+    assert!(
+        refused.message().contains("auth/jwt/login"),
+        "the refusal names the login: {}",
+        refused.message()
+    );
+    assert!(
+        d.log_contents().contains("the token was revoked"),
+        "{}",
+        d.log_contents()
+    );
+
+    app.set_jwt_role_ttls("1h", None);
+    let c = connect_eventually(
+        port,
+        &app.dbname,
+        Duration::from_secs(20),
+        "a new login once the role is back",
+    )
+    .await;
+    assert_eq!(whoami(&c).await.unwrap(), app.kv_username);
+    eprintln!("[lifecycle] revoked token noticed after {noticed:?} (check interval 1 s)");
+}

@@ -158,6 +158,9 @@ pub struct AuthConfig {
     /// Where the method is mounted, without slashes around it (default: the method's name).
     pub mount: String,
     pub login: Login,
+    /// How often the token is looked up (`auth/token/lookup-self`): a 403 means it was revoked,
+    /// and every credential it obtained is dropped.
+    pub token_check_interval: Duration,
 }
 
 /// An auth method with the fields it needs. Files are re-read at every login.

@@ -9,6 +9,8 @@
 //! - one task keeps the held leases ([`super::leases`]): woken when a credential is replaced or
 //!   its last session ends;
 //! - one task notices the token being replaced by `Auth::keep_alive` (see [`CredentialStore::watch_token`]);
+//! - one task looks the token up every `token_check_interval` ([`CredentialStore::check_token`]):
+//!   a revoked token's credentials are dropped;
 //! - `Auth::keep_alive` itself keeps the Vault token alive.
 //!
 //! Failures back off ([`crate::backoff`]); the backoff's end is one of the deadlines.
@@ -47,6 +49,7 @@ impl CredentialStore {
             async move { stop.stopping().await }
         }));
         tokio::spawn(self.clone().watch_token(stop.clone()));
+        tokio::spawn(self.clone().check_token(stop.clone()));
         tokio::spawn(self.clone().keep_leases(stop.clone()));
         loop {
             let entries: Vec<(String, Arc<Entry>)> = self
@@ -198,6 +201,55 @@ impl CredentialStore {
                 _ = stop.stopping() => return,
             }
         }
+    }
+}
+
+impl CredentialStore {
+    /// Looks the token up (`auth/token/lookup-self`) every `token_check_interval`, so that a
+    /// token revoked in Vault (an incident response: "so the service cannot cling to cached
+    /// permissions") is noticed within the interval rather than at its next renewal. A 403
+    /// means revoked; Vault unreachable or failing means nothing (the cache keeps serving).
+    async fn check_token(self: Arc<Self>, stop: Shutdown) {
+        let every = self.auth.check_interval();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.stopping() => return,
+            }
+            let Some(token) = self.auth.current() else { continue };
+            match crate::vault::auth::lookup_self(self.auth.client(), &token.token).await {
+                Ok(_) => {}
+                Err(e) if e.is_denied() => {
+                    self.vault.count_denied("", "lookup-self");
+                    self.token_revoked(&token, &e).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "token lookup failed; cached credentials keep serving"),
+            }
+        }
+    }
+
+    /// Vault denied the token's own lookup: it was revoked. Every credential it obtained is
+    /// dropped (KV and static ones too: they were read with it), and dbward logs in again; new
+    /// connections get only what the new login may read, or the login's refusal.
+    pub(crate) async fn token_revoked(&self, token: &Arc<crate::vault::VaultToken>, e: &crate::vault::VaultError) {
+        tracing::warn!(
+            generation = token.generation,
+            error = %e,
+            "Vault denied the token's own lookup: the token was revoked. Dropping every credential it obtained \
+             and logging in again"
+        );
+        self.auth.forget(token);
+        self.cache.invalidate_all();
+        self.recent_errors.forget_all();
+        let entries: Vec<Arc<Entry>> = self.entries.read().unwrap().values().cloned().collect();
+        match self.auth.token().await {
+            Ok(t) => self.saw_token_generation(t.generation),
+            Err(e) => tracing::warn!(error = %e, "the new Vault login failed; clients are refused until one succeeds"),
+        }
+        for entry in entries {
+            entry.wake.notify_one();
+        }
+        self.leases.wake.notify_one();
     }
 }
 

@@ -261,6 +261,25 @@ impl Auth {
         Some(self.login_now().await)
     }
 
+    /// `vault.auth.token_check_interval`.
+    pub(crate) fn check_interval(&self) -> Duration {
+        self.cfg.token_check_interval
+    }
+
+    /// Vault says `revoked` no longer exists: stop using it (the next caller logs in). A token
+    /// that already replaced it is kept.
+    pub(crate) fn forget(&self, revoked: &Arc<VaultToken>) {
+        let mut cur = self.current.lock().unwrap();
+        if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, revoked)) {
+            *cur = None;
+        }
+    }
+
+    /// The client, for requests made with this login's token.
+    pub(crate) fn client(&self) -> &Arc<VaultClient> {
+        &self.client
+    }
+
     /// The generation of the current login (0 before the first).
     pub(crate) fn generation(&self) -> u64 {
         self.current().map(|t| t.generation).unwrap_or(0)
@@ -601,6 +620,7 @@ mod tests {
         let cfg = |mount: &str, login| AuthConfig {
             mount: mount.to_string(),
             login,
+            token_check_interval: Duration::from_secs(60),
         };
         let token_file = std::path::PathBuf::from("/run/dbward/token");
         let role = || "payments".to_string();

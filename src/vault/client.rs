@@ -327,6 +327,7 @@ mod tests {
                 login: Login::Token {
                     token_file: "/dev/null".into(),
                 },
+                token_check_interval: Duration::from_secs(60),
             },
         }
     }
