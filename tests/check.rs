@@ -376,6 +376,11 @@ fn token_max_ttl_shorter_than_lease_max_ttl_is_a_warning() {
         "{line}"
     );
     assert!(out.line("login (jwt role").contains("max TTL 30m"), "{}", out.all());
+    let end = out.line("hard end of a new session's credential");
+    assert!(
+        end.starts_with("ok") && end.contains("30m at most (Vault token max TTL; lease max TTL 2h, token max TTL 30m)"),
+        "{end}"
+    );
 
     let strict = check(&app, "tokttl", &cfg, &["--strict"]);
     assert_eq!(strict.code, 1, "{}", strict.all());
