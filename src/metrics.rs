@@ -56,6 +56,7 @@ pub struct Metrics {
     pub(crate) cancel_requests_total: IntCounterVec,
     pub(crate) lease_renewals_total: IntCounterVec,
     pub(crate) lease_revocations_total: IntCounterVec,
+    pub(crate) sessions_retired_total: IntCounterVec,
     pub(crate) build_info: IntGaugeVec,
 }
 
@@ -190,6 +191,11 @@ impl Metrics {
                 "dbward_lease_revocations_total",
                 "Lease revocations (unused after replacement, or at shutdown), by result.",
                 &["database", "result"],
+            ),
+            sessions_retired_total: r.counter(
+                "dbward_sessions_retired_total",
+                "Sessions dbward closed between transactions shortly before their credential's hard end, by reason: lease_max_ttl or token_max_ttl.",
+                &["database", "reason"],
             ),
             build_info: r.int_gauge("dbward_build_info", "Always 1; the version label says which build.", &["version"]),
             registry: r.0,

@@ -387,3 +387,86 @@ async fn a_revoked_token_is_honoured_within_the_check_interval() {
     assert_eq!(whoami(&c).await.unwrap(), app.kv_username);
     eprintln!("[lifecycle] revoked token noticed after {noticed:?} (check interval 1 s)");
 }
+
+/// A session running `BEGIN; SELECT pg_sleep(0.3); COMMIT` (three statements) in a loop through
+/// the Vault token's max TTL (16 s; leases 6 s / 18 s): dbward learns the token's end when Vault
+/// caps its renewal, and closes the session with its own 57P01 between two transactions before
+/// the lease dies with the token; never the server's "terminating connection" inside one.
+#[tokio::test]
+async fn a_session_is_retired_between_transactions_before_the_token_max_ttl() {
+    let (_s, _g, app) = shared_app("life_retire");
+    app.set_jwt_role_ttls("8s", Some("16s"));
+    let role = app.short_dynamic_role("6s", "18s");
+    let mut cfg = app.config("database").with_admin();
+    cfg.databases[0].credentials = Credentials::database(&role);
+    let admin = cfg.admin_port();
+    let d = Dbward::start(&cfg);
+    let port = d.port();
+    let started = Instant::now();
+    // The connection task's own end is kept: an ErrorResponse that arrives while the client is
+    // idle (no query in flight) ends the connection task with it, and the client sees Closed.
+    let (c, connection) = pg_config(port, &app.dbname, "long")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect through dbward");
+    let connection = tokio::spawn(connection);
+    let mut transactions = 0;
+    let (failed_in, err) = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "the session outlived the token's max TTL by far ({transactions} transactions)"
+        );
+        if let Err(e) = c.simple_query("BEGIN").await {
+            break ("BEGIN", e);
+        }
+        if let Err(e) = c.simple_query("SELECT pg_sleep(0.3)").await {
+            break ("SELECT", e);
+        }
+        if let Err(e) = c.simple_query("COMMIT").await {
+            break ("COMMIT", e);
+        }
+        transactions += 1;
+    };
+    let ended = started.elapsed();
+    let log = d.log_contents();
+    let conn_end = tokio::time::timeout(Duration::from_secs(5), connection)
+        .await
+        .expect("the connection task ends")
+        .unwrap();
+    let db = match (err.as_db_error(), &conn_end) {
+        (Some(db), _) => db.clone(),
+        (None, Err(e)) if e.as_db_error().is_some() => e.as_db_error().unwrap().clone(),
+        _ => panic!("{failed_in}: {err:?}, connection {conn_end:?} after {ended:?}\n--- log:\n{log}"),
+    };
+    eprintln!(
+        "[lifecycle] session ended after {ended:?} and {transactions} transactions: {} {}",
+        db.code().code(),
+        db.message()
+    );
+    assert_eq!(
+        failed_in, "BEGIN",
+        "ended inside a transaction: {db:?}\n--- log:\n{log}"
+    );
+    assert_eq!(db.code().code(), "57P01", "{db:?}");
+    assert!(
+        db.message()
+            .starts_with("dbward: this session's database credential reaches its end at")
+            && db.message().contains("(Vault token max TTL); reconnect for a new one"),
+        "{}",
+        db.message()
+    );
+    assert!(ended < Duration::from_secs(17), "retired only after {ended:?}");
+    assert!(transactions >= 10, "{transactions} transactions");
+    let body = ureq::get(&format!("http://127.0.0.1:{admin}/metrics"))
+        .call()
+        .expect("GET /metrics")
+        .into_string()
+        .unwrap();
+    let series = format!(
+        "dbward_sessions_retired_total{{database=\"{}\",reason=\"token_max_ttl\"}} 1",
+        app.tag
+    );
+    assert!(body.contains(&series), "no {series} in:\n{body}");
+    // New connections keep working, on the new token's credential.
+    whoami(&connect(port, &app.dbname, "x").await).await.unwrap();
+}

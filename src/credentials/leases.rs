@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use super::denials::LeaseOp;
 use super::schedule::{earliest, next_lease_action, wake_at, LeaseAction, LeaseClock, LeaseRole, LeaseView};
-use super::{CredentialStore, Held};
+use super::{CredentialStore, EndBy, Held};
 use crate::backoff::Backoff;
 use crate::vault::VaultError;
 
@@ -122,6 +122,14 @@ impl CredentialStore {
         let mut acted = false;
         for l in self.leases.snapshot() {
             let Some(lease) = &l.held.cred.lease else { continue };
+            // The hard end, once known: the token that created the lease reached its max TTL
+            // (the lease dies with it), or the lease cannot be extended.
+            if let Some(end) = self.auth.token_end(l.held.token_generation) {
+                l.held.limit(Instant::from_std(end), EndBy::TokenMaxTtl);
+            }
+            if !lease.renewable || l.clock.at_max {
+                l.held.limit(l.clock.end(), EndBy::LeaseMaxTtl);
+            }
             // An entry removed by a reload: its leases get the default treatment.
             let (renew_in_use, revoke_unused) = self
                 .entry(&l.database)
@@ -200,6 +208,9 @@ impl CredentialStore {
                     ..LeaseClock::new(Instant::now(), granted)
                 };
                 self.leases.renewed(id, clock);
+                if clock.at_max {
+                    h.limit(clock.end(), EndBy::LeaseMaxTtl);
+                }
                 self.metrics
                     .lease_renewals_total
                     .with_label_values(&[database, "ok"])

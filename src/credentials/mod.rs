@@ -57,6 +57,71 @@ pub(crate) struct Held {
     schedule: Schedule,
     /// The SCRAM salted password, computed on the first upstream login with this credential.
     scram_keys: Arc<KeyCache>,
+    /// When the credential ends for good, once the lifecycle knows (lease max TTL reached, or
+    /// the max TTL of the token that created the lease): sessions are retired before it.
+    hard_end: watch::Sender<Option<HardEnd>>,
+}
+
+/// The end a credential cannot be renewed past, and what sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HardEnd {
+    pub(crate) at: tokio::time::Instant,
+    pub(crate) by: EndBy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EndBy {
+    LeaseMaxTtl,
+    TokenMaxTtl,
+}
+
+impl EndBy {
+    /// The `reason` label of `dbward_sessions_retired_total`.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            EndBy::LeaseMaxTtl => "lease_max_ttl",
+            EndBy::TokenMaxTtl => "token_max_ttl",
+        }
+    }
+
+    pub(crate) fn text(self) -> &'static str {
+        match self {
+            EndBy::LeaseMaxTtl => "lease max TTL",
+            EndBy::TokenMaxTtl => "Vault token max TTL",
+        }
+    }
+}
+
+/// A session's view of its credential's hard end: retired at the first transaction boundary
+/// after [`schedule::retire_at`].
+pub(crate) struct Retirement {
+    hard_end: watch::Receiver<Option<HardEnd>>,
+    fetched_at: tokio::time::Instant,
+}
+
+impl Retirement {
+    /// The hard end, if known, and when the session should go (a margin before it).
+    pub(crate) fn due_at(&self) -> Option<(HardEnd, tokio::time::Instant)> {
+        let end = (*self.hard_end.borrow())?;
+        Some((end, schedule::retire_at(self.fetched_at, end.at)))
+    }
+
+    /// Resolves once retirement is due (never, if the hard end stays unknown).
+    pub(crate) async fn wait(&mut self) -> HardEnd {
+        loop {
+            match self.due_at() {
+                Some((end, at)) => tokio::select! {
+                    _ = tokio::time::sleep_until(at) => return end,
+                    r = self.hard_end.changed() => if r.is_err() { tokio::time::sleep_until(at).await; return end },
+                },
+                None => {
+                    if self.hard_end.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl std::ops::Deref for Held {
@@ -83,7 +148,19 @@ impl Held {
             in_use: AtomicUsize::new(0),
             schedule,
             scram_keys: Arc::default(),
+            hard_end: watch::Sender::new(None),
         }
+    }
+
+    /// Records that the credential ends for good at `at` (the earliest such end is kept).
+    pub(crate) fn limit(&self, at: tokio::time::Instant, by: EndBy) {
+        self.hard_end.send_if_modified(|cur| {
+            let earlier = cur.is_none_or(|c| at < c.at);
+            if earlier {
+                *cur = Some(HardEnd { at, by });
+            }
+            earlier
+        });
     }
 
     pub(crate) fn in_use(&self) -> usize {
@@ -109,6 +186,14 @@ impl std::ops::Deref for InUse {
 impl InUse {
     pub(crate) fn scram_keys(&self) -> &Arc<KeyCache> {
         &self.held.scram_keys
+    }
+
+    /// What the session needs to leave before the credential's hard end.
+    pub(crate) fn retirement(&self) -> Retirement {
+        Retirement {
+            hard_end: self.held.hard_end.subscribe(),
+            fetched_at: self.held.fetched_at(),
+        }
     }
 }
 

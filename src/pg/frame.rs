@@ -158,7 +158,10 @@ mod tests {
             // Whole chunks: idle is judged at the end of what passed.
             let mut b = Boundaries::default();
             b.advance(&stream[..want[6] + 3]);
-            assert!(!b.idle_between_transactions(), "a NoticeResponse header started after it");
+            assert!(
+                !b.idle_between_transactions(),
+                "a NoticeResponse header started after it"
+            );
         }
     }
 

@@ -144,7 +144,8 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
         "session established"
     );
 
-    relay::relay(ctx, client, upstream.stream, pending, boundaries).await;
+    let retirement = credential.retirement();
+    relay::relay(ctx, client, upstream.stream, pending, boundaries, retirement).await;
     drop(credential);
 }
 

@@ -198,6 +198,9 @@ pub struct Auth {
     /// When the last login forced by a 403 happened: such logins are rate-limited so a broken
     /// policy never turns into a login loop.
     last_forced: Mutex<Option<Instant>>,
+    /// When tokens of past logins end for good, by generation, once known: Vault capped a
+    /// renewal (the max TTL is near), or the token was not renewable. Leases die with them.
+    ends: Mutex<std::collections::BTreeMap<u64, Instant>>,
 }
 
 /// Forced re-logins (after a 403) happen at most this often.
@@ -212,6 +215,7 @@ impl Auth {
             current: Mutex::new(None),
             generation: Mutex::new(0),
             last_forced: Mutex::new(None),
+            ends: Mutex::default(),
         })
     }
 
@@ -261,6 +265,20 @@ impl Auth {
         Some(self.login_now().await)
     }
 
+    /// When the token of login `generation` ends for good, if known.
+    pub(crate) fn token_end(&self, generation: u64) -> Option<Instant> {
+        self.ends.lock().unwrap().get(&generation).copied()
+    }
+
+    fn ends_at(&self, generation: u64, at: Instant) {
+        let mut ends = self.ends.lock().unwrap();
+        ends.insert(generation, at);
+        // Only recent logins can still own leases in use.
+        while ends.len() > 64 {
+            ends.pop_first();
+        }
+    }
+
     /// `vault.auth.token_check_interval`.
     pub(crate) fn check_interval(&self) -> Duration {
         self.cfg.token_check_interval
@@ -307,6 +325,7 @@ impl Auth {
             let ok = if tok.renewable {
                 self.renew(&tok).await
             } else {
+                self.ends_at(tok.generation, tok.obtained_at + ttl);
                 Err(NeedsLogin::NotRenewable)
             };
             let result = match ok {
@@ -361,6 +380,7 @@ impl Auth {
         let granted = renewal.granted.unwrap_or_default();
         // Less than asked means the token's max TTL is near: leases it owns die with it.
         if granted + Duration::from_secs(1) < asked {
+            self.ends_at(tok.generation, started + granted);
             return Err(NeedsLogin::Capped { granted, asked });
         }
         let renewed = Arc::new(VaultToken {
