@@ -298,6 +298,9 @@ pub struct CredentialsConfig {
     pub renew_in_use: bool,
     /// Revoke a replaced lease once no client connection uses it.
     pub revoke_unused: bool,
+    /// Retire a session this long before its credential's hard end; None: 10 % of the
+    /// credential's life, at most 5 minutes.
+    pub retire_margin: Option<Duration>,
 }
 
 /// A Vault secret, with exactly what reading it takes.

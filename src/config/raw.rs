@@ -240,6 +240,9 @@ pub(super) struct CredentialsConfig {
     /// Revoke a replaced lease once no client connection uses it.
     #[serde(default = "default_true")]
     pub(super) revoke_unused: bool,
+    /// Retire a session this long before its credential's hard end (default: 10 % of the
+    /// credential's life, at most 5 minutes).
+    pub(super) retire_margin: Option<HumanDuration>,
 }
 
 fn default_refresh_fraction() -> f64 {

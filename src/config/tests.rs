@@ -28,6 +28,13 @@ fn good_config_gets_defaults() {
     assert_eq!(db.socket_mode, 0o660);
     assert_eq!(c.vault.auth.mount, "jwt");
     assert_eq!(c.vault.auth.token_check_interval, std::time::Duration::from_secs(60));
+    assert_eq!(db.credentials.retire_margin, None, "the 10 %, at most 5 minutes, rule");
+    let set = Config::parse(&GOOD.replacen("role = \"payments\"", "role = \"payments\"\nretire_margin = \"30s\"", 1))
+        .unwrap();
+    assert_eq!(
+        set.databases[0].credentials.retire_margin,
+        Some(std::time::Duration::from_secs(30))
+    );
     assert_eq!(
         db.listen,
         [

@@ -379,5 +379,6 @@ fn credentials(i: usize, c: raw::CredentialsConfig) -> Result<CredentialsConfig,
         refresh_fraction: c.refresh_fraction,
         renew_in_use: c.renew_in_use,
         revoke_unused: c.revoke_unused,
+        retire_margin: c.retire_margin.map(|m| m.0),
     })
 }

@@ -97,13 +97,19 @@ impl EndBy {
 pub(crate) struct Retirement {
     hard_end: watch::Receiver<Option<HardEnd>>,
     fetched_at: tokio::time::Instant,
+    /// `credentials.retire_margin`; None: the default rule.
+    margin: Option<Duration>,
 }
 
 impl Retirement {
     /// The hard end, if known, and when the session should go (a margin before it).
     pub(crate) fn due_at(&self) -> Option<(HardEnd, tokio::time::Instant)> {
         let end = (*self.hard_end.borrow())?;
-        Some((end, schedule::retire_at(self.fetched_at, end.at)))
+        let at = match self.margin {
+            Some(m) => end.at.checked_sub(m).unwrap_or(end.at),
+            None => schedule::retire_at(self.fetched_at, end.at),
+        };
+        Some((end, at))
     }
 
     /// Resolves once retirement is due (never, if the hard end stays unknown).
@@ -189,10 +195,11 @@ impl InUse {
     }
 
     /// What the session needs to leave before the credential's hard end.
-    pub(crate) fn retirement(&self) -> Retirement {
+    pub(crate) fn retirement(&self, margin: Option<Duration>) -> Retirement {
         Retirement {
             hard_end: self.held.hard_end.subscribe(),
             fetched_at: self.held.fetched_at(),
+            margin,
         }
     }
 }

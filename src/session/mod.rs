@@ -144,7 +144,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
         "session established"
     );
 
-    let retirement = credential.retirement();
+    let retirement = credential.retirement(ctx.entry.cfg.credentials.retire_margin);
     relay::relay(ctx, client, upstream.stream, pending, boundaries, retirement).await;
     drop(credential);
 }
