@@ -123,18 +123,19 @@ impl CredentialStore {
         for l in self.leases.snapshot() {
             let Some(lease) = &l.held.cred.lease else { continue };
             // The hard end, once known: the token that created the lease reached its max TTL
-            // (the lease dies with it), or the lease cannot be extended.
+            // (the lease dies with it), or the lease will not be extended (not renewable, max TTL
+            // reached, renewal denied, or renew_in_use off).
             if let Some(end) = self.auth.token_end(l.held.token_generation) {
                 l.held.limit(Instant::from_std(end), EndBy::TokenMaxTtl);
-            }
-            if !lease.renewable || l.clock.at_max {
-                l.held.limit(l.clock.end(), EndBy::LeaseMaxTtl);
             }
             // An entry removed by a reload: its leases get the default treatment.
             let (renew_in_use, revoke_unused) = self
                 .entry(&l.database)
                 .map(|e| (e.cfg.renew_in_use, e.cfg.revoke_unused))
                 .unwrap_or((true, true));
+            if !lease.renewable || l.clock.at_max || !renew_in_use {
+                l.held.limit(l.clock.end(), EndBy::LeaseMaxTtl);
+            }
             let current = self
                 .cache
                 .get(&l.database)
