@@ -57,6 +57,7 @@ pub struct Metrics {
     pub(crate) cancel_requests_total: IntCounterVec,
     pub(crate) lease_renewals_total: IntCounterVec,
     pub(crate) lease_revocations_total: IntCounterVec,
+    pub(crate) sessions_retired_total: IntCounterVec,
     pub(crate) build_info: IntGaugeVec,
 }
 
@@ -168,7 +169,11 @@ impl Metrics {
                 &["operation", "status"],
             ),
             vault_request_seconds: r.histogram("dbward_vault_request_seconds", "Vault request latency.", 15, &["operation"]),
-            vault_denied_total: r.counter("dbward_vault_denied_total", "Credential reads Vault refused with 403.", db),
+            vault_denied_total: r.counter(
+                "dbward_vault_denied_total",
+                "Vault requests refused with 403, by database entry and operation (read, renew, revoke, renew-self, lookup-self; database is empty for the token's own).",
+                &["database", "operation"],
+            ),
             vault_token_expiry_timestamp_seconds: r.reg(IntGauge::new(
                 "dbward_vault_token_expiry_timestamp_seconds",
                 "Unix time at which the current Vault token expires (0: none or no expiry).",
@@ -192,6 +197,11 @@ impl Metrics {
                 "dbward_lease_revocations_total",
                 "Lease revocations (unused after replacement, or at shutdown), by result.",
                 &["database", "result"],
+            ),
+            sessions_retired_total: r.counter(
+                "dbward_sessions_retired_total",
+                "Sessions dbward closed between transactions shortly before their credential's hard end, by reason: lease_max_ttl or token_max_ttl.",
+                &["database", "reason"],
             ),
             build_info: r.int_gauge("dbward_build_info", "Always 1; the version label says which build.", &["version"]),
             registry: r.0,

@@ -376,6 +376,11 @@ fn token_max_ttl_shorter_than_lease_max_ttl_is_a_warning() {
         "{line}"
     );
     assert!(out.line("login (jwt role").contains("max TTL 30m"), "{}", out.all());
+    let end = out.line("hard end of a new session's credential");
+    assert!(
+        end.starts_with("ok") && end.contains("30m at most (Vault token max TTL; lease max TTL 2h, token max TTL 30m)"),
+        "{end}"
+    );
 
     let strict = check(&app, "tokttl", &cfg, &["--strict"]);
     assert_eq!(strict.code, 1, "{}", strict.all());
@@ -640,4 +645,35 @@ fn diff_policy_shows_missing_and_unused_paths() {
     let out = dbward(&app.dir, "diff", &cfg, &[&args[..], &["--strict"]].concat(), &root);
     assert_eq!(out.code, 0, "{}", out.all());
     assert!(out.line(&format!("read {new_path}")).starts_with("ok"), "{}", out.all());
+}
+
+/// The minimal policy most teams write: `read` on the credential path only. The read and the
+/// upstream pass; the missing `update` on `sys/leases/revoke` is a warning naming the knob
+/// (dbward lets such leases expire), not a failure; the token's own endpoints come with Vault's
+/// default policy.
+#[test]
+fn check_warns_about_a_policy_without_lease_revocation() {
+    let (_s, _g, app) = shared_app("chk_norevoke");
+    app.set_policy(&format!(
+        "path \"database/creds/{}\" {{ capabilities = [\"read\"] }}\n",
+        app.dynamic_role
+    ));
+    let cfg = app.config("database");
+    let out = check(&app, "norevoke", &cfg, &[]);
+    assert_eq!(out.code, 0, "warnings do not fail the check:\n{}", out.all());
+    let revoke = out.line("update sys/leases/revoke");
+    assert!(revoke.starts_with(&format!("warn {}", app.tag)), "{revoke}");
+    assert!(
+        revoke.contains("left to expire") && revoke.contains("databases[0].credentials.revoke_unused = false"),
+        "{revoke}"
+    );
+    assert!(
+        revoke.contains("add path \"sys/leases/revoke\" { capabilities = [\"update\"] }"),
+        "{revoke}"
+    );
+    let token = out.line("token (auth/token/renew-self");
+    assert!(token.starts_with("ok"), "{token}");
+    assert!(out.line("SELECT 1 ok").starts_with("ok"), "{}", out.all());
+    let strict = check(&app, "norevoke", &cfg, &["--strict"]);
+    assert_eq!(strict.code, 1, "--strict fails on the warning:\n{}", strict.all());
 }

@@ -202,3 +202,271 @@ fn clean_shutdown_revokes_held_leases() {
         d.log_contents()
     );
 }
+
+/// The revocations of this app's tokens in the audit log, by lease (the lease id as the audit
+/// device records it: HMACed, but the same value for the same lease).
+fn revocations_by_lease(s: &Servers, app: &TestApp) -> std::collections::BTreeMap<String, usize> {
+    let mut by_lease = std::collections::BTreeMap::new();
+    for r in s.audit_requests("sys/leases/revoke") {
+        let ours = r["auth"]["policies"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p == app.policy.as_str()));
+        if ours {
+            let lease = r["request"]["data"]["lease_id"].to_string();
+            *by_lease.entry(lease).or_insert(0) += 1;
+        }
+    }
+    by_lease
+}
+
+/// The minimal policy most teams write: `read` on the credential path, nothing else (Vault's
+/// default policy adds lease renewal and the token's own endpoints, not `sys/leases/revoke`).
+/// Over 40 s of rotation with 6 s leases every replaced lease gets at most two revocation
+/// attempts (the first is denied and the operation is not retried until the next login), the
+/// denial is logged once per lease at most, naming path, capability and fix, and counted in
+/// `dbward_vault_denied_total{operation="revoke"}`.
+#[tokio::test]
+async fn a_policy_without_revoke_costs_one_denied_revocation_per_lease_not_a_storm() {
+    let (s, _g, app) = shared_app("life_norevoke");
+    app.set_jwt_role_ttls("8s", Some("16s"));
+    let role = app.short_dynamic_role("6s", "18s");
+    app.set_policy(&format!(
+        "path \"database/creds/{role}\" {{ capabilities = [\"read\"] }}\n"
+    ));
+    let mut cfg = app.config("database").with_admin();
+    cfg.databases[0].credentials = Credentials::database(&role);
+    let admin = cfg.admin_port();
+    let d = Dbward::start(&cfg);
+    let port = d.port();
+
+    let started = Instant::now();
+    let mut failures = Vec::new();
+    while started.elapsed() < Duration::from_secs(40) {
+        match try_connect(port, &app.dbname, "app").await {
+            Ok(c) => {
+                if let Err(e) = whoami(&c).await {
+                    failures.push(format!("{:?}: query: {e}", started.elapsed()));
+                }
+            }
+            Err(e) => failures.push(format!("{:?}: connect: {e}", started.elapsed())),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let log = d.log_contents();
+    assert!(
+        failures.is_empty(),
+        "connections failed:\n{}\n--- log:\n{log}",
+        failures.join("\n")
+    );
+
+    let reads = s
+        .audit_requests(&format!("database/creds/{role}"))
+        .into_iter()
+        .filter(|r| {
+            r["auth"]["policies"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p == app.policy.as_str()))
+        })
+        .count();
+    let by_lease = revocations_by_lease(s, &app);
+    let attempts: usize = by_lease.values().sum();
+    let most = by_lease.values().copied().max().unwrap_or(0);
+    let denial_lines = log
+        .lines()
+        .filter(|l| l.contains("sys/leases/revoke") && l.contains("denied"))
+        .count();
+    eprintln!(
+        "[lifecycle] policy without revoke: {reads} credential reads, {} leases revoked, {attempts} revoke \
+         attempts (at most {most} per lease), {denial_lines} log lines about the denial",
+        by_lease.len()
+    );
+    assert!(reads >= 5, "credentials were not rotated ({reads} reads)");
+    assert!(!by_lease.is_empty(), "no revocation was attempted:\n{log}");
+    assert!(most <= 2, "{most} revoke attempts for one lease: {by_lease:?}");
+    assert!(
+        denial_lines <= by_lease.len(),
+        "{denial_lines} log lines for {} leases:\n{log}",
+        by_lease.len()
+    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("sys/leases/revoke") && l.contains("denied"))
+        .expect("the denial is logged");
+    for want in ["update", "revoke_unused = false"] {
+        assert!(line.contains(want), "the denial line lacks {want:?}: {line}");
+    }
+    let body = ureq::get(&format!("http://127.0.0.1:{admin}/metrics"))
+        .call()
+        .expect("GET /metrics")
+        .into_string()
+        .unwrap();
+    let series = format!(
+        "dbward_vault_denied_total{{database=\"{}\",operation=\"revoke\"}}",
+        app.tag
+    );
+    assert!(body.contains(&series), "no {series} in:\n{body}");
+}
+
+/// Revokes (with the root token) every token Vault issued to this app's policy: dbward's.
+/// Returns how many.
+fn revoke_app_tokens(s: &Servers, app: &TestApp) -> usize {
+    let (status, list) = s.vault_request("LIST", "auth/token/accessors", Some(ROOT_TOKEN), None);
+    assert_eq!(status, 200, "LIST auth/token/accessors: {list}");
+    let mut revoked = 0;
+    for accessor in list["data"]["keys"].as_array().unwrap() {
+        let body = json!({ "accessor": accessor });
+        let (status, token) = s.vault_request("POST", "auth/token/lookup-accessor", Some(ROOT_TOKEN), Some(&body));
+        let ours = status == 200
+            && token["data"]["policies"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p == app.policy.as_str()));
+        if ours {
+            s.vault_write("auth/token/revoke-accessor", &body);
+            revoked += 1;
+        }
+    }
+    revoked
+}
+
+/// A KV credential being served when an operator revokes dbward's token (and removes its JWT
+/// role): within the lookup interval the cached credential is dropped, new connections get
+/// 28000 naming the refused login, and they work again once the role is back.
+#[tokio::test]
+async fn a_revoked_token_is_honoured_within_the_check_interval() {
+    let (s, _g, app) = shared_app("life_revoked_token");
+    let mut cfg = app.config("kv");
+    cfg.auth.settings.push(("token_check_interval".into(), "1s".into()));
+    let d = Dbward::start(&cfg);
+    let port = d.port();
+    assert_eq!(
+        whoami(&connect(port, &app.dbname, "x").await).await.unwrap(),
+        app.kv_username
+    );
+
+    s.vault_delete(&format!("auth/jwt/role/{}", app.jwt_role));
+    assert!(revoke_app_tokens(s, &app) >= 1, "dbward's token not found");
+    let revoked_at = Instant::now();
+    // Polled with a deadline: the check runs every second.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let last = match try_connect(port, &app.dbname, "x").await {
+            Ok(_) => "connected with a credential of the revoked token".to_string(),
+            Err(e) => match e.as_db_error() {
+                Some(db) if db.code().code() == "28000" => break,
+                _ => format!("{e:?}"),
+            },
+        };
+        assert!(
+            Instant::now() < deadline,
+            "no 28000 within 20 s of the revocation: {last}\n--- log:\n{}",
+            d.log_contents()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let noticed = revoked_at.elapsed();
+    let refused = connect_refused(port, &app.dbname, "x").await;
+    assert!(
+        refused.message().contains("auth/jwt/login"),
+        "the refusal names the login: {}",
+        refused.message()
+    );
+    assert!(
+        d.log_contents().contains("the token was revoked"),
+        "{}",
+        d.log_contents()
+    );
+
+    app.set_jwt_role_ttls("1h", None);
+    let c = connect_eventually(
+        port,
+        &app.dbname,
+        Duration::from_secs(20),
+        "a new login once the role is back",
+    )
+    .await;
+    assert_eq!(whoami(&c).await.unwrap(), app.kv_username);
+    eprintln!("[lifecycle] revoked token noticed after {noticed:?} (check interval 1 s)");
+}
+
+/// A session running `BEGIN; SELECT pg_sleep(0.3); COMMIT` (three statements) in a loop through
+/// the Vault token's max TTL (16 s; leases 6 s / 18 s): dbward learns the token's end when Vault
+/// caps its renewal, and closes the session with its own 57P01 between two transactions before
+/// the lease dies with the token; never the server's "terminating connection" inside one.
+#[tokio::test]
+async fn a_session_is_retired_between_transactions_before_the_token_max_ttl() {
+    let (_s, _g, app) = shared_app("life_retire");
+    app.set_jwt_role_ttls("8s", Some("16s"));
+    let role = app.short_dynamic_role("6s", "18s");
+    let mut cfg = app.config("database").with_admin();
+    cfg.databases[0].credentials = Credentials::database(&role);
+    let admin = cfg.admin_port();
+    let d = Dbward::start(&cfg);
+    let port = d.port();
+    let started = Instant::now();
+    // The connection task's own end is kept: an ErrorResponse that arrives while the client is
+    // idle (no query in flight) ends the connection task with it, and the client sees Closed.
+    let (c, connection) = pg_config(port, &app.dbname, "long")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect through dbward");
+    let connection = tokio::spawn(connection);
+    let mut transactions = 0;
+    let (failed_in, err) = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "the session outlived the token's max TTL by far ({transactions} transactions)"
+        );
+        if let Err(e) = c.simple_query("BEGIN").await {
+            break ("BEGIN", e);
+        }
+        if let Err(e) = c.simple_query("SELECT pg_sleep(0.3)").await {
+            break ("SELECT", e);
+        }
+        if let Err(e) = c.simple_query("COMMIT").await {
+            break ("COMMIT", e);
+        }
+        transactions += 1;
+    };
+    let ended = started.elapsed();
+    let log = d.log_contents();
+    let conn_end = tokio::time::timeout(Duration::from_secs(5), connection)
+        .await
+        .expect("the connection task ends")
+        .unwrap();
+    let db = match (err.as_db_error(), &conn_end) {
+        (Some(db), _) => db.clone(),
+        (None, Err(e)) if e.as_db_error().is_some() => e.as_db_error().unwrap().clone(),
+        _ => panic!("{failed_in}: {err:?}, connection {conn_end:?} after {ended:?}\n--- log:\n{log}"),
+    };
+    eprintln!(
+        "[lifecycle] session ended after {ended:?} and {transactions} transactions: {} {}",
+        db.code().code(),
+        db.message()
+    );
+    assert_eq!(
+        failed_in, "BEGIN",
+        "ended inside a transaction: {db:?}\n--- log:\n{log}"
+    );
+    assert_eq!(db.code().code(), "57P01", "{db:?}");
+    assert!(
+        db.message()
+            .starts_with("dbward: this session's database credential reaches its end at")
+            && db.message().contains("(Vault token max TTL); reconnect for a new one"),
+        "{}",
+        db.message()
+    );
+    assert!(ended < Duration::from_secs(17), "retired only after {ended:?}");
+    assert!(transactions >= 10, "{transactions} transactions");
+    let body = ureq::get(&format!("http://127.0.0.1:{admin}/metrics"))
+        .call()
+        .expect("GET /metrics")
+        .into_string()
+        .unwrap();
+    let series = format!(
+        "dbward_sessions_retired_total{{database=\"{}\",reason=\"token_max_ttl\"}} 1",
+        app.tag
+    );
+    assert!(body.contains(&series), "no {series} in:\n{body}");
+    // New connections keep working, on the new token's credential.
+    whoami(&connect(port, &app.dbname, "x").await).await.unwrap();
+}

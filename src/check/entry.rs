@@ -140,15 +140,23 @@ impl Run<'_> {
                     e.index
                 )
             };
-            r.push(
-                self.missing_capability(e, &q.path, q.capability, access.info, None)
-                    .fix(format!(
-                        "add path {:?} {{ capabilities = [\"update\"] }} to {}, or set {alternative}; `dbward policy --config {}` prints the policy this config needs",
-                        q.path,
-                        access.info.editable_policies(),
-                        self.config_file()
-                    )),
-            );
+            // Not fatal: dbward stops asking after the first 403 (until the next login) and
+            // lets the lease run out, so this is a warning naming the knob.
+            let mut c = self
+                .missing_capability(e, &q.path, q.capability, access.info, None)
+                .fix(format!(
+                    "add path {:?} {{ capabilities = [\"update\"] }} to {}, or set {alternative}; `dbward policy --config {}` prints the policy this config needs",
+                    q.path,
+                    access.info.editable_policies(),
+                    self.config_file()
+                ));
+            c.verdict = Verdict::Warn;
+            c.message.push_str(if q.path == policy::LEASE_RENEW_PATH {
+                "; leases still used by sessions will end at their TTL instead of being renewed"
+            } else {
+                "; replaced leases will be left to expire instead of being revoked"
+            });
+            r.push(c);
         }
         (can_renew, can_revoke)
     }

@@ -112,6 +112,11 @@ pub async fn run(config: &Config, opts: &Options) -> Result<Report, SetupError> 
     run.token_checks(&mut r, &info);
     let reqs = policy::requirements(config);
     let caps = run.capabilities(&mut r, &token, &reqs).await;
+    if let Some(caps) = &caps {
+        for c in token_endpoints(&reqs, caps, &info) {
+            r.push(c);
+        }
+    }
     let access = entry::Access {
         token: &token,
         info: &info,
@@ -130,6 +135,56 @@ pub async fn run(config: &Config, opts: &Options) -> Result<Report, SetupError> 
         r.push(run.revoke_token(&token).await);
     }
     Ok(r)
+}
+
+/// The token's own endpoints (`auth/token/renew-self`, `revoke-self`, `lookup-self`): what
+/// Vault's default policy grants. One line when all are granted, a warning per missing one.
+fn token_endpoints(reqs: &[policy::Requirement], caps: &login::Capabilities, info: &login::TokenInfo) -> Vec<Check> {
+    let token_reqs: Vec<&policy::Requirement> = reqs.iter().filter(|q| q.databases.is_empty()).collect();
+    let lacks = |q: &policy::Requirement| caps.get(&q.path).is_some_and(|rule| !rule.allows(q.capability));
+    let title = |paths: &[&policy::Requirement]| {
+        let names: Vec<&str> = paths.iter().map(|q| q.path.as_str()).collect();
+        format!("token ({})", names.join(", "))
+    };
+    let missing: Vec<&&policy::Requirement> = token_reqs.iter().filter(|q| lacks(q)).collect();
+    if missing.is_empty() {
+        return vec![Check::new(
+            VAULT_SCOPE,
+            "token_capabilities",
+            title(&token_reqs),
+            Verdict::Pass,
+            "granted",
+        )];
+    }
+    missing
+        .into_iter()
+        .map(|q| {
+            let consequence = match q.path.as_str() {
+                policy::RENEW_SELF_PATH => "dbward cannot renew its token and logs in anew at 2/3 of every token TTL",
+                policy::REVOKE_SELF_PATH => "`dbward check` cannot revoke its test token; it expires at its TTL",
+                _ => "`dbward check` cannot read the token's TTL and max TTL, and auth method token cannot log in",
+            };
+            Check::new(
+                VAULT_SCOPE,
+                "token_capabilities",
+                format!("{} {}", q.capability, q.path),
+                Verdict::Warn,
+                format!(
+                    "missing capability {:?} (token policies: {}): {consequence}",
+                    q.capability,
+                    info.policies_text()
+                ),
+            )
+            .fix(format!(
+                "attach Vault's built-in \"default\" policy to the auth role (unset token_no_default_policy), or add path {:?} {{ capabilities = [{:?}] }} to {}",
+                q.path,
+                q.capability,
+                info.editable_policies()
+            ))
+            .detail("path", q.path.clone())
+            .detail("missing", vec![q.capability])
+        })
+        .collect()
 }
 
 fn skipped(db: &DatabaseConfig, why: &str) -> Check {
@@ -176,5 +231,71 @@ impl Run<'_> {
             Err(e) => Check::new(VAULT_SCOPE, "revoke_token", title, Verdict::Warn, format!("not revoked: {e}"))
                 .fix("the token expires at the end of its TTL; attach Vault's \"default\" policy to allow auth/token/revoke-self"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Rule;
+
+    #[test]
+    fn token_endpoints_warn_per_missing_capability_naming_the_default_policy() {
+        let config = Config::parse(
+            r#"
+[vault]
+address = "http://127.0.0.1:8200"
+[vault.auth]
+method = "jwt"
+role = "payments-service"
+token_file = "/tmp/jwt"
+[[databases]]
+name = "payments"
+listen = ["127.0.0.1:6432"]
+upstream = "db:5432"
+[databases.credentials]
+kind = "database"
+role = "payments"
+"#,
+        )
+        .unwrap();
+        let reqs = policy::requirements(&config);
+        let info = login::TokenInfo {
+            policies: vec!["payments".into()],
+            ttl: None,
+            renewable: true,
+            max_ttl: ttl::MaxTtl::Unknown,
+            lookup_error: None,
+        };
+        let caps = |renew: &str| -> login::Capabilities {
+            [
+                (policy::RENEW_SELF_PATH, renew),
+                (policy::REVOKE_SELF_PATH, "update"),
+                (policy::LOOKUP_SELF_PATH, "read"),
+            ]
+            .into_iter()
+            .map(|(p, c)| {
+                (
+                    p.to_string(),
+                    Rule {
+                        path: p.to_string(),
+                        capabilities: vec![c.to_string()],
+                    },
+                )
+            })
+            .collect()
+        };
+        let all = token_endpoints(&reqs, &caps("update"), &info);
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].verdict, Verdict::Pass);
+        let missing = token_endpoints(&reqs, &caps("deny"), &info);
+        assert_eq!(missing.len(), 1);
+        assert_eq!(missing[0].verdict, Verdict::Warn);
+        assert_eq!(missing[0].title, "update auth/token/renew-self");
+        let fix = missing[0].fix.as_deref().unwrap();
+        assert!(
+            fix.contains("\"default\" policy") && fix.contains("token_no_default_policy"),
+            "{fix}"
+        );
     }
 }

@@ -81,10 +81,7 @@ fn push_diff(r: &mut Report, scope: &str, name: &str, rules: &[policy::Rule], d:
                 "policy",
                 format!("{} {}", req.capability, req.path),
                 Verdict::Pass,
-                format!(
-                    "granted by path {by:?} (needed by {})",
-                    policy::entry_names(&req.databases)
-                ),
+                format!("granted by path {by:?} (needed by {})", req.needed_by()),
             )
             .detail("path", req.path.clone())
             .detail("granted_by", by.clone()),
@@ -108,11 +105,7 @@ fn push_diff(r: &mut Report, scope: &str, name: &str, rules: &[policy::Rule], d:
                 "policy_missing",
                 format!("{} {}", req.capability, req.path),
                 Verdict::Fail,
-                format!(
-                    "{why} (needed by {}: {})",
-                    policy::entry_names(&req.databases),
-                    req.purpose
-                ),
+                format!("{why} (needed by {}: {})", req.needed_by(), req.purpose),
             )
             .fix(format!(
                 "add path {:?} {{ capabilities = [{:?}] }} to policy {name:?}",
@@ -120,6 +113,23 @@ fn push_diff(r: &mut Report, scope: &str, name: &str, rules: &[policy::Rule], d:
             ))
             .detail("path", req.path.clone())
             .detail("missing", vec![req.capability]),
+        );
+    }
+    for req in &d.from_default {
+        r.push(
+            Check::new(
+                scope,
+                "policy",
+                format!("{} {}", req.capability, req.path),
+                Verdict::Pass,
+                format!(
+                    "not in this policy; Vault's default policy grants it (needed by {}: {}): keep \"default\" attached to the auth role",
+                    req.needed_by(),
+                    req.purpose
+                ),
+            )
+            .detail("path", req.path.clone())
+            .detail("granted_by", "default"),
         );
     }
     for rule in &d.unused {

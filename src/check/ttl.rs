@@ -65,6 +65,18 @@ fn max_ttl_from_remaining(left_secs: u64, age: Duration) -> Duration {
     }
 }
 
+/// The hard end of a session's credential, counted from its fetch: the earlier of the lease's
+/// max TTL and the max TTL of the token that obtained it (the lease dies with the token), with
+/// which of the two it is. None: neither is known to be limited.
+pub(super) fn hard_end(lease_max: MaxTtl, token_max: MaxTtl) -> Option<(Duration, &'static str)> {
+    match (lease_max.limited(), token_max.limited()) {
+        (Some(l), Some(t)) if t < l => Some((t, "Vault token max TTL")),
+        (Some(l), _) => Some((l, "lease max TTL")),
+        (None, Some(t)) => Some((t, "Vault token max TTL")),
+        (None, None) => None,
+    }
+}
+
 impl Run<'_> {
     /// Lease max TTL against the token's max TTL and the rotation it implies.
     pub(super) async fn lease_ttl(
@@ -138,7 +150,9 @@ impl Lifetimes<'_> {
             );
         }
         out.extend(self.token_dies_first(&db.name, &role_path));
-        if out.is_empty() {
+        let passed = out.is_empty();
+        out.push(self.hard_end_check(&db.name));
+        if passed {
             let token_max = match self.token_max {
                 MaxTtl::Limited(_) | MaxTtl::Unlimited => format!("; the token's max TTL is {}", self.token_max),
                 MaxTtl::Unknown => String::new(),
@@ -149,6 +163,39 @@ impl Lifetimes<'_> {
             ));
         }
         out
+    }
+
+    /// What a session started now can count on: its credential ends, at the latest, at the
+    /// earlier of the lease max TTL and the token max TTL (measured on the check's fresh token;
+    /// the daemon's token may be older, so this is an upper bound).
+    fn hard_end_check(&self, scope: &str) -> Check {
+        let title = "hard end of a new session's credential";
+        match hard_end(self.max, self.token_max) {
+            Some((end, by)) => Check::new(
+                scope,
+                "hard_end",
+                title,
+                Verdict::Pass,
+                format!(
+                    "{} at most ({by}; lease max TTL {}, token max TTL {}): Postgres ends a session still using the credential then",
+                    fmt_duration(end),
+                    self.max,
+                    self.token_max
+                ),
+            )
+            .detail("hard_end_seconds", end.as_secs())
+            .detail("limited_by", by),
+            None => Check::new(
+                scope,
+                "hard_end",
+                title,
+                Verdict::Pass,
+                format!(
+                    "not limited as far as Vault said (lease max TTL {}, token max TTL {})",
+                    self.max, self.token_max
+                ),
+            ),
+        }
     }
 
     /// Leases die with the token that obtained them: a token max TTL shorter than the lease's
@@ -198,6 +245,17 @@ mod tests {
         assert_eq!(max_ttl_from_remaining(7199, ms(900)), Duration::from_secs(7200));
         assert_eq!(max_ttl_from_remaining(1799, ms(20)), Duration::from_secs(1800));
         assert_eq!(max_ttl_from_remaining(16, ms(1700)), Duration::from_secs(18));
+    }
+
+    #[test]
+    fn the_hard_end_is_the_earlier_of_lease_and_token_max_ttl() {
+        let secs = Duration::from_secs;
+        let (l, t) = (MaxTtl::Limited(secs(18)), MaxTtl::Limited(secs(16)));
+        assert_eq!(hard_end(l, t), Some((secs(16), "Vault token max TTL")));
+        assert_eq!(hard_end(t, l), Some((secs(16), "lease max TTL")));
+        assert_eq!(hard_end(l, MaxTtl::Unlimited), Some((secs(18), "lease max TTL")));
+        assert_eq!(hard_end(MaxTtl::Unknown, t), Some((secs(16), "Vault token max TTL")));
+        assert_eq!(hard_end(MaxTtl::Unknown, MaxTtl::Unlimited), None);
     }
 
     #[test]

@@ -158,6 +158,9 @@ pub struct AuthConfig {
     /// Where the method is mounted, without slashes around it (default: the method's name).
     pub mount: String,
     pub login: Login,
+    /// How often the token is looked up (`auth/token/lookup-self`): a 403 means it was revoked,
+    /// and every credential it obtained is dropped.
+    pub token_check_interval: Duration,
 }
 
 /// An auth method with the fields it needs. Files are re-read at every login.
@@ -295,6 +298,9 @@ pub struct CredentialsConfig {
     pub renew_in_use: bool,
     /// Revoke a replaced lease once no client connection uses it.
     pub revoke_unused: bool,
+    /// Retire a session this long before its credential's hard end; None: 10 % of the
+    /// credential's life, at most 5 minutes.
+    pub retire_margin: Option<Duration>,
 }
 
 /// A Vault secret, with exactly what reading it takes.

@@ -88,6 +88,13 @@ pub(super) struct AuthConfig {
     /// approle: files holding the role_id and secret_id.
     pub(super) role_id_file: Option<PathBuf>,
     pub(super) secret_id_file: Option<PathBuf>,
+    /// How often the token is looked up (`lookup-self`) to notice that it was revoked.
+    #[serde(default = "default_token_check_interval")]
+    pub(super) token_check_interval: HumanDuration,
+}
+
+fn default_token_check_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -233,6 +240,9 @@ pub(super) struct CredentialsConfig {
     /// Revoke a replaced lease once no client connection uses it.
     #[serde(default = "default_true")]
     pub(super) revoke_unused: bool,
+    /// Retire a session this long before its credential's hard end (default: 10 % of the
+    /// credential's life, at most 5 minutes).
+    pub(super) retire_margin: Option<HumanDuration>,
 }
 
 fn default_refresh_fraction() -> f64 {

@@ -27,6 +27,14 @@ fn good_config_gets_defaults() {
     assert_eq!(db.credentials.vault_path(), "database/creds/payments");
     assert_eq!(db.socket_mode, 0o660);
     assert_eq!(c.vault.auth.mount, "jwt");
+    assert_eq!(c.vault.auth.token_check_interval, std::time::Duration::from_secs(60));
+    assert_eq!(db.credentials.retire_margin, None, "the 10 %, at most 5 minutes, rule");
+    let set = Config::parse(&GOOD.replacen("role = \"payments\"", "role = \"payments\"\nretire_margin = \"30s\"", 1))
+        .unwrap();
+    assert_eq!(
+        set.databases[0].credentials.retire_margin,
+        Some(std::time::Duration::from_secs(30))
+    );
     assert_eq!(
         db.listen,
         [
@@ -107,6 +115,7 @@ fn bad_values_name_key_and_value() {
         ("role = \"payments-service\"\n", "", "vault.auth.role: is required for method = \"jwt\""),
         ("address = \"http://127.0.0.1:8200\"", "address = \"127.0.0.1:8200\"", "vault.address: \"127.0.0.1:8200\" must start with http://"),
         ("name = \"payments\"", "name = \"payments\"\nconnect_timeout = \"soon\"", "databases[0].connect_timeout: invalid duration \"soon\""),
+        ("role = \"payments-service\"\n", "role = \"payments-service\"\ntoken_check_interval = \"100ms\"\n", "vault.auth.token_check_interval: must be at least 1s"),
         ("name = \"payments\"", "name = \"payments\"\nsslmode = \"allow\"", "databases[0].sslmode: unknown value \"allow\", expected one of disable, prefer, require, verify-ca, verify-full"),
     ];
     for (from, to, want) in cases {

@@ -103,7 +103,14 @@ fn auth(a: raw::AuthConfig) -> Result<AuthConfig, ConfigError> {
         Some(m) => m.trim_matches('/').to_string(),
         None => method.as_str().to_string(),
     };
-    Ok(AuthConfig { mount, login })
+    if a.token_check_interval.0 < Duration::from_secs(1) {
+        return Err(err("vault.auth.token_check_interval", "must be at least 1s"));
+    }
+    Ok(AuthConfig {
+        mount,
+        login,
+        token_check_interval: a.token_check_interval.0,
+    })
 }
 
 fn admin(a: raw::AdminConfig) -> Result<AdminConfig, ConfigError> {
@@ -372,5 +379,6 @@ fn credentials(i: usize, c: raw::CredentialsConfig) -> Result<CredentialsConfig,
         refresh_fraction: c.refresh_fraction,
         renew_in_use: c.renew_in_use,
         revoke_unused: c.revoke_unused,
+        retire_margin: c.retire_margin.map(|m| m.0),
     })
 }

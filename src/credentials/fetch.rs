@@ -106,7 +106,10 @@ impl CredentialStore {
             .with_label_values(&[database, "error"])
             .inc();
         if e.error.is_denied() {
-            self.metrics.vault_denied_total.with_label_values(&[database]).inc();
+            self.metrics
+                .vault_denied_total
+                .with_label_values(&[database, "read"])
+                .inc();
         }
         tracing::warn!(
             database,

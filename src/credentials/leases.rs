@@ -2,7 +2,9 @@
 //! until its lease is revoked, expires, or is given up. A replaced lease that sessions still use
 //! is renewed (`sys/leases/renew`) at 2/3 of each grant up to the role's max TTL; one nobody uses
 //! is revoked (`sys/leases/revoke`). Failed renewals and revocations back off per lease, so
-//! a Vault that keeps refusing costs one request per lease per backoff step.
+//! a Vault that keeps failing costs one request per lease per backoff step; a 403 is not retried
+//! at all until the next login or reload ([`super::denials`]): a lease whose revocation is denied
+//! is left to expire, one whose renewal is denied is kept, unrenewed, until it ends.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,8 +14,9 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::denials::LeaseOp;
 use super::schedule::{earliest, next_lease_action, wake_at, LeaseAction, LeaseClock, LeaseRole, LeaseView};
-use super::{CredentialStore, Held};
+use super::{CredentialStore, EndBy, Held};
 use crate::backoff::Backoff;
 use crate::vault::VaultError;
 
@@ -83,6 +86,18 @@ impl Leases {
         self.held.lock().unwrap().get(id).map_or(0, |l| l.retry.failures())
     }
 
+    /// Vault denied renewing it: kept until it ends, never renewed again.
+    fn stop_renewing(&self, id: &str) {
+        if let Some(l) = self.held.lock().unwrap().get_mut(id) {
+            l.clock.at_max = true;
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn holds(&self, id: &str) -> bool {
+        self.held.lock().unwrap().contains_key(id)
+    }
+
     fn renewed(&self, id: &str, clock: LeaseClock) {
         if let Some(l) = self.held.lock().unwrap().get_mut(id) {
             l.clock = clock;
@@ -107,11 +122,20 @@ impl CredentialStore {
         let mut acted = false;
         for l in self.leases.snapshot() {
             let Some(lease) = &l.held.cred.lease else { continue };
+            // The hard end, once known: the token that created the lease reached its max TTL
+            // (the lease dies with it), or the lease will not be extended (not renewable, max TTL
+            // reached, renewal denied, or renew_in_use off).
+            if let Some(end) = self.auth.token_end(l.held.token_generation) {
+                l.held.limit(Instant::from_std(end), EndBy::TokenMaxTtl);
+            }
             // An entry removed by a reload: its leases get the default treatment.
             let (renew_in_use, revoke_unused) = self
                 .entry(&l.database)
                 .map(|e| (e.cfg.renew_in_use, e.cfg.revoke_unused))
                 .unwrap_or((true, true));
+            if !lease.renewable || l.clock.at_max || !renew_in_use {
+                l.held.limit(l.clock.end(), EndBy::LeaseMaxTtl);
+            }
             let current = self
                 .cache
                 .get(&l.database)
@@ -134,8 +158,18 @@ impl CredentialStore {
                 revoke_unused,
                 retry_at: l.retry_at,
             };
+            let denied = |op| self.denials.is_denied(&l.database, op, self.auth.generation());
             match next_lease_action(&view, now) {
                 LeaseAction::Forget => self.leases.forget(&l.id),
+                // Denied under this login: asking again would only be denied again.
+                LeaseAction::Revoke if denied(LeaseOp::Revoke) => {
+                    tracing::debug!(database = %l.database, lease = %lease.id, "revocation denied under this login; the lease is left to expire");
+                    self.leases.forget(&l.id);
+                }
+                LeaseAction::Renew if denied(LeaseOp::Renew) => {
+                    tracing::debug!(database = %l.database, lease = %lease.id, "renewal denied under this login; the lease ends at its TTL");
+                    self.leases.stop_renewing(&l.id);
+                }
                 LeaseAction::Revoke => {
                     self.revoke(&l.id, &l.database, &l.held, "replaced and no longer used")
                         .await;
@@ -175,6 +209,9 @@ impl CredentialStore {
                     ..LeaseClock::new(Instant::now(), granted)
                 };
                 self.leases.renewed(id, clock);
+                if clock.at_max {
+                    h.limit(clock.end(), EndBy::LeaseMaxTtl);
+                }
                 self.metrics
                     .lease_renewals_total
                     .with_label_values(&[database, "ok"])
@@ -186,6 +223,11 @@ impl CredentialStore {
                     .lease_renewals_total
                     .with_label_values(&[database, "error"])
                     .inc();
+                if e.is_denied() {
+                    self.leases.stop_renewing(id);
+                    self.denied(database, LeaseOp::Renew, token.generation, &e);
+                    return;
+                }
                 // Nothing left to renew: stop tracking it.
                 let retry_in = if lease_is_gone(&e) {
                     self.leases.forget(id);
@@ -224,6 +266,12 @@ impl CredentialStore {
                     .lease_revocations_total
                     .with_label_values(&[database, "error"])
                     .inc();
+                if e.is_denied() {
+                    // Left to expire: only a policy change would let a retry succeed.
+                    self.leases.forget(id);
+                    self.denied(database, LeaseOp::Revoke, token.generation, &e);
+                    return;
+                }
                 let retry_in = if lease_is_gone(&e) {
                     self.leases.forget(id);
                     None
@@ -235,9 +283,37 @@ impl CredentialStore {
         }
     }
 
-    /// On clean shutdown: revoke every lease dbward still holds (one attempt each).
+    /// Vault answered 403 to `op` for `database` under login `generation`: counted every
+    /// time, logged once (with the path, the missing capability and the fix) until the next
+    /// login or reload, and not attempted again until then.
+    fn denied(&self, database: &str, op: LeaseOp, generation: u64, e: &VaultError) {
+        self.metrics
+            .vault_denied_total
+            .with_label_values(&[database, op.label()])
+            .inc();
+        if self.denials.record(database, op, generation) {
+            tracing::warn!(
+                database,
+                path = op.path(),
+                capability = "update (missing)",
+                login = %self.auth.login_description(),
+                error = %e,
+                fix = %op.fix(database),
+                "Vault denied {} of {}: not retried until the next Vault login or a config reload",
+                op.label(),
+                op.path(),
+            );
+        }
+    }
+
+    /// On clean shutdown: revoke every lease dbward still holds (one attempt each, none where
+    /// Vault denied revocation under this login).
     pub(crate) async fn revoke_all(&self) {
+        let generation = self.auth.generation();
         for l in self.leases.snapshot() {
+            if self.denials.is_denied(&l.database, LeaseOp::Revoke, generation) {
+                continue;
+            }
             self.revoke(&l.id, &l.database, &l.held, "dbward is shutting down")
                 .await;
         }

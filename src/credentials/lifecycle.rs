@@ -9,6 +9,8 @@
 //! - one task keeps the held leases ([`super::leases`]): woken when a credential is replaced or
 //!   its last session ends;
 //! - one task notices the token being replaced by `Auth::keep_alive` (see [`CredentialStore::watch_token`]);
+//! - one task looks the token up every `token_check_interval` ([`CredentialStore::check_token`]):
+//!   a revoked token's credentials are dropped;
 //! - `Auth::keep_alive` itself keeps the Vault token alive.
 //!
 //! Failures back off ([`crate::backoff`]); the backoff's end is one of the deadlines.
@@ -47,6 +49,7 @@ impl CredentialStore {
             async move { stop.stopping().await }
         }));
         tokio::spawn(self.clone().watch_token(stop.clone()));
+        tokio::spawn(self.clone().check_token(stop.clone()));
         tokio::spawn(self.clone().keep_leases(stop.clone()));
         loop {
             let entries: Vec<(String, Arc<Entry>)> = self
@@ -201,6 +204,55 @@ impl CredentialStore {
     }
 }
 
+impl CredentialStore {
+    /// Looks the token up (`auth/token/lookup-self`) every `token_check_interval`, so that a
+    /// token revoked in Vault (an incident response: "so the service cannot cling to cached
+    /// permissions") is noticed within the interval rather than at its next renewal. A 403
+    /// means revoked; Vault unreachable or failing means nothing (the cache keeps serving).
+    async fn check_token(self: Arc<Self>, stop: Shutdown) {
+        let every = self.auth.check_interval();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.stopping() => return,
+            }
+            let Some(token) = self.auth.current() else { continue };
+            match crate::vault::auth::lookup_self(self.auth.client(), &token.token).await {
+                Ok(_) => {}
+                Err(e) if e.is_denied() => {
+                    self.vault.count_denied("", "lookup-self");
+                    self.token_revoked(&token, &e).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "token lookup failed; cached credentials keep serving"),
+            }
+        }
+    }
+
+    /// Vault denied the token's own lookup: it was revoked. Every credential it obtained is
+    /// dropped (KV and static ones too: they were read with it), and dbward logs in again; new
+    /// connections get only what the new login may read, or the login's refusal.
+    pub(crate) async fn token_revoked(&self, token: &Arc<crate::vault::VaultToken>, e: &crate::vault::VaultError) {
+        tracing::warn!(
+            generation = token.generation,
+            error = %e,
+            "Vault denied the token's own lookup: the token was revoked. Dropping every credential it obtained \
+             and logging in again"
+        );
+        self.auth.forget(token);
+        self.cache.invalidate_all();
+        self.recent_errors.forget_all();
+        let entries: Vec<Arc<Entry>> = self.entries.read().unwrap().values().cloned().collect();
+        match self.auth.token().await {
+            Ok(t) => self.saw_token_generation(t.generation),
+            Err(e) => tracing::warn!(error = %e, "the new Vault login failed; clients are refused until one succeeds"),
+        }
+        for entry in entries {
+            entry.wake.notify_one();
+        }
+        self.leases.wake.notify_one();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,6 +334,33 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(60)).await;
         let failures = store.leases.failures("database/creds/r/abc");
         assert!((5..=8).contains(&failures), "{failures} revocation attempts in 60 s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_whose_revocation_was_denied_under_this_login_is_left_to_expire_unasked() {
+        use crate::credentials::denials::LeaseOp;
+        let store = store(creds("database", ""));
+        let when = schedule(&creds("database", ""), Some(Duration::from_secs(3600)), 1.0);
+        let replaced = leased(when, "database/creds/r/abc");
+        let clock = LeaseClock::new(Instant::now(), Duration::from_secs(3600));
+        store.leases.add("d", replaced, clock);
+        // Denied under the current login (none yet: generation 0).
+        assert!(store.denials.record("d", LeaseOp::Revoke, 0));
+        let stop = Shutdown::new();
+        tokio::spawn(store.clone().keep_leases(stop.clone()));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!store.leases.holds("database/creds/r/abc"), "the lease is still held");
+        assert_eq!(
+            store.leases.failures("database/creds/r/abc"),
+            0,
+            "a revocation was attempted"
+        );
+        // A reload tries again: a lease held now gets its revocation attempt.
+        store.update_entries([("d".to_string(), creds("database", ""))]).await;
+        let again = leased(when, "database/creds/r/def");
+        store.leases.add("d", again, clock);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(store.leases.failures("database/creds/r/def"), 1);
     }
 
     #[tokio::test(start_paused = true)]

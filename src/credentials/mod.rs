@@ -8,8 +8,10 @@
 //! - `schedule.rs`: the pure timing (when to refresh, renew, revoke), unit-tested with paused time;
 //! - `lifecycle.rs`: the background tasks, each sleeping until its next deadline or a wake-up;
 //! - `leases.rs`: the leases dbward holds, renewed while in use and revoked when unused;
+//! - `denials.rs`: background operations Vault refused with 403, not retried until a new login;
 //! - `error.rs`: why an entry has no credential, and what the client is told.
 
+mod denials;
 mod error;
 mod fetch;
 mod leases;
@@ -38,6 +40,7 @@ use crate::vault::{Auth, Credential, VaultClient};
 pub(crate) use error::CredentialError;
 use schedule::Schedule;
 
+use denials::Denials;
 use leases::Leases;
 use recent_errors::RecentErrors;
 
@@ -54,6 +57,77 @@ pub(crate) struct Held {
     schedule: Schedule,
     /// The SCRAM salted password, computed on the first upstream login with this credential.
     scram_keys: Arc<KeyCache>,
+    /// When the credential ends for good, once the lifecycle knows (lease max TTL reached, or
+    /// the max TTL of the token that created the lease): sessions are retired before it.
+    hard_end: watch::Sender<Option<HardEnd>>,
+}
+
+/// The end a credential cannot be renewed past, and what sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HardEnd {
+    pub(crate) at: tokio::time::Instant,
+    pub(crate) by: EndBy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EndBy {
+    LeaseMaxTtl,
+    TokenMaxTtl,
+}
+
+impl EndBy {
+    /// The `reason` label of `dbward_sessions_retired_total`.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            EndBy::LeaseMaxTtl => "lease_max_ttl",
+            EndBy::TokenMaxTtl => "token_max_ttl",
+        }
+    }
+
+    pub(crate) fn text(self) -> &'static str {
+        match self {
+            EndBy::LeaseMaxTtl => "lease max TTL",
+            EndBy::TokenMaxTtl => "Vault token max TTL",
+        }
+    }
+}
+
+/// A session's view of its credential's hard end: retired at the first transaction boundary
+/// after [`schedule::retire_at`].
+pub(crate) struct Retirement {
+    hard_end: watch::Receiver<Option<HardEnd>>,
+    fetched_at: tokio::time::Instant,
+    /// `credentials.retire_margin`; None: the default rule.
+    margin: Option<Duration>,
+}
+
+impl Retirement {
+    /// The hard end, if known, and when the session should go (a margin before it).
+    pub(crate) fn due_at(&self) -> Option<(HardEnd, tokio::time::Instant)> {
+        let end = (*self.hard_end.borrow())?;
+        let at = match self.margin {
+            Some(m) => end.at.checked_sub(m).unwrap_or(end.at),
+            None => schedule::retire_at(self.fetched_at, end.at),
+        };
+        Some((end, at))
+    }
+
+    /// Resolves once retirement is due (never, if the hard end stays unknown).
+    pub(crate) async fn wait(&mut self) -> HardEnd {
+        loop {
+            match self.due_at() {
+                Some((end, at)) => tokio::select! {
+                    _ = tokio::time::sleep_until(at) => return end,
+                    r = self.hard_end.changed() => if r.is_err() { tokio::time::sleep_until(at).await; return end },
+                },
+                None => {
+                    if self.hard_end.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl std::ops::Deref for Held {
@@ -80,7 +154,19 @@ impl Held {
             in_use: AtomicUsize::new(0),
             schedule,
             scram_keys: Arc::default(),
+            hard_end: watch::Sender::new(None),
         }
+    }
+
+    /// Records that the credential ends for good at `at` (the earliest such end is kept).
+    pub(crate) fn limit(&self, at: tokio::time::Instant, by: EndBy) {
+        self.hard_end.send_if_modified(|cur| {
+            let earlier = cur.is_none_or(|c| at < c.at);
+            if earlier {
+                *cur = Some(HardEnd { at, by });
+            }
+            earlier
+        });
     }
 
     pub(crate) fn in_use(&self) -> usize {
@@ -106,6 +192,15 @@ impl std::ops::Deref for InUse {
 impl InUse {
     pub(crate) fn scram_keys(&self) -> &Arc<KeyCache> {
         &self.held.scram_keys
+    }
+
+    /// What the session needs to leave before the credential's hard end.
+    pub(crate) fn retirement(&self, margin: Option<Duration>) -> Retirement {
+        Retirement {
+            hard_end: self.held.hard_end.subscribe(),
+            fetched_at: self.held.fetched_at(),
+            margin,
+        }
     }
 }
 
@@ -181,6 +276,8 @@ pub(crate) struct CredentialStore {
     /// Every credential with a lease dbward has not given up yet, current ones included.
     leases: Leases,
     recent_errors: RecentErrors,
+    /// Background operations Vault refused with 403, not retried until a new login or reload.
+    denials: Denials,
     metrics: Arc<Metrics>,
     /// A reload added entries: the lifecycle starts their tasks.
     entries_changed: Notify,
@@ -207,6 +304,7 @@ impl CredentialStore {
             cache: Cache::builder().expire_after(LeaseExpiry).build(),
             leases: Leases::default(),
             recent_errors: RecentErrors::new(error_ttl),
+            denials: Denials::default(),
             metrics,
             entries_changed: Notify::new(),
             token_seen: watch::Sender::new(0),
@@ -240,6 +338,8 @@ impl CredentialStore {
                 entries.entry(name).or_insert_with(|| Arc::new(Entry::new(cfg)));
             }
         }
+        // The policy may have changed with the config: denied operations are tried again.
+        self.denials.clear();
         for (name, old) in stale {
             old.retired.cancel();
             self.cache.invalidate(&name).await;

@@ -28,4 +28,8 @@ impl RecentErrors {
     pub(crate) async fn forget(&self, database: &str) {
         self.0.invalidate(database).await;
     }
+
+    pub(crate) fn forget_all(&self) {
+        self.0.invalidate_all();
+    }
 }

@@ -205,6 +205,17 @@ pub(crate) fn next_lease_action(v: &LeaseView, now: Instant) -> LeaseAction {
     }
 }
 
+/// At most this long before its credential's hard end a session is retired.
+pub(crate) const MAX_RETIRE_MARGIN: Duration = Duration::from_secs(300);
+
+/// When a session on a credential fetched at `fetched_at` that ends for good at `end` is
+/// retired (at its next transaction boundary): 10 % of the credential's life before the end,
+/// at most [`MAX_RETIRE_MARGIN`].
+pub(crate) fn retire_at(fetched_at: Instant, end: Instant) -> Instant {
+    let life = end.saturating_duration_since(fetched_at);
+    end - (life / 10).min(MAX_RETIRE_MARGIN)
+}
+
 /// The earlier of two optional deadlines (None: never).
 pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     match (a, b) {
@@ -226,6 +237,14 @@ mod tests {
 
     const S: fn(u64) -> Duration = Duration::from_secs;
     const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn sessions_are_retired_a_tenth_of_the_credential_life_before_its_end_at_most_five_minutes() {
+        let t0 = Instant::now();
+        assert_eq!(retire_at(t0, t0 + S(16)), t0 + MS(14_400));
+        assert_eq!(retire_at(t0, t0 + S(7200)), t0 + S(6900));
+        assert_eq!(retire_at(t0 + S(5), t0), t0, "an end in the past: at once");
+    }
 
     #[test]
     fn dynamic_lease_is_replaced_at_two_thirds_and_before_the_cache_drops_it() {

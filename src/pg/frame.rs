@@ -18,6 +18,11 @@ pub struct Boundaries {
     header: [u8; 5],
     header_len: usize,
     body_left: usize,
+    /// The last whole message was ReadyForQuery with status `I` (idle, no transaction open),
+    /// and nothing has followed it yet.
+    idle: bool,
+    /// Inside a ReadyForQuery whose status byte has not passed yet.
+    in_ready: bool,
 }
 
 impl Boundaries {
@@ -26,10 +31,16 @@ impl Boundaries {
         while !data.is_empty() {
             if self.body_left > 0 {
                 let n = self.body_left.min(data.len());
+                if self.in_ready {
+                    // ReadyForQuery's body is its one status byte.
+                    self.idle = data[0] == b'I';
+                    self.in_ready = false;
+                }
                 self.body_left -= n;
                 data = &data[n..];
                 continue;
             }
+            self.idle = false;
             let n = (5 - self.header_len).min(data.len());
             self.header[self.header_len..self.header_len + n].copy_from_slice(&data[..n]);
             self.header_len += n;
@@ -40,6 +51,7 @@ impl Boundaries {
                 // the tracker moving instead of wedging it.
                 self.body_left = (len as usize).saturating_sub(4);
                 self.header_len = 0;
+                self.in_ready = self.header[0] == b'Z' && self.body_left > 0;
             }
         }
     }
@@ -47,6 +59,13 @@ impl Boundaries {
     /// True between two messages.
     pub fn at_boundary(&self) -> bool {
         self.header_len == 0 && self.body_left == 0
+    }
+
+    /// True right after a ReadyForQuery with status `I` reached the client, before anything
+    /// else: the session is between transactions, the one point where closing it loses nothing
+    /// the server was doing.
+    pub fn idle_between_transactions(&self) -> bool {
+        self.idle && self.at_boundary()
     }
 
     /// How many more bytes belong to the current message as far as is known yet (the rest of
@@ -94,6 +113,55 @@ mod tests {
                 }
             }
             assert_eq!(seen, ends, "chunk size {chunk}");
+        }
+    }
+
+    #[test]
+    fn idle_only_right_after_ready_for_query_with_status_i_in_any_chunking() {
+        // BEGIN; SELECT; COMMIT as three simple queries: T, then T, then I.
+        let stream = [
+            msg(b'C', b"BEGIN\0"),
+            msg(b'Z', b"T"),
+            msg(b'D', &[7; 40]),
+            msg(b'C', b"SELECT 1\0"),
+            msg(b'Z', b"T"),
+            msg(b'C', b"COMMIT\0"),
+            msg(b'Z', b"I"),
+            msg(b'N', &[1; 20]),
+            msg(b'Z', b"E"),
+            msg(b'Z', b"I"),
+        ]
+        .concat();
+        let mut want = Vec::new();
+        let mut at = 0;
+        for m in [11, 6, 45, 14, 6, 12, 6, 25, 6, 6] {
+            at += m;
+            want.push(at);
+        }
+        let idle_at = [want[6], want[9]];
+        for chunk in 1..=stream.len() {
+            let mut b = Boundaries::default();
+            assert!(!b.idle_between_transactions(), "idle before any ReadyForQuery");
+            let mut seen = Vec::new();
+            let mut at = 0;
+            while at < stream.len() {
+                let step = chunk.min(stream.len() - at);
+                for i in 0..step {
+                    b.advance(&stream[at + i..at + i + 1]);
+                    if b.idle_between_transactions() {
+                        seen.push(at + i + 1);
+                    }
+                }
+                at += step;
+            }
+            assert_eq!(seen, idle_at, "chunk size {chunk}");
+            // Whole chunks: idle is judged at the end of what passed.
+            let mut b = Boundaries::default();
+            b.advance(&stream[..want[6] + 3]);
+            assert!(
+                !b.idle_between_transactions(),
+                "a NoticeResponse header started after it"
+            );
         }
     }
 

@@ -152,7 +152,8 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
         "session established"
     );
 
-    relay::relay(ctx, client, upstream.stream, pending, boundaries).await;
+    let retirement = credential.retirement(ctx.entry.cfg.credentials.retire_margin);
+    relay::relay(ctx, client, upstream.stream, pending, boundaries, retirement).await;
     drop(credential);
 }
 

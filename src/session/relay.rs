@@ -10,6 +10,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{shutting_down, ClientIo, SessionContext};
+use crate::credentials::{HardEnd, Retirement};
 use crate::pg::frame::Boundaries;
 use crate::shutdown::Shutdown;
 use crate::upstream::UpstreamStream;
@@ -31,6 +32,14 @@ enum End {
     ClientFailed(io::Error),
     /// dbward is shutting down.
     Shutdown,
+    /// The credential's hard end is near and the session was between transactions.
+    Retired(HardEnd),
+}
+
+/// How the server-to-client copy stopped without an error.
+enum Down {
+    Eof,
+    Retire(HardEnd),
 }
 
 /// A copy failed on this side.
@@ -45,6 +54,7 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     upstream: UpstreamStream,
     pending: BytesMut,
     boundaries: Boundaries,
+    mut retirement: Retirement,
 ) {
     let name = ctx.entry.name.as_str();
     let active = ctx.metrics.client_connections_active.with_label_values(&[name]);
@@ -76,7 +86,7 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
             // reaches the client.
             up_wr.shutdown().await.map_err(PumpError::Write)
         };
-        let downward = pump_down(&mut up_rd, &mut client_wr, &mut down, &to_client);
+        let downward = pump_down(&mut up_rd, &mut client_wr, &mut down, &to_client, &mut retirement);
         tokio::pin!(upward, downward);
         let mut client_done = false;
         loop {
@@ -85,8 +95,9 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
                 // that never reads or closes must not hold the upstream connection and its
                 // credential.
                 r = &mut downward => break match r {
-                    Ok(()) if client_done => End::ClientClosed,
-                    Ok(()) => End::ServerClosed,
+                    Ok(Down::Retire(end)) => End::Retired(end),
+                    Ok(Down::Eof) if client_done => End::ClientClosed,
+                    Ok(Down::Eof) => End::ServerClosed,
                     Err(PumpError::Read(e)) => End::ServerFailed(e),
                     Err(PumpError::Write(e)) => End::ClientFailed(e),
                 },
@@ -103,6 +114,28 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     let how = end.describe();
     if let End::Shutdown = end {
         end_at_shutdown(&mut up_rd, &mut up_wr, &mut client_wr, &mut down, &to_client).await;
+    } else if let End::Retired(hard) = end {
+        ctx.metrics
+            .sessions_retired_total
+            .with_label_values(&[name, hard.by.label()])
+            .inc();
+        let when = std::time::SystemTime::now() + hard.at.saturating_duration_since(tokio::time::Instant::now());
+        let when = humantime::format_rfc3339_seconds(when);
+        tracing::info!(hard_end = %when, by = hard.by.text(), "retiring the session between transactions before its credential's hard end");
+        let msg = crate::pg::error::PgError::fatal(
+            crate::pg::error::sqlstate::ADMIN_SHUTDOWN,
+            format!(
+                "dbward: this session's database credential reaches its end at {when} ({}); reconnect for a new one",
+                hard.by.text()
+            ),
+        );
+        let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, async {
+            let _ = client_wr.write_all(&msg.to_bytes()).await;
+            let _ = client_wr.shutdown().await;
+        })
+        .await;
+        // Between transactions: the server has nothing open to roll back.
+        let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, up_wr.shutdown()).await;
     } else {
         let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, client_wr.shutdown()).await;
     }
@@ -132,6 +165,7 @@ impl End {
                 "client error"
             }
             End::Shutdown => "shutdown",
+            End::Retired(_) => "retired before the credential's hard end",
         }
     }
 }
@@ -234,9 +268,16 @@ struct DownState {
     boundaries: Boundaries,
 }
 
-/// Copies server bytes to the client until the server's EOF. Each await is a single read or
-/// write, after which `st` is up to date.
-async fn pump_down<R, W>(r: &mut R, w: &mut W, st: &mut DownState, count: &ByteCount) -> Result<(), PumpError>
+/// Copies server bytes to the client until the server's EOF, or until the session is between
+/// transactions once its credential's hard end is near. Each await is a single read or write,
+/// after which `st` is up to date.
+async fn pump_down<R, W>(
+    r: &mut R,
+    w: &mut W,
+    st: &mut DownState,
+    count: &ByteCount,
+    retire: &mut Retirement,
+) -> Result<Down, PumpError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -252,9 +293,22 @@ where
             count.add(n as u64);
         }
         w.flush().await.map_err(PumpError::Write)?;
-        let n = r.read(&mut st.buf).await.map_err(PumpError::Read)?;
+        let idle = st.boundaries.idle_between_transactions();
+        if idle {
+            if let Some((end, at)) = retire.due_at() {
+                if at <= tokio::time::Instant::now() {
+                    return Ok(Down::Retire(end));
+                }
+            }
+        }
+        // Reads are cancel-safe: a retirement that comes due while the session is idle ends the
+        // wait without losing server bytes.
+        let n = tokio::select! {
+            n = r.read(&mut st.buf) => n.map_err(PumpError::Read)?,
+            end = retire.wait(), if idle => return Ok(Down::Retire(end)),
+        };
         if n == 0 {
-            return Ok(());
+            return Ok(Down::Eof);
         }
         st.start = 0;
         st.end = n;

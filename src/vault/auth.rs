@@ -198,6 +198,9 @@ pub struct Auth {
     /// When the last login forced by a 403 happened: such logins are rate-limited so a broken
     /// policy never turns into a login loop.
     last_forced: Mutex<Option<Instant>>,
+    /// When tokens of past logins end for good, by generation, once known: Vault capped a
+    /// renewal (the max TTL is near), or the token was not renewable. Leases die with them.
+    ends: Mutex<std::collections::BTreeMap<u64, Instant>>,
 }
 
 /// Forced re-logins (after a 403) happen at most this often.
@@ -212,6 +215,7 @@ impl Auth {
             current: Mutex::new(None),
             generation: Mutex::new(0),
             last_forced: Mutex::new(None),
+            ends: Mutex::default(),
         })
     }
 
@@ -261,6 +265,39 @@ impl Auth {
         Some(self.login_now().await)
     }
 
+    /// When the token of login `generation` ends for good, if known.
+    pub(crate) fn token_end(&self, generation: u64) -> Option<Instant> {
+        self.ends.lock().unwrap().get(&generation).copied()
+    }
+
+    fn ends_at(&self, generation: u64, at: Instant) {
+        let mut ends = self.ends.lock().unwrap();
+        ends.insert(generation, at);
+        // Only recent logins can still own leases in use.
+        while ends.len() > 64 {
+            ends.pop_first();
+        }
+    }
+
+    /// `vault.auth.token_check_interval`.
+    pub(crate) fn check_interval(&self) -> Duration {
+        self.cfg.token_check_interval
+    }
+
+    /// Vault says `revoked` no longer exists: stop using it (the next caller logs in). A token
+    /// that already replaced it is kept.
+    pub(crate) fn forget(&self, revoked: &Arc<VaultToken>) {
+        let mut cur = self.current.lock().unwrap();
+        if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, revoked)) {
+            *cur = None;
+        }
+    }
+
+    /// The client, for requests made with this login's token.
+    pub(crate) fn client(&self) -> &Arc<VaultClient> {
+        &self.client
+    }
+
     /// The generation of the current login (0 before the first).
     pub(crate) fn generation(&self) -> u64 {
         self.current().map(|t| t.generation).unwrap_or(0)
@@ -273,6 +310,8 @@ impl Auth {
     pub(crate) async fn keep_alive(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
         let mut backoff = crate::backoff::Backoff::default();
+        // The login generation whose denied renew-self was logged (logged once per token).
+        let mut denied_renew_logged = 0;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
@@ -286,11 +325,29 @@ impl Auth {
             let ok = if tok.renewable {
                 self.renew(&tok).await
             } else {
+                self.ends_at(tok.generation, tok.obtained_at + ttl);
                 Err(NeedsLogin::NotRenewable)
             };
             let result = match ok {
                 Ok(()) => Ok(()),
                 Err(why) => {
+                    if let NeedsLogin::Refused(e) = &why {
+                        if e.is_denied() {
+                            // Not retried: the new login below is the answer, and it happens once
+                            // per token (at 2/3 of its TTL), never on a loop.
+                            self.client.count_denied("", "renew-self");
+                            if denied_renew_logged < tok.generation {
+                                denied_renew_logged = tok.generation;
+                                tracing::warn!(
+                                    path = "auth/token/renew-self",
+                                    capability = "update (missing)",
+                                    error = %e,
+                                    fix = "grant path \"auth/token/renew-self\" { capabilities = [\"update\"] } (Vault's default policy has it; the auth role may set token_no_default_policy)",
+                                    "Vault denied renew-self of auth/token/renew-self: dbward logs in anew instead of renewing"
+                                );
+                            }
+                        }
+                    }
                     if !matches!(why, NeedsLogin::NotRenewable) {
                         tracing::info!(generation = tok.generation, reason = %why, "logging in to Vault anew");
                     }
@@ -323,6 +380,7 @@ impl Auth {
         let granted = renewal.granted.unwrap_or_default();
         // Less than asked means the token's max TTL is near: leases it owns die with it.
         if granted + Duration::from_secs(1) < asked {
+            self.ends_at(tok.generation, started + granted);
             return Err(NeedsLogin::Capped { granted, asked });
         }
         let renewed = Arc::new(VaultToken {
@@ -582,6 +640,7 @@ mod tests {
         let cfg = |mount: &str, login| AuthConfig {
             mount: mount.to_string(),
             login,
+            token_check_interval: Duration::from_secs(60),
         };
         let token_file = std::path::PathBuf::from("/run/dbward/token");
         let role = || "payments".to_string();

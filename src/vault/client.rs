@@ -144,6 +144,12 @@ impl VaultClient {
             .await
     }
 
+    /// Counts a request Vault refused with 403 in `dbward_vault_denied_total` (`database` is
+    /// empty for the token's own operations).
+    pub(crate) fn count_denied(&self, database: &str, op: &str) {
+        self.metrics.vault_denied_total.with_label_values(&[database, op]).inc();
+    }
+
     /// A request with no body other than GET (e.g. `sys/health`), without a token.
     pub(crate) async fn get_unauthenticated(&self, op: &'static str, path: &str) -> Result<VaultResponse, VaultError> {
         self.call(op, Method::GET, path, None, None).await
@@ -321,6 +327,7 @@ mod tests {
                 login: Login::Token {
                     token_file: "/dev/null".into(),
                 },
+                token_check_interval: Duration::from_secs(60),
             },
         }
     }
