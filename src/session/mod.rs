@@ -75,35 +75,10 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
         Opening::Cancel(key) => return route_cancel(ctx, key).await,
         Opening::Startup(m) => m,
     };
+    if !admit(ctx, &msg, &mut client).await {
+        return;
+    }
     let db = &ctx.entry;
-    // As Postgres: NegotiateProtocolVersion (when due), then 28000.
-    if let Some(e) = msg.missing_user() {
-        ctx.metrics
-            .client_startup_errors_total
-            .with_label_values(&[&db.name, "missing_user"])
-            .inc();
-        if msg.needs_negotiation() && client.write_all(&msg.negotiate_protocol_version()).await.is_err() {
-            return;
-        }
-        return send_error(&mut client, &e).await;
-    }
-    if ctx.shutdown.is_stopping() {
-        return send_error(&mut client, &shutting_down()).await;
-    }
-    if let Some(v) = msg.replication() {
-        if !db.cfg.allow_replication {
-            let e = PgError::fatal(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                format!(
-                    "dbward: replication connections (replication={v}) are not relayed for database entry {:?}",
-                    db.name
-                ),
-            )
-            .with_hint("set allow_replication = true for this database entry to relay them");
-            return send_error(&mut client, &e).await;
-        }
-    }
-
     let started = Instant::now();
     // The credential stays checked out for the whole session: its lease is renewed while used.
     let Some((upstream, credential)) = open_upstream(ctx, &msg, &mut client).await else {
@@ -155,6 +130,43 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
     let retirement = credential.retirement(ctx.entry.cfg.credentials.retire_margin);
     relay::relay(ctx, client, upstream.stream, pending, boundaries, retirement).await;
     drop(credential);
+}
+
+/// Whether the StartupMessage may go on to a credential: refused (the client told why) when the
+/// user is missing, dbward is shutting down, or replication is asked for but not allowed.
+async fn admit<W: AsyncWrite + Unpin>(ctx: &SessionContext, msg: &StartupMessage, client: &mut W) -> bool {
+    let db = &ctx.entry;
+    // As Postgres: NegotiateProtocolVersion (when due), then 28000.
+    if let Some(e) = msg.missing_user() {
+        ctx.metrics
+            .client_startup_errors_total
+            .with_label_values(&[&db.name, "missing_user"])
+            .inc();
+        if msg.needs_negotiation() && client.write_all(&msg.negotiate_protocol_version()).await.is_err() {
+            return false;
+        }
+        send_error(client, &e).await;
+        return false;
+    }
+    if ctx.shutdown.is_stopping() {
+        send_error(client, &shutting_down()).await;
+        return false;
+    }
+    if let Some(v) = msg.replication() {
+        if !db.cfg.allow_replication {
+            let e = PgError::fatal(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!(
+                    "dbward: replication connections (replication={v}) are not relayed for database entry {:?}",
+                    db.name
+                ),
+            )
+            .with_hint("set allow_replication = true for this database entry to relay them");
+            send_error(client, &e).await;
+            return false;
+        }
+    }
+    true
 }
 
 /// Gets a credential and connects upstream with it; a credential the server refuses (28P01) is

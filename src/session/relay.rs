@@ -115,27 +115,7 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     if let End::Shutdown = end {
         end_at_shutdown(&mut up_rd, &mut up_wr, &mut client_wr, &mut down, &to_client).await;
     } else if let End::Retired(hard) = end {
-        ctx.metrics
-            .sessions_retired_total
-            .with_label_values(&[name, hard.by.label()])
-            .inc();
-        let when = std::time::SystemTime::now() + hard.at.saturating_duration_since(tokio::time::Instant::now());
-        let when = humantime::format_rfc3339_seconds(when);
-        tracing::info!(hard_end = %when, by = hard.by.text(), "retiring the session between transactions before its credential's hard end");
-        let msg = crate::pg::error::PgError::fatal(
-            crate::pg::error::sqlstate::ADMIN_SHUTDOWN,
-            format!(
-                "dbward: this session's database credential reaches its end at {when} ({}); reconnect for a new one",
-                hard.by.text()
-            ),
-        );
-        let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, async {
-            let _ = client_wr.write_all(&msg.to_bytes()).await;
-            let _ = client_wr.shutdown().await;
-        })
-        .await;
-        // Between transactions: the server has nothing open to roll back.
-        let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, up_wr.shutdown()).await;
+        end_at_retirement(ctx, hard, &mut up_wr, &mut client_wr).await;
     } else {
         let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, client_wr.shutdown()).await;
     }
@@ -148,6 +128,36 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
         end = how,
         "session ended"
     );
+}
+
+/// Ends a session at a transaction boundary shortly before its credential's hard end: the
+/// client is told why (57P01) and when, then both sides are closed, each step bounded in time.
+async fn end_at_retirement<UW, CW>(ctx: &SessionContext, hard: HardEnd, up_wr: &mut UW, client_wr: &mut CW)
+where
+    UW: AsyncWrite + Unpin,
+    CW: AsyncWrite + Unpin,
+{
+    ctx.metrics
+        .sessions_retired_total
+        .with_label_values(&[ctx.entry.name.as_str(), hard.by.label()])
+        .inc();
+    let when = std::time::SystemTime::now() + hard.at.saturating_duration_since(tokio::time::Instant::now());
+    let when = humantime::format_rfc3339_seconds(when);
+    tracing::info!(hard_end = %when, by = hard.by.text(), "retiring the session between transactions before its credential's hard end");
+    let msg = crate::pg::error::PgError::fatal(
+        crate::pg::error::sqlstate::ADMIN_SHUTDOWN,
+        format!(
+            "dbward: this session's database credential reaches its end at {when} ({}); reconnect for a new one",
+            hard.by.text()
+        ),
+    );
+    let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, async {
+        let _ = client_wr.write_all(&msg.to_bytes()).await;
+        let _ = client_wr.shutdown().await;
+    })
+    .await;
+    // Between transactions: the server has nothing open to roll back.
+    let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, up_wr.shutdown()).await;
 }
 
 impl End {

@@ -1,17 +1,18 @@
 //! Logging in to Vault and holding the token: the auth methods (jwt, kubernetes, approle,
-//! token), the JWT sanity checks done before sending it, and the single current token that
-//! every credential read uses. Logins are serialized, so a burst of connections causes one login.
+//! token), with the JWT sanity checks of [`super::jwt`] before sending it, and the single
+//! current token that every credential read uses. Logins are serialized, so a burst of connections causes one login.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
 use serde_json::json;
 
 use super::client::{string_list, VaultClient};
 use super::error::{LocalError, Malformed, VaultError};
+pub use super::jwt::JwtClaims;
+pub(crate) use super::jwt::{check_jwt_times, read_claims};
 use crate::config::{AuthConfig, Login};
 
 /// A Vault token and what Vault said about it. Debug never shows the token.
@@ -85,89 +86,6 @@ pub(crate) fn login_description(a: &AuthConfig) -> String {
         Login::Approle { .. } => format!("approle at auth/{mount}"),
         Login::Token { token_file } => format!("the token in {}", token_file.display()),
     }
-}
-
-/// The claims dbward looks at; Vault verifies the signature, dbward only reads.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct JwtClaims {
-    pub(crate) sub: Option<String>,
-    #[serde(default, deserialize_with = "one_or_many")]
-    pub(crate) aud: Vec<String>,
-    pub(crate) iss: Option<String>,
-    pub(crate) exp: Option<u64>,
-    pub(crate) nbf: Option<u64>,
-}
-
-fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
-    }
-    Ok(match Option::<OneOrMany>::deserialize(d)? {
-        None => vec![],
-        Some(OneOrMany::One(s)) => vec![s],
-        Some(OneOrMany::Many(v)) => v,
-    })
-}
-
-impl JwtClaims {
-    /// `sub=..., aud=...` for log lines and errors, so they can be matched against the role's bound claims.
-    pub(crate) fn describe(&self) -> String {
-        format!(
-            "sub={}, aud={}, iss={}",
-            self.sub.as_deref().unwrap_or("(none)"),
-            if self.aud.is_empty() {
-                "(none)".to_string()
-            } else {
-                self.aud.join(",")
-            },
-            self.iss.as_deref().unwrap_or("(none)")
-        )
-    }
-}
-
-/// Reads the JWT's claims without verifying it (Vault verifies). Errors name the file, never the token.
-pub(crate) fn read_claims(jwt: &str, file: &Path) -> Result<JwtClaims, LocalError> {
-    let mut validation = jsonwebtoken::Validation::default();
-    validation.insecure_disable_signature_validation();
-    validation.validate_exp = false;
-    validation.validate_aud = false;
-    validation.required_spec_claims.clear();
-    let header = jsonwebtoken::decode_header(jwt).map_err(|source| LocalError::NotAJwt {
-        file: file.to_path_buf(),
-        source,
-    })?;
-    validation.algorithms = vec![header.alg];
-    let data = jsonwebtoken::decode::<JwtClaims>(jwt, &jsonwebtoken::DecodingKey::from_secret(&[]), &validation)
-        .map_err(|source| LocalError::UnreadableClaims {
-            file: file.to_path_buf(),
-            source,
-        })?;
-    Ok(data.claims)
-}
-
-/// Refuses to send a JWT Vault would refuse for its times, saying so in terms an operator can act
-/// on. The error keeps the claims, for the diagnosis and for the message.
-pub(crate) fn check_jwt_times(claims: &JwtClaims, file: &Path, now: SystemTime) -> Result<(), LocalError> {
-    let now = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-    if let Some(exp) = claims.exp.filter(|exp| *exp <= now) {
-        return Err(LocalError::JwtExpired {
-            file: file.to_path_buf(),
-            exp,
-            claims: Arc::new(claims.clone()),
-        });
-    }
-    // A minute of leeway, as Vault allows for clock skew by default.
-    if let Some(nbf) = claims.nbf.filter(|nbf| *nbf > now + 60) {
-        return Err(LocalError::JwtNotYetValid {
-            file: file.to_path_buf(),
-            nbf,
-            claims: Arc::new(claims.clone()),
-        });
-    }
-    Ok(())
 }
 
 fn read_secret_file(key: &'static str, path: &Path) -> Result<SecretString, LocalError> {
@@ -599,6 +517,7 @@ pub(crate) async fn revoke_self(client: &VaultClient, token: &SecretString) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     fn jwt(claims: serde_json::Value) -> String {
         let key = jsonwebtoken::EncodingKey::from_secret(b"test-only");

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod client;
 pub mod error;
+pub mod jwt;
 pub mod secrets;
 
 pub(crate) use auth::{Auth, VaultToken};
