@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::json;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -18,7 +17,7 @@ use super::denials::LeaseOp;
 use super::schedule::{earliest, next_lease_action, wake_at, LeaseAction, LeaseClock, LeaseRole, LeaseView};
 use super::{CredentialStore, EndBy, Held};
 use crate::backoff::Backoff;
-use crate::vault::VaultError;
+use crate::vault::{secrets, VaultError};
 
 #[derive(Default)]
 pub(crate) struct Leases {
@@ -196,14 +195,9 @@ impl CredentialStore {
             tracing::debug!(database, lease = %lease.id, ?retry_in, "no Vault token to renew the lease with yet");
             return;
         };
-        let body = json!({ "lease_id": lease.id, "increment": lease.duration.as_secs() });
-        match self
-            .vault
-            .write("renew", "sys/leases/renew", Some(&token.token), &body)
-            .await
-        {
-            Ok(resp) => {
-                let granted = Duration::from_secs(resp.u64_field("/lease_duration").unwrap_or(0));
+        match secrets::renew_lease(&self.vault, &token.token, &lease.id, lease.duration).await {
+            Ok(granted) => {
+                let granted = granted.unwrap_or_default();
                 let clock = LeaseClock {
                     at_max: granted + Duration::from_secs(1) < lease.duration,
                     ..LeaseClock::new(Instant::now(), granted)
@@ -228,15 +222,20 @@ impl CredentialStore {
                     self.denied(database, LeaseOp::Renew, token.generation, &e);
                     return;
                 }
-                // Nothing left to renew: stop tracking it.
-                let retry_in = if lease_is_gone(&e) {
-                    self.leases.forget(id);
-                    None
-                } else {
-                    self.leases.failed(id)
-                };
+                let retry_in = self.after_failure(id, &e);
                 tracing::warn!(database, lease = %lease.id, in_use = h.in_use(), error = %e, ?retry_in, "lease renewal failed");
             }
+        }
+    }
+
+    /// A renewal or revocation failed (not denied): a lease Vault no longer knows has nothing
+    /// left to renew or revoke and is forgotten; any other failure backs off. Returns how long.
+    fn after_failure(&self, id: &str, e: &VaultError) -> Option<Duration> {
+        if lease_is_gone(e) {
+            self.leases.forget(id);
+            None
+        } else {
+            self.leases.failed(id)
         }
     }
 
@@ -247,12 +246,7 @@ impl CredentialStore {
             tracing::debug!(database, lease = %lease.id, ?retry_in, "no Vault token to revoke the lease with yet");
             return;
         };
-        let body = json!({ "lease_id": lease.id });
-        match self
-            .vault
-            .write("revoke", "sys/leases/revoke", Some(&token.token), &body)
-            .await
-        {
+        match secrets::revoke_lease(&self.vault, &token.token, &lease.id).await {
             Ok(_) => {
                 self.metrics
                     .lease_revocations_total
@@ -272,12 +266,7 @@ impl CredentialStore {
                     self.denied(database, LeaseOp::Revoke, token.generation, &e);
                     return;
                 }
-                let retry_in = if lease_is_gone(&e) {
-                    self.leases.forget(id);
-                    None
-                } else {
-                    self.leases.failed(id)
-                };
+                let retry_in = self.after_failure(id, &e);
                 tracing::warn!(database, lease = %lease.id, error = %e, ?retry_in, "lease revocation failed");
             }
         }
