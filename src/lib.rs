@@ -17,6 +17,7 @@ mod credentials;
 mod entry;
 mod listener;
 pub mod metrics;
+mod peer;
 pub mod pg;
 pub mod policy;
 mod session;

@@ -18,6 +18,7 @@ use crate::config::ListenAddr;
 use crate::credentials::CredentialStore;
 use crate::entry::Entries;
 use crate::metrics::Metrics;
+use crate::peer;
 use crate::pg::cancel::CancelMap;
 use crate::pg::error::{sqlstate, PgError};
 use crate::session::{self, SessionContext};
@@ -154,6 +155,7 @@ pub(crate) async fn accept_loop(
             "session",
             database = %db.name,
             peer = %peer,
+            uid = tracing::field::Empty,
             backend_pid = tracing::field::Empty,
             credential = tracing::field::Empty,
         );
@@ -166,16 +168,25 @@ pub(crate) async fn accept_loop(
             tokio::spawn(refuse_full(stream, db.name.clone(), db.cfg.max_client_connections).instrument(span));
             continue;
         };
-        let ctx = SessionContext {
-            entry: db,
-            startup_timeout,
-            credentials: services.credentials.clone(),
-            cancels: services.cancels.clone(),
-            metrics: services.metrics.clone(),
-            shutdown: services.shutdown.clone(),
-        };
+        let credentials = services.credentials.clone();
+        let cancels = services.cancels.clone();
+        let metrics = services.metrics.clone();
+        let shutdown = services.shutdown.clone();
         services.shutdown.sessions().spawn(
             async move {
+                let admission = peer::check(db.cfg.allowed.as_ref(), &stream).await;
+                if let peer::Admission::Admitted { uid } = &admission {
+                    tracing::Span::current().record("uid", uid);
+                }
+                let ctx = SessionContext {
+                    entry: db,
+                    startup_timeout,
+                    credentials,
+                    cancels,
+                    metrics,
+                    shutdown,
+                    admission,
+                };
                 session::serve(&ctx, stream).await;
                 drop(permit);
             }

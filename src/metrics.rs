@@ -104,7 +104,7 @@ impl Metrics {
             client_connections_active: r.int_gauge("dbward_client_connections_active", "Client connections open now.", db),
             client_connections_rejected_total: r.counter(
                 "dbward_client_connections_rejected_total",
-                "Client connections refused before relaying, by reason.",
+                "Client connections refused before relaying, by reason (credential, upstream, too_many_connections, peer_not_allowed).",
                 &["database", "reason"],
             ),
             client_startup_errors_total: r.counter(

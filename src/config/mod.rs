@@ -4,6 +4,7 @@
 //! addresses), so no later code checks again. Every error names the key path and the value,
 //! so an operator can fix the file without reading the source.
 
+mod allowlist;
 mod raw;
 #[cfg(test)]
 mod tests;
@@ -16,6 +17,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
+
+pub use allowlist::{Allowlist, Listed};
 
 /// A configuration error: `key` is the path in the file (`databases[0].credentials.kind`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,6 +269,8 @@ pub struct DatabaseConfig {
     pub allow_replication: bool,
     /// Terminate TLS from clients (answer SSLRequest with 'S'); absent: clients get 'N'.
     pub client_tls: Option<ClientTlsConfig>,
+    /// The local callers admitted (`allowed_users`, `allowed_groups`); None: every local caller.
+    pub allowed: Option<Allowlist>,
     pub credentials: CredentialsConfig,
 }
 

@@ -64,6 +64,10 @@ pub(super) struct VaultConfig {
     /// On a clean shutdown, revoke the leases dbward holds (their Postgres roles are dropped).
     #[serde(default = "default_true")]
     pub(super) revoke_on_shutdown: bool,
+    /// Permit an `http://` address to a host that is not loopback: the token, the JWT and every
+    /// database password would cross the network in cleartext.
+    #[serde(default)]
+    pub(super) allow_insecure_http: bool,
     pub(super) auth: AuthConfig,
 }
 
@@ -194,6 +198,11 @@ pub(super) struct DatabaseConfig {
     pub(super) allow_replication: bool,
     /// Terminate TLS from clients (answer SSLRequest with 'S'); absent: clients get 'N'.
     pub(super) client_tls: Option<ClientTlsConfig>,
+    /// Local callers (user names or uids) admitted to this entry; with `allowed_groups`, absent
+    /// both: every local caller.
+    pub(super) allowed_users: Option<Vec<String>>,
+    /// Local groups (names or gids) whose members are admitted to this entry.
+    pub(super) allowed_groups: Option<Vec<String>>,
     pub(super) credentials: CredentialsConfig,
 }
 

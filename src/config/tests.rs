@@ -184,3 +184,53 @@ fn cert_file_and_key_file_go_together() {
         })
     );
 }
+
+#[test]
+fn verify_ca_needs_a_ca_file() {
+    let bad = GOOD.replacen("name = \"payments\"", "name = \"payments\"\nsslmode = \"verify-ca\"", 1);
+    let e = Config::parse(&bad).unwrap_err().to_string();
+    assert!(
+        e.starts_with("databases[0].ca_file: is required with sslmode = \"verify-ca\""),
+        "{e}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "x").unwrap();
+    let ok = bad.replacen(
+        "sslmode = \"verify-ca\"",
+        &format!("sslmode = \"verify-ca\"\nca_file = {:?}", ca.display().to_string()),
+        1,
+    );
+    Config::parse(&ok).unwrap();
+}
+
+#[test]
+fn http_vault_beyond_loopback_must_be_asked_for() {
+    for loopback in [
+        "http://127.0.0.1:8200",
+        "http://localhost:8200",
+        "http://[::1]:8200/",
+        "http://127.0.0.2",
+    ] {
+        Config::parse(&GOOD.replacen("http://127.0.0.1:8200", loopback, 1))
+            .unwrap_or_else(|e| panic!("{loopback}: {e}"));
+    }
+    for remote in [
+        "http://vault.internal:8200",
+        "http://10.0.0.5:8200",
+        "http://127.0.0.1.example.com",
+    ] {
+        let text = GOOD.replacen("http://127.0.0.1:8200", remote, 1);
+        let e = Config::parse(&text).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "vault.address: \"{remote}\" is http:// to a host that is not loopback"
+            )),
+            "{e}"
+        );
+        assert!(e.contains("vault.allow_insecure_http = true"), "{e}");
+        let allowed = text.replacen("[vault.auth]", "allow_insecure_http = true\n[vault.auth]", 1);
+        Config::parse(&allowed).unwrap();
+    }
+    Config::parse(&GOOD.replacen("http://127.0.0.1:8200", "https://vault.internal:8200", 1)).unwrap();
+}

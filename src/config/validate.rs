@@ -52,6 +52,7 @@ fn vault(v: raw::VaultConfig) -> Result<VaultConfig, ConfigError> {
             format!("{:?} must start with http:// or https://", v.address),
         ));
     }
+    insecure_http(&v)?;
     if v.request_timeout.0.is_zero() {
         return Err(err("vault.request_timeout", "must be greater than zero"));
     }
@@ -63,6 +64,35 @@ fn vault(v: raw::VaultConfig) -> Result<VaultConfig, ConfigError> {
         revoke_on_shutdown: v.revoke_on_shutdown,
         auth: auth(v.auth)?,
     })
+}
+
+/// `http://` only to a loopback host unless asked for: over the network the login, the token
+/// and every credential would be readable and replaceable by anyone on the path.
+fn insecure_http(v: &raw::VaultConfig) -> Result<(), ConfigError> {
+    let Some(rest) = v.address.strip_prefix("http://") else {
+        return Ok(());
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = match authority.rsplit_once('@') {
+        Some((_, h)) => h,
+        None => authority,
+    };
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    let loopback =
+        host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if loopback || v.allow_insecure_http {
+        return Ok(());
+    }
+    Err(err(
+        "vault.address",
+        format!(
+            "{:?} is http:// to a host that is not loopback: the Vault token and every database password would cross the network in cleartext; use https://, or set vault.allow_insecure_http = true if that is intended",
+            v.address
+        ),
+    ))
 }
 
 fn auth(a: raw::AuthConfig) -> Result<AuthConfig, ConfigError> {
@@ -181,7 +211,15 @@ fn database(
         return Err(err(key("max_client_connections"), "must be at least 1"));
     }
     let client_cert = tls_files(i, &db)?;
+    if db.sslmode == SslMode::VerifyCa && db.ca_file.is_none() {
+        return Err(err(
+            key("ca_file"),
+            "is required with sslmode = \"verify-ca\": without it any certificate from a public CA for any name would be trusted, and with it cleartext and MD5 passwords; set ca_file to the CA that signs the server's certificate, or use \"verify-full\"",
+        ));
+    }
+    let allowed = super::allowlist::allowlist(i, db.allowed_users.clone(), db.allowed_groups.clone())?;
     Ok(DatabaseConfig {
+        allowed,
         credentials: credentials(i, db.credentials)?,
         name: db.name,
         listen,

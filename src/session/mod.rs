@@ -8,6 +8,7 @@
 //! A session gets a [`SessionContext`]: its entry, the credential store, the cancel map, the
 //! metrics and the shutdown signal; nothing else of the daemon.
 
+mod caller;
 mod negotiate;
 mod refusal;
 mod relay;
@@ -22,6 +23,7 @@ use tokio_util::either::Either;
 use crate::credentials::{CredentialStore, InUse};
 use crate::entry::Database;
 use crate::metrics::Metrics;
+use crate::peer::Admission;
 use crate::pg::cancel::{BackendKey, CancelMap, CancelTarget};
 use crate::pg::error::{sqlstate, PgError};
 use crate::pg::frame::Boundaries;
@@ -44,6 +46,8 @@ pub(crate) struct SessionContext {
     pub(crate) cancels: Arc<CancelMap<Arc<UpstreamSettings>>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: Shutdown,
+    /// The entry's allowlist applied to this connection's local caller, found at accept.
+    pub(crate) admission: Admission,
 }
 
 /// The client's connection: as accepted (Left), or inside TLS (Right).
@@ -72,6 +76,8 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
         return;
     };
     let msg = match opening {
+        // A caller the allowlist refuses may not cancel the entry's queries either.
+        Opening::Cancel(_) if ctx.admission.is_refused() => return,
         Opening::Cancel(key) => return route_cancel(ctx, key).await,
         Opening::Startup(m) => m,
     };
@@ -136,6 +142,9 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
 /// user is missing, dbward is shutting down, or replication is asked for but not allowed.
 async fn admit<W: AsyncWrite + Unpin>(ctx: &SessionContext, msg: &StartupMessage, client: &mut W) -> bool {
     let db = &ctx.entry;
+    if !caller::admit(ctx, client).await {
+        return false;
+    }
     // As Postgres: NegotiateProtocolVersion (when due), then 28000.
     if let Some(e) = msg.missing_user() {
         ctx.metrics
