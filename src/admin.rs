@@ -52,6 +52,7 @@ pub(crate) async fn serve(app: AdminContext, listener: TcpListener) {
     if let Ok(a) = listener.local_addr() {
         tracing::info!(listen = %a, "admin server listening");
     }
+    let slots = crate::admin_limits::Slots::new();
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -64,15 +65,19 @@ pub(crate) async fn serve(app: AdminContext, listener: TcpListener) {
             },
             _ = app.shutdown.terminating() => return,
         };
+        let Some(slot) = slots.admit(&stream) else {
+            continue;
+        };
         let app = app.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let app = app.clone();
                 async move { Ok::<_, Infallible>(handle(&app, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let _ = crate::admin_limits::http1_builder()
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
+            drop(slot);
         });
     }
 }

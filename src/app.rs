@@ -281,6 +281,7 @@ pub async fn run(app: Arc<App>, stop: impl std::future::Future<Output = ()>) -> 
         None => None,
     };
     activated.close_unused();
+    crate::peer::warn_open_entries(&config);
     app.swap_listeners(&config, fresh).await;
     if let Some(admin) = admin {
         tokio::spawn(crate::admin::serve(app.admin_context(), admin));

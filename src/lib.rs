@@ -8,6 +8,7 @@
 //! them, so that the compiler reports what nothing uses.
 
 mod admin;
+mod admin_limits;
 pub mod app;
 mod backoff;
 pub mod check;

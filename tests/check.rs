@@ -359,7 +359,8 @@ fn subject_not_bound_by_the_role_is_named() {
 fn token_max_ttl_shorter_than_lease_max_ttl_is_a_warning() {
     let (s, _g, app) = shared_app("chk_tokttl");
     app.set_jwt_role_ttls("10m", Some("30m"));
-    let cfg = app.config("database");
+    // An allowlist, so that --strict fails on the TTL warning alone.
+    let cfg = app.config("database").db_line("allowed_users = [\"root\"]");
     let out = check(&app, "tokttl", &cfg, &[]);
     assert_eq!(out.code, 0, "warnings alone pass: {}", out.all());
     let line = out.line("token max TTL vs lease max TTL");
@@ -658,7 +659,8 @@ fn check_warns_about_a_policy_without_lease_revocation() {
         "path \"database/creds/{}\" {{ capabilities = [\"read\"] }}\n",
         app.dynamic_role
     ));
-    let cfg = app.config("database");
+    // An allowlist, so that --strict fails on the revocation warning alone.
+    let cfg = app.config("database").db_line("allowed_users = [\"root\"]");
     let out = check(&app, "norevoke", &cfg, &[]);
     assert_eq!(out.code, 0, "warnings do not fail the check:\n{}", out.all());
     let revoke = out.line("update sys/leases/revoke");

@@ -15,6 +15,7 @@
 //! and the clock), [`login`] (the login and the token), [`entry`] (one database entry's read and
 //! leases), [`ttl`] (lease and token lifetimes), [`upstream`] (the `SELECT 1`), [`policy_diff`].
 
+mod callers;
 mod entry;
 mod health;
 mod login;
@@ -79,6 +80,12 @@ pub async fn run(config: &Config, opts: &Options) -> Result<Report, SetupError> 
         vault: client.address().to_string(),
         checks: vec![],
     };
+    // --diff-policy compares policies only; every other run reports who may connect first.
+    if opts.diff_policy.is_none() {
+        for db in &config.databases {
+            r.push(callers::local_callers(db));
+        }
+    }
     let run = Run {
         config,
         opts,

@@ -17,6 +17,19 @@ use std::net::SocketAddr;
 
 pub(crate) use admission::{check, Admission, Refused};
 
+/// What an entry without an allowlist allows, in the start-up warning and `dbward check`.
+pub(crate) const OPEN_ENTRY_RISK: &str = "any local user can connect as the Vault-issued role";
+
+/// Warns once per entry that admits every local caller.
+pub(crate) fn warn_open_entries(config: &crate::config::Config) {
+    for db in config.databases.iter().filter(|d| d.allowed.is_none()) {
+        tracing::warn!(
+            database = %db.name,
+            "database entry has no allowed_users or allowed_groups: {OPEN_ENTRY_RISK}; list who may connect"
+        );
+    }
+}
+
 /// Why the caller's uid could not be found. Any of these refuses a caller of an entry with an
 /// allowlist: an unknown caller is not an allowed one.
 #[derive(Debug, thiserror::Error)]
