@@ -265,6 +265,7 @@ wait_for 20 "PgBouncer port" bash -c "exec 3<>/dev/tcp/127.0.0.1/$PGB_PORT"
 # --- dbward ------------------------------------------------------------------------------------
 
 DBW_PORT=$(free_port)
+DBW_ALLOW_PORT=$(free_port)
 cat >"$WORK/dbward.toml" <<EOF
 [vault]
 address = "$VAULT_ADDR"
@@ -283,12 +284,25 @@ sslmode = "disable"
 [databases.credentials]
 kind = "static"
 role = "bench"
+
+# The same, for callers in allowed_users only: every connection looks its caller up
+# (ALLOWLIST_ROUNDS, benches/peer_lookup.sh).
+[[databases]]
+name = "bench_allow"
+listen = ["127.0.0.1:$DBW_ALLOW_PORT"]
+upstream = "127.0.0.1:$PG_PORT"
+sslmode = "disable"
+allowed_users = ["$(id -un)"]
+
+[databases.credentials]
+kind = "static"
+role = "bench"
 EOF
 log "dbward $DBWARD_BIN on 127.0.0.1:$DBW_PORT (RUST_LOG=$DBWARD_LOG, TOKIO_WORKER_THREADS=${TOKIO_WORKER_THREADS:-unset})"
 RUST_LOG="$DBWARD_LOG" "$DBWARD_BIN" run --config "$WORK/dbward.toml" >"$WORK/dbward.log" 2>&1 &
 DBWARD_PID=$!
 deadline=$((SECONDS + 30))
-until ! port_free "$DBW_PORT"; do
+until ! port_free "$DBW_PORT" && ! port_free "$DBW_ALLOW_PORT"; do
     kill -0 "$DBWARD_PID" 2>/dev/null || die "dbward exited: $(cat "$WORK/dbward.log")"
     [ "$SECONDS" -lt "$deadline" ] || die "dbward not listening after 30s"
     sleep 0.1
@@ -330,6 +344,33 @@ run_one() {
     CPU[$t,$w,$r]=$(awk -v a="$after" -v b="$before" 'BEGIN { printf "%.2f", a - b }')
     printf '    round %d  %-9s %-5s %10.1f tps\n' "$r" "$t" "$w" "$tps" >&2
 }
+
+# --- the allowlist's cost (ALLOWLIST_ROUNDS > 0) -------------------------------------------------
+# The new-connection workload against the same dbward, alternating between the entry without
+# an allowlist and the one with allowed_users (a sock_diag lookup per connection).
+if [ "${ALLOWLIST_ROUNDS:-0}" -gt 0 ]; then
+    PORT[dbward_allow]=$DBW_ALLOW_PORT
+    PASS[dbward_allow]=''
+    PROXY_PID[dbward_allow]=$DBWARD_PID
+    who=$(psql_as "host=127.0.0.1 port=$DBW_ALLOW_PORT dbname=$BENCH_DB user=x" "select current_user") ||
+        die "the allowlisted entry refused this user: $who"
+    log "allowlist cost: $ALLOWLIST_ROUNDS rounds x 2 entries x ${DURATION}s of -C (order alternates)"
+    for ((r = 1; r <= ALLOWLIST_ROUNDS; r++)); do
+        if ((r % 2)); then pair=(dbward dbward_allow); else pair=(dbward_allow dbward); fi
+        for t in "${pair[@]}"; do run_one "$t" conn "a$r"; done
+    done
+    declare -A AMED=()
+    for t in dbward dbward_allow; do
+        AMED[$t]=$(for ((r = 1; r <= ALLOWLIST_ROUNDS; r++)); do echo "${TPS[$t,conn,a$r]}"; done | sort -g |
+            awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }')
+    done
+    echo
+    echo "new connections (pgbench -S -C -c $CONN_CLIENTS), median of $ALLOWLIST_ROUNDS x ${DURATION}s:"
+    echo "  without allowlist  ${AMED[dbward]} tps"
+    echo "  allowed_users      ${AMED[dbward_allow]} tps"
+    echo "  ratio              $(awk -v a="${AMED[dbward_allow]}" -v b="${AMED[dbward]}" 'BEGIN { printf "%.3f", a / b }')"
+    [ "${ALLOWLIST_ONLY:-0}" != 1 ] || exit 0
+fi
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 log "measuring: $ROUNDS rounds x 3 targets x 2 workloads x ${DURATION}s (order rotates each round)"

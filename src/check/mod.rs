@@ -70,6 +70,18 @@ pub enum SetupError {
 
 /// Runs every check. Only setup problems are errors; everything else is in the report.
 pub async fn run(config: &Config, opts: &Options) -> Result<Report, SetupError> {
+    let mut r = run_steps(config, opts).await?;
+    // Who may connect needs no server, so it is reported whatever Vault said; --diff-policy
+    // compares policies only.
+    if opts.diff_policy.is_none() {
+        for db in &config.databases {
+            r.push(callers::local_callers(db));
+        }
+    }
+    Ok(r)
+}
+
+async fn run_steps(config: &Config, opts: &Options) -> Result<Report, SetupError> {
     let client = VaultClient::new(&config.vault, Arc::new(Metrics::new()))?;
     let mut upstreams = Vec::new();
     for (i, db) in config.databases.iter().enumerate() {
@@ -80,12 +92,6 @@ pub async fn run(config: &Config, opts: &Options) -> Result<Report, SetupError> 
         vault: client.address().to_string(),
         checks: vec![],
     };
-    // --diff-policy compares policies only; every other run reports who may connect first.
-    if opts.diff_policy.is_none() {
-        for db in &config.databases {
-            r.push(callers::local_callers(db));
-        }
-    }
     let run = Run {
         config,
         opts,
