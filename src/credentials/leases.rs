@@ -199,7 +199,7 @@ impl CredentialStore {
             Ok(granted) => {
                 let granted = granted.unwrap_or_default();
                 let clock = LeaseClock {
-                    at_max: granted + Duration::from_secs(1) < lease.duration,
+                    at_max: granted.saturating_add(Duration::from_secs(1)) < lease.duration,
                     ..LeaseClock::new(Instant::now(), granted)
                 };
                 self.leases.renewed(id, clock);

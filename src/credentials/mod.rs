@@ -14,6 +14,8 @@
 mod denials;
 mod error;
 mod fetch;
+#[doc(hidden)]
+pub(crate) mod fuzzing;
 mod leases;
 mod lifecycle;
 mod recent_errors;

@@ -286,7 +286,12 @@ impl tower_service::Service<Name> for Resolver {
 
 /// An error status becomes [`VaultError::Status`] with Vault's messages; a 2xx body must be JSON
 /// (or empty).
-fn parse_body(op: &'static str, path: &str, status: u16, body: &[u8]) -> Result<serde_json::Value, VaultError> {
+pub(crate) fn parse_body(
+    op: &'static str,
+    path: &str,
+    status: u16,
+    body: &[u8],
+) -> Result<serde_json::Value, VaultError> {
     if !(200..300).contains(&status) {
         let errors = serde_json::from_slice::<ErrorBody>(body)
             .map(|b| clean_errors(b.errors))
