@@ -5,9 +5,12 @@
 //!   before TLS: the client never sees that text, gets dbward's 08001 "refused TLS", and the
 //!   credential is kept (the Vault audit log shows the reads);
 //! - `require_auth` and `channel_binding` against the real Postgres over TLS (SCRAM-SHA-256-PLUS
-//!   with tls-server-end-point), and against an impostor that says AuthenticationOk at once.
+//!   with tls-server-end-point), and against an impostor that says AuthenticationOk at once;
+//! - secrets hygiene on the Vault side: after a re-login the previous Vault token is revoked
+//!   once no session holds a lease it created (not before, and not left to expire).
 //!
-//! This binary turns `ssl` on in its own Postgres cluster (reloadable, no restart).
+//! This binary turns `ssl` on in its own Postgres cluster (reloadable, no restart). None of its
+//! tests disturbs the shared servers, so none takes their disruption lock.
 
 mod common;
 mod wire;
@@ -16,6 +19,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::*;
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wire::Pki;
 
@@ -58,7 +62,8 @@ const INJECTED: &str = "password authentication failed for user (injected by the
 
 #[tokio::test]
 async fn error_instead_of_tls_is_not_relayed_and_keeps_the_credential() {
-    let (s, _g, app) = shared_app("sec-ssl-err");
+    let s = servers();
+    let app = s.new_app("sec-ssl-err");
     let port = fake_upstream(|mut tcp| async move {
         if read_startup(&mut tcp).await.is_some() {
             let _ = tcp.write_all(&error_response("28P01", INJECTED)).await;
@@ -82,7 +87,10 @@ async fn error_instead_of_tls_is_not_relayed_and_keeps_the_credential() {
         assert!(!all.contains("injected"), "the injected text reached the client: {all}");
     }
     let reads = s.count_audit_requests(&format!("database/creds/{}", app.dynamic_role));
-    assert!(reads <= 2, "{reads} Vault reads over six attempts: the credential was dropped");
+    assert!(
+        reads <= 2,
+        "{reads} Vault reads over six attempts: the credential was dropped"
+    );
     assert!(!d.log_contents().contains("fetching a new one"), "{}", d.log_contents());
 }
 
@@ -128,14 +136,16 @@ fn start_verified(app: &TestApp, lines: &[&str]) -> Dbward {
     let mut cfg = app.config("static");
     let entry = &mut cfg.databases[0];
     entry.sslmode = Some("verify-full".into());
-    entry.extra.push(format!("ca_file = {}", toml_str(&ca.to_string_lossy())));
+    entry
+        .extra
+        .push(format!("ca_file = {}", toml_str(&ca.to_string_lossy())));
     entry.extra.extend(lines.iter().map(|l| l.to_string()));
     Dbward::start(&cfg)
 }
 
 #[tokio::test]
 async fn channel_binding_require_and_require_auth_against_real_postgres() {
-    let (_s, _g, app) = shared_app("sec-cb");
+    let app = servers().new_app("sec-cb");
     let d = start_verified(
         &app,
         &["require_auth = \"scram-sha-256\"", "channel_binding = \"require\""],
@@ -165,7 +175,7 @@ async fn channel_binding_require_and_require_auth_against_real_postgres() {
 
 #[tokio::test]
 async fn impostor_saying_authentication_ok_at_once_is_refused_when_auth_is_required() {
-    let (_s, _g, app) = shared_app("sec-trust");
+    let app = servers().new_app("sec-trust");
     // No TLS, no password asked: AuthenticationOk, one ParameterStatus, ReadyForQuery.
     let port = fake_upstream(|mut tcp| async move {
         if read_startup(&mut tcp).await.is_none() {
@@ -195,4 +205,126 @@ async fn impostor_saying_authentication_ok_at_once_is_refused_when_auth_is_requi
         "{}",
         e.message()
     );
+}
+
+/// Accessors of the live tokens that carry `app`'s policy (dbward's), with their lookup.
+fn app_tokens(s: &Servers, app: &TestApp) -> Vec<(String, Value)> {
+    let (status, list) = s.vault_request("LIST", "auth/token/accessors", Some(ROOT_TOKEN), None);
+    assert_eq!(status, 200, "LIST auth/token/accessors: {list}");
+    let mut ours = Vec::new();
+    for accessor in list["data"]["keys"].as_array().unwrap() {
+        let (status, token) = token_by_accessor(s, accessor.as_str().unwrap());
+        if status == 200
+            && token["data"]["policies"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p == app.policy.as_str()))
+        {
+            ours.push((accessor.as_str().unwrap().to_string(), token));
+        }
+    }
+    ours
+}
+
+fn token_by_accessor(s: &Servers, accessor: &str) -> (u16, Value) {
+    let body = json!({ "accessor": accessor });
+    s.vault_request("POST", "auth/token/lookup-accessor", Some(ROOT_TOKEN), Some(&body))
+}
+
+/// dbward started by hand: its config needs `vault.request_timeout`, which the harness's
+/// config does not write. Waits until the listener accepts.
+fn start_with_vault_lines(app: &TestApp, cfg: &TestConfig, lines: &str) -> (ChildGuard, std::path::PathBuf) {
+    let toml = cfg.toml().replacen("[vault]\n", &format!("[vault]\n{lines}\n"), 1);
+    let path = app.dir.join("dbward-tokens.toml");
+    std::fs::write(&path, toml).unwrap();
+    let log = app.dir.join("dbward-tokens.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dbward"));
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "dbward=debug")
+        .env("NO_COLOR", "1")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out);
+    let child = ChildGuard::spawn(cmd).unwrap();
+    let port = cfg.port();
+    wait_until(DBWARD_READY_TIMEOUT, "dbward listening", || {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .map(drop)
+            .map_err(|e| format!("{e}; log:\n{}", log_tail(&log, 20)))
+    });
+    (child, log)
+}
+
+#[tokio::test]
+async fn the_previous_vault_token_is_revoked_once_no_session_holds_its_lease() {
+    let s = servers();
+    let app = s.new_app("sec-tokrevoke");
+    // A token cannot be renewed past 18 s: dbward logs in anew at 2/3 of it (12 s). (Vault
+    // applies the role's current max TTL at renewal: it stays 18 s for the whole test.)
+    app.set_jwt_role_ttls("18s", Some("18s"));
+    let cfg = app.config("database");
+    let (mut child, log) = start_with_vault_lines(&app, &cfg, "request_timeout = \"1s\"");
+    let port = cfg.port();
+
+    let first = wait_until(Duration::from_secs(10), "dbward's first token", || {
+        match &app_tokens(s, &app)[..] {
+            [one] => Ok(one.clone()),
+            other => Err(format!("{} tokens", other.len())),
+        }
+    });
+    let (accessor, info) = first;
+    let expires = Instant::now() + Duration::from_secs(info["data"]["ttl"].as_u64().unwrap());
+
+    // A session on the first token's lease, held across the re-login.
+    let held = connect(port, &app.dbname, "app").await;
+    let first_user = whoami(&held).await.unwrap();
+    wait_until(Duration::from_secs(20), "a second login", || {
+        match app_tokens(s, &app).len() {
+            2 => Ok(()),
+            n => Err(format!("{n} tokens; log:\n{}", log_tail(&log, 80))),
+        }
+    });
+    // New connections move to the new token's credential; the held one still works.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = connect(port, &app.dbname, "app").await;
+        if whoami(&c).await.unwrap() != first_user {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no credential of the new login; log:\n{}",
+            log_tail(&log, 20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        whoami(&held).await.unwrap(),
+        first_user,
+        "the held session is untouched"
+    );
+    assert_eq!(
+        token_by_accessor(s, &accessor).0,
+        200,
+        "revoked while a session holds its lease"
+    );
+
+    drop(held);
+    wait_until(
+        Duration::from_secs(10),
+        "the first token revoked",
+        || match token_by_accessor(s, &accessor).0 {
+            200 => Err(format!("still valid; log:\n{}", log_tail(&log, 20))),
+            _ => Ok(()),
+        },
+    );
+    assert!(
+        Instant::now() + Duration::from_millis(500) < expires,
+        "the first token was gone only at its expiry, not revoked"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("revoked the Vault token"), "{text}");
+    child.signal(libc::SIGTERM);
+    assert!(child.wait_timeout(Duration::from_secs(20)).is_some());
 }

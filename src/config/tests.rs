@@ -196,10 +196,22 @@ fn require_auth_and_channel_binding_follow_libpq() {
     assert_eq!(c.databases[0].require_auth.to_string(), "scram-sha-256");
     assert_eq!(c.databases[0].channel_binding, ChannelBindingMode::Require);
     let cases = [
-        ("require_auth = \"scram-sha-256,!md5\"", "databases[0].require_auth: \"scram-sha-256,!md5\": negative method \"!md5\" cannot be mixed"),
-        ("require_auth = \"kerberos\"", "databases[0].require_auth: \"kerberos\": unknown method \"kerberos\""),
-        ("channel_binding = \"always\"", "databases[0].channel_binding: unknown value \"always\", expected one of disable, prefer, require"),
-        ("sslmode = \"disable\"\nchannel_binding = \"require\"", "databases[0].channel_binding: \"require\" needs TLS"),
+        (
+            "require_auth = \"scram-sha-256,!md5\"",
+            "databases[0].require_auth: \"scram-sha-256,!md5\": negative method \"!md5\" cannot be mixed",
+        ),
+        (
+            "require_auth = \"kerberos\"",
+            "databases[0].require_auth: \"kerberos\": unknown method \"kerberos\"",
+        ),
+        (
+            "channel_binding = \"always\"",
+            "databases[0].channel_binding: unknown value \"always\", expected one of disable, prefer, require",
+        ),
+        (
+            "sslmode = \"disable\"\nchannel_binding = \"require\"",
+            "databases[0].channel_binding: \"require\" needs TLS",
+        ),
     ];
     for (lines, want) in cases {
         let e = Config::parse(&with(lines)).unwrap_err().to_string();

@@ -8,11 +8,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::raw;
-use crate::upstream::auth_policy::{ChannelBindingMode, RequireAuth};
 use super::{
     err, AdminConfig, AuthConfig, AuthMethod, ClientCert, Config, ConfigError, CredentialKind, CredentialSource,
     CredentialsConfig, DatabaseConfig, HostPort, ListenAddr, Login, ProxyConfig, SslMode, VaultConfig,
 };
+use crate::upstream::auth_policy::{ChannelBindingMode, RequireAuth};
 
 /// Parses a TCP listen address; `localhost:PORT` means the IPv4 loopback.
 fn parse_tcp_addr(s: &str) -> Option<SocketAddr> {
@@ -296,10 +296,7 @@ fn tls_files(i: usize, db: &raw::DatabaseConfig) -> Result<Option<ClientCert>, C
 }
 
 /// require_auth and channel_binding, with libpq's syntax and meaning.
-fn auth_policy(
-    i: usize,
-    db: &raw::DatabaseConfig,
-) -> Result<(RequireAuth, ChannelBindingMode), ConfigError> {
+fn auth_policy(i: usize, db: &raw::DatabaseConfig) -> Result<(RequireAuth, ChannelBindingMode), ConfigError> {
     let key = |k: &str| format!("databases[{i}].{k}");
     let require_auth = RequireAuth::parse(&db.require_auth).map_err(|e| err(key("require_auth"), e))?;
     let channel_binding = match db.channel_binding.as_deref() {

@@ -71,6 +71,12 @@ impl Leases {
             .collect()
     }
 
+    /// The Vault login generations that created a lease still held.
+    pub(super) fn generations(&self) -> std::collections::HashSet<u64> {
+        let held = self.held.lock().unwrap();
+        held.values().map(|l| l.held.token_generation).collect()
+    }
+
     fn forget(&self, id: &str) {
         self.held.lock().unwrap().remove(id);
     }

@@ -51,6 +51,7 @@ impl CredentialStore {
         tokio::spawn(self.clone().watch_token(stop.clone()));
         tokio::spawn(self.clone().check_token(stop.clone()));
         tokio::spawn(self.clone().keep_leases(stop.clone()));
+        tokio::spawn(self.clone().retire_tokens(stop.clone()));
         loop {
             let entries: Vec<(String, Arc<Entry>)> = self
                 .entries

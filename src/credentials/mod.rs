@@ -22,6 +22,7 @@ mod recent_errors;
 mod schedule;
 #[cfg(test)]
 mod test_support;
+mod tokens;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -219,7 +219,10 @@ impl AuthPolicy {
     }
 
     fn require_auth_failed(&self, reason: &str) -> String {
-        format!("authentication method requirement \"{}\" failed: {reason}", self.require_auth)
+        format!(
+            "authentication method requirement \"{}\" failed: {reason}",
+            self.require_auth
+        )
     }
 }
 
@@ -311,13 +314,18 @@ mod tests {
         assert!(p.check(Request::Sasl, NOTHING).is_ok());
         assert!(p.check(Request::Password, NOTHING).is_err());
         assert!(p.check(Request::Md5, NOTHING).is_err());
-        assert!(p.check(Request::Ok, DONE).unwrap_err().contains("without channel binding"));
+        assert!(p
+            .check(Request::Ok, DONE)
+            .unwrap_err()
+            .contains("without channel binding"));
         let bound = Progress {
             finished: true,
             bound: true,
         };
         assert!(p.check(Request::Ok, bound).is_ok());
         // Unset require_auth: trust is fine without channel binding required.
-        assert!(policy("", ChannelBindingMode::Prefer).check(Request::Ok, NOTHING).is_ok());
+        assert!(policy("", ChannelBindingMode::Prefer)
+            .check(Request::Ok, NOTHING)
+            .is_ok());
     }
 }

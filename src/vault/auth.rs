@@ -119,6 +119,8 @@ pub struct Auth {
     /// When tokens of past logins end for good, by generation, once known: Vault capped a
     /// renewal (the max TTL is near), or the token was not renewable. Leases die with them.
     ends: Mutex<std::collections::BTreeMap<u64, Instant>>,
+    /// Tokens replaced by a later login, until revoked.
+    retired: super::retired::RetiredTokens,
 }
 
 /// Forced re-logins (after a 403) happen at most this often.
@@ -128,13 +130,19 @@ impl Auth {
     pub(crate) fn new(client: Arc<VaultClient>, cfg: AuthConfig) -> Arc<Self> {
         Arc::new(Auth {
             client,
-            cfg,
             login_lock: tokio::sync::Mutex::new(()),
             current: Mutex::new(None),
             generation: Mutex::new(0),
             last_forced: Mutex::new(None),
             ends: Mutex::default(),
+            retired: super::retired::RetiredTokens::new(!matches!(cfg.login, Login::Token { .. })),
+            cfg,
         })
+    }
+
+    /// Tokens replaced by a later login.
+    pub(crate) fn retired(&self) -> &super::retired::RetiredTokens {
+        &self.retired
     }
 
     /// [`login_description`] of this login.
@@ -336,7 +344,10 @@ impl Auth {
             "logged in to Vault"
         );
         let token = Arc::new(token);
-        *self.current.lock().unwrap() = Some(token.clone());
+        let old = self.current.lock().unwrap().replace(token.clone());
+        if let Some(old) = old {
+            self.retired.push(old);
+        }
         Ok(token)
     }
 

@@ -9,6 +9,7 @@ pub mod error;
 pub mod fuzzing;
 pub mod jwt;
 pub mod limits;
+mod retired;
 pub mod secrets;
 
 pub(crate) use auth::{Auth, VaultToken};

@@ -282,7 +282,9 @@ async fn require_auth_refuses_authentication_ok_without_an_exchange() {
     }
     // Unset, "none" and a negated list without !none admit trust, as libpq does.
     for policy in ["", "none", "scram-sha-256,none", "!password"] {
-        instant_ok(policy, Prefer).await.unwrap_or_else(|e| panic!("{policy}: {e}"));
+        instant_ok(policy, Prefer)
+            .await
+            .unwrap_or_else(|e| panic!("{policy}: {e}"));
     }
 }
 
@@ -299,7 +301,11 @@ async fn require_auth_refuses_methods_it_does_not_list() {
     s.auth_policy.require_auth = crate::upstream::auth_policy::RequireAuth::parse("!scram-sha-256").unwrap();
     let e = connect(&s, &params(), &password()).await.unwrap_err();
     server.abort();
-    assert!(e.to_string().contains("server requested SASL (scram-sha-256) authentication"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("server requested SASL (scram-sha-256) authentication"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -331,7 +337,11 @@ async fn channel_binding_require() {
         if ok {
             result.unwrap_or_else(|e| panic!("{mechanisms:?} {cb:?}: {e}"));
             let header = server.await.unwrap();
-            let want = if cb == Require { "p=tls-server-end-point,," } else { "n,," };
+            let want = if cb == Require {
+                "p=tls-server-end-point,,"
+            } else {
+                "n,,"
+            };
             assert_eq!(header, want);
         } else {
             server.abort();
@@ -343,7 +353,10 @@ async fn channel_binding_require() {
 
 #[tokio::test]
 async fn greeting_is_capped() {
-    let notice = msg(b'N', &[b"SNOTICE\0C00000\0M".as_slice(), &[b'x'; 8000], b"\0\0"].concat());
+    let notice = msg(
+        b'N',
+        &[b"SNOTICE\0C00000\0M".as_slice(), &[b'x'; 8000], b"\0\0"].concat(),
+    );
     let mut script = auth_msg(0, b"");
     for _ in 0..(crate::upstream::auth::MAX_GREETING_LEN / notice.len() + 2) {
         script.extend_from_slice(&notice);

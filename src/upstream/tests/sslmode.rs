@@ -148,7 +148,10 @@ async fn bytes_after_ssl_accept_are_refused() {
 async fn error_instead_of_ssl_answer_is_not_the_servers_word() {
     for mode in [SslMode::Prefer, SslMode::Require, SslMode::VerifyFull] {
         let e = answer_ssl_request(
-            msg(b'E', b"SFATAL\x00C28P01\x00Mpassword authentication failed (injected)\x00\x00"),
+            msg(
+                b'E',
+                b"SFATAL\x00C28P01\x00Mpassword authentication failed (injected)\x00\x00",
+            ),
             mode,
         )
         .await
@@ -157,7 +160,9 @@ async fn error_instead_of_ssl_answer_is_not_the_servers_word() {
         assert!(!e.is_password_rejected());
         assert!(!e.to_string().contains("injected"), "{e}");
         assert_eq!(e.sqlstate(), "08001");
-        let pg = e.to_pg_error("payments").expect("dbward's own error, not a relayed one");
+        let pg = e
+            .to_pg_error("payments")
+            .expect("dbward's own error, not a relayed one");
         assert!(pg.message.contains("refused TLS"), "{}", pg.message);
     }
     let e = answer_ssl_request(b"X", SslMode::Require).await.unwrap_err();
