@@ -305,6 +305,11 @@ pub async fn run(app: Arc<App>, stop: impl std::future::Future<Output = ()>) -> 
     if app.config().vault.revoke_on_shutdown {
         services.credentials.revoke_all().await;
     }
+    // Revoking the token revokes its leases too, so it follows revoke_on_shutdown. A token kept
+    // for the next start (vault.state_file) must skip this call.
+    if app.config().vault.revoke_on_shutdown {
+        services.credentials.revoke_vault_tokens().await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -265,6 +265,10 @@ pub struct DatabaseConfig {
     pub max_client_connections: usize,
     /// Allow MD5 and cleartext password authentication upstream without verified TLS.
     pub allow_insecure_password: bool,
+    /// libpq's require_auth: which authentication the server must (or must not) ask for.
+    pub require_auth: crate::upstream::auth_policy::RequireAuth,
+    /// libpq's channel_binding.
+    pub channel_binding: crate::upstream::auth_policy::ChannelBindingMode,
     /// Relay `replication=` startups (physical/logical replication clients).
     pub allow_replication: bool,
     /// Terminate TLS from clients (answer SSLRequest with 'S'); absent: clients get 'N'.

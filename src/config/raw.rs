@@ -193,6 +193,11 @@ pub(super) struct DatabaseConfig {
     /// could replay.
     #[serde(default)]
     pub(super) allow_insecure_password: bool,
+    /// libpq's require_auth (`"scram-sha-256"`, `"!password,!md5"`, `"none"`...); default: unset.
+    #[serde(default)]
+    pub(super) require_auth: String,
+    /// libpq's channel_binding: disable, prefer (default), require.
+    pub(super) channel_binding: Option<String>,
     /// Relay `replication=` startups (physical/logical replication clients).
     #[serde(default)]
     pub(super) allow_replication: bool,

@@ -234,3 +234,37 @@ fn http_vault_beyond_loopback_must_be_asked_for() {
     }
     Config::parse(&GOOD.replacen("http://127.0.0.1:8200", "https://vault.internal:8200", 1)).unwrap();
 }
+
+#[test]
+fn require_auth_and_channel_binding_follow_libpq() {
+    use crate::upstream::auth_policy::ChannelBindingMode;
+    let with = |lines: &str| GOOD.replacen("name = \"payments\"", &format!("name = \"payments\"\n{lines}"), 1);
+    let c = Config::parse(GOOD).unwrap();
+    assert!(!c.databases[0].require_auth.is_set());
+    assert_eq!(c.databases[0].channel_binding, ChannelBindingMode::Prefer);
+    let c = Config::parse(&with("require_auth = \"scram-sha-256\"\nchannel_binding = \"require\"")).unwrap();
+    assert_eq!(c.databases[0].require_auth.to_string(), "scram-sha-256");
+    assert_eq!(c.databases[0].channel_binding, ChannelBindingMode::Require);
+    let cases = [
+        (
+            "require_auth = \"scram-sha-256,!md5\"",
+            "databases[0].require_auth: \"scram-sha-256,!md5\": negative method \"!md5\" cannot be mixed",
+        ),
+        (
+            "require_auth = \"kerberos\"",
+            "databases[0].require_auth: \"kerberos\": unknown method \"kerberos\"",
+        ),
+        (
+            "channel_binding = \"always\"",
+            "databases[0].channel_binding: unknown value \"always\", expected one of disable, prefer, require",
+        ),
+        (
+            "sslmode = \"disable\"\nchannel_binding = \"require\"",
+            "databases[0].channel_binding: \"require\" needs TLS",
+        ),
+    ];
+    for (lines, want) in cases {
+        let e = Config::parse(&with(lines)).unwrap_err().to_string();
+        assert!(e.starts_with(want), "want {want:?}, got {e:?}");
+    }
+}

@@ -12,6 +12,7 @@ use super::{
     err, AdminConfig, AuthConfig, AuthMethod, ClientCert, Config, ConfigError, CredentialKind, CredentialSource,
     CredentialsConfig, DatabaseConfig, HostPort, ListenAddr, Login, ProxyConfig, SslMode, VaultConfig,
 };
+use crate::upstream::auth_policy::{ChannelBindingMode, RequireAuth};
 
 /// Parses a TCP listen address; `localhost:PORT` means the IPv4 loopback.
 fn parse_tcp_addr(s: &str) -> Option<SocketAddr> {
@@ -218,6 +219,7 @@ fn database(
         ));
     }
     let allowed = super::allowlist::allowlist(i, db.allowed_users.clone(), db.allowed_groups.clone())?;
+    let (require_auth, channel_binding) = auth_policy(i, &db)?;
     Ok(DatabaseConfig {
         allowed,
         credentials: credentials(i, db.credentials)?,
@@ -233,6 +235,8 @@ fn database(
         socket_mode: db.socket_mode.0,
         max_client_connections: db.max_client_connections,
         allow_insecure_password: db.allow_insecure_password,
+        require_auth,
+        channel_binding,
         allow_replication: db.allow_replication,
         client_tls: db.client_tls,
     })
@@ -327,6 +331,30 @@ fn tls_files(i: usize, db: &raw::DatabaseConfig) -> Result<Option<ClientCert>, C
         ));
     }
     Ok(client_cert)
+}
+
+/// require_auth and channel_binding, with libpq's syntax and meaning.
+fn auth_policy(i: usize, db: &raw::DatabaseConfig) -> Result<(RequireAuth, ChannelBindingMode), ConfigError> {
+    let key = |k: &str| format!("databases[{i}].{k}");
+    let require_auth = RequireAuth::parse(&db.require_auth).map_err(|e| err(key("require_auth"), e))?;
+    let channel_binding = match db.channel_binding.as_deref() {
+        None | Some("prefer") => ChannelBindingMode::Prefer,
+        Some("disable") => ChannelBindingMode::Disable,
+        Some("require") => ChannelBindingMode::Require,
+        Some(other) => {
+            return Err(err(
+                key("channel_binding"),
+                format!("unknown value {other:?}, expected one of disable, prefer, require"),
+            ))
+        }
+    };
+    if channel_binding == ChannelBindingMode::Require && db.sslmode == SslMode::Disable {
+        return Err(err(
+            key("channel_binding"),
+            "\"require\" needs TLS, but sslmode is \"disable\"; use sslmode = \"verify-full\"",
+        ));
+    }
+    Ok((require_auth, channel_binding))
 }
 
 /// A Vault path segment list: no empty, `.` or `..` segment, no whitespace, `?` or `#`.

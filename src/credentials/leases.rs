@@ -71,6 +71,12 @@ impl Leases {
             .collect()
     }
 
+    /// The Vault login generations that created a lease still held.
+    pub(super) fn generations(&self) -> std::collections::HashSet<u64> {
+        let held = self.held.lock().unwrap();
+        held.values().map(|l| l.held.token_generation).collect()
+    }
+
     fn forget(&self, id: &str) {
         self.held.lock().unwrap().remove(id);
     }
@@ -199,7 +205,7 @@ impl CredentialStore {
             Ok(granted) => {
                 let granted = granted.unwrap_or_default();
                 let clock = LeaseClock {
-                    at_max: granted + Duration::from_secs(1) < lease.duration,
+                    at_max: granted.saturating_add(Duration::from_secs(1)) < lease.duration,
                     ..LeaseClock::new(Instant::now(), granted)
                 };
                 self.leases.renewed(id, clock);

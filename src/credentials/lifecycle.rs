@@ -51,6 +51,7 @@ impl CredentialStore {
         tokio::spawn(self.clone().watch_token(stop.clone()));
         tokio::spawn(self.clone().check_token(stop.clone()));
         tokio::spawn(self.clone().keep_leases(stop.clone()));
+        tokio::spawn(self.clone().retire_tokens(stop.clone()));
         loop {
             let entries: Vec<(String, Arc<Entry>)> = self
                 .entries
@@ -186,9 +187,10 @@ impl CredentialStore {
                 self.saw_token_generation(t.generation);
             }
             let now = Instant::now();
-            let acts_at = token
-                .as_ref()
-                .and_then(|t| t.ttl.map(|ttl| Instant::from_std(t.obtained_at) + ttl * 2 / 3));
+            let acts_at = token.as_ref().and_then(|t| {
+                t.ttl
+                    .map(|ttl| crate::vault::limits::later(Instant::from_std(t.obtained_at), ttl.saturating_mul(2) / 3))
+            });
             let wake = match acts_at {
                 Some(at) if at > now => Some(at),
                 Some(_) => Some(now + TOKEN_RECHECK),

@@ -14,12 +14,15 @@
 mod denials;
 mod error;
 mod fetch;
+#[doc(hidden)]
+pub(crate) mod fuzzing;
 mod leases;
 mod lifecycle;
 mod recent_errors;
 mod schedule;
 #[cfg(test)]
 mod test_support;
+mod tokens;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

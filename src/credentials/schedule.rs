@@ -38,7 +38,7 @@ pub(crate) fn schedule(cfg: &CredentialsConfig, valid_for: Option<Duration>, jit
         // The password changes at rotation: fetched again just after; until then it is valid
         // (a login refused right at the rotation fetches the new one).
         (CredentialKind::Static, Some(v)) => Schedule {
-            refresh_after: Some(v + Duration::from_secs(1)),
+            refresh_after: Some(v.saturating_add(Duration::from_secs(1))),
             cache_for: Some(v),
         },
         // Replaced at refresh_fraction, and always before the cache drops it (expiry_margin
@@ -105,12 +105,17 @@ impl Held {
     /// When it is due for replacement in the background.
     pub(crate) fn refresh_at(&self) -> Option<Instant> {
         let after = self.schedule.refresh_after?;
-        Some(self.fetched_at() + after.max(MIN_REFRESH_GAP))
+        Some(crate::vault::limits::later(
+            self.fetched_at(),
+            after.max(MIN_REFRESH_GAP),
+        ))
     }
 
     /// When the cache stops handing it out (None: until replaced).
     pub(crate) fn cache_until(&self) -> Option<Instant> {
-        self.schedule.cache_for.map(|d| self.fetched_at() + d)
+        self.schedule
+            .cache_for
+            .map(|d| crate::vault::limits::later(self.fetched_at(), d))
     }
 }
 
@@ -135,12 +140,12 @@ impl LeaseClock {
 
     /// When Vault will consider the lease over (renewals included).
     pub(crate) fn end(&self) -> Instant {
-        self.renewed_at + self.duration
+        crate::vault::limits::later(self.renewed_at, self.duration)
     }
 
     /// Renewed at 2/3 of each grant, like the token.
     pub(crate) fn renew_at(&self) -> Instant {
-        self.renewed_at + self.duration * 2 / 3
+        crate::vault::limits::later(self.renewed_at, self.duration.saturating_mul(2) / 3)
     }
 }
 

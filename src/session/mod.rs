@@ -228,7 +228,7 @@ async fn open_upstream<S: AsyncWrite + Unpin>(
                 ctx.credentials.rejected(&db.name, cred.generation).await;
             }
             Err(e) => {
-                let class: String = e.sqlstate().chars().take(2).collect();
+                let class = e.sqlstate_class();
                 ctx.metrics
                     .upstream_connect_failures_total
                     .with_label_values(&[&db.name, &class])

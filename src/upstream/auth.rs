@@ -10,6 +10,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use zeroize::Zeroizing;
 
+use super::auth_policy::{AuthPolicy, ChannelBindingMode, Progress, Request};
 use super::scram::{ChannelBinding, ScramClient, SCRAM_SHA_256, SCRAM_SHA_256_PLUS};
 use super::{io_error, ServerError, UpstreamError};
 use crate::pg::cancel::BackendKey;
@@ -17,6 +18,23 @@ use crate::pg::cancel::BackendKey;
 /// Largest server message accepted before ReadyForQuery. Real ones are well under 1 KiB; the
 /// cap keeps a broken or hostile server from making us buffer without bound.
 const MAX_MESSAGE_LEN: usize = 1 << 20;
+
+/// Most greeting bytes (notices, ParameterStatus, ReadyForQuery) kept for the client before
+/// ReadyForQuery. A real server sends well under 4 KiB; without a cap, a hostile one could make
+/// every connection buffer up to the connect timeout's worth of notices.
+pub(super) const MAX_GREETING_LEN: usize = 256 * 1024;
+
+/// Adds one message to the greeting, refusing the connection (08P01) once it grows past the cap.
+fn keep(greeting: &mut BytesMut, raw: &[u8], addr: &str) -> Result<(), UpstreamError> {
+    if greeting.len() + raw.len() > MAX_GREETING_LEN {
+        return Err(UpstreamError::Protocol(format!(
+            "upstream {addr} sent more than {} KiB of notices and parameters before ReadyForQuery; a PostgreSQL server sends a few hundred bytes",
+            MAX_GREETING_LEN / 1024
+        )));
+    }
+    greeting.extend_from_slice(raw);
+    Ok(())
+}
 
 /// What the authentication needs to know about the connection.
 pub(super) struct Context<'a> {
@@ -32,6 +50,8 @@ pub(super) struct Context<'a> {
     pub allow_insecure_password: bool,
     /// tls-server-end-point data of the server certificate, when it can be computed.
     pub certificate_hash: Option<Vec<u8>>,
+    /// The entry's require_auth and channel_binding.
+    pub policy: &'a AuthPolicy,
 }
 
 pub(super) struct Outcome {
@@ -80,20 +100,21 @@ where
 {
     let addr = ctx.addr;
     let mut scram: Option<ScramClient> = None;
+    let mut progress = Progress::default();
     loop {
         let raw = next_message(stream, buf, addr, during).await?;
         match raw[0] {
             b'R' => {}
             b'E' => return Err(server_error(raw, addr)),
             b'N' => {
-                greeting.extend_from_slice(&raw);
+                keep(greeting, &raw, addr)?;
                 continue;
             }
             // NegotiateProtocolVersion answers our StartupMessage, not the client's: not forwarded.
             b'v' => continue,
             tag => return Err(unexpected(tag, addr, during)),
         }
-        match answer(ctx, raw, &mut scram, during).await? {
+        match answer(ctx, raw, &mut scram, &mut progress, during).await? {
             Next::Authenticated => return Ok(()),
             Next::Read => {}
             Next::Reply(mut reply) => {
@@ -112,6 +133,7 @@ async fn answer(
     ctx: &Context<'_>,
     raw: BytesMut,
     scram: &mut Option<ScramClient>,
+    progress: &mut Progress,
     during: &'static str,
 ) -> Result<Next, UpstreamError> {
     let addr = ctx.addr;
@@ -126,6 +148,18 @@ async fn answer(
             "upstream {addr} asked for authentication method {code}, which dbward does not know"
         )));
     }
+    let request = match code {
+        0 => Request::Ok,
+        3 => Request::Password,
+        5 => Request::Md5,
+        7 | 8 => Request::Gss,
+        9 => Request::Sspi,
+        10..=12 => Request::Sasl,
+        _ => Request::Other,
+    };
+    ctx.policy
+        .check(request, *progress)
+        .map_err(|reason| UpstreamError::Auth(format!("upstream {addr}: {reason}")))?;
     let mut reply = BytesMut::new();
     match parse(raw, addr)? {
         Message::AuthenticationOk => {
@@ -141,6 +175,7 @@ async fn answer(
             insecure_allowed(ctx, "a cleartext password")?;
             frontend::password_message(ctx.password.expose_secret().as_bytes(), &mut reply)
                 .map_err(|e| encode_error(addr, e))?;
+            progress.finished = true;
         }
         Message::AuthenticationMd5Password(body) => {
             insecure_allowed(ctx, "an MD5 password hash")?;
@@ -150,6 +185,7 @@ async fn answer(
                 body.salt(),
             ));
             frontend::password_message(hash.as_bytes(), &mut reply).map_err(|e| encode_error(addr, e))?;
+            progress.finished = true;
         }
         Message::AuthenticationSasl(body) => {
             if scram.is_some() {
@@ -185,6 +221,8 @@ async fn answer(
             client
                 .handle_server_final(body.data())
                 .map_err(|e| scram_failed(addr, e))?;
+            progress.finished = true;
+            progress.bound = client.mechanism() == SCRAM_SHA_256_PLUS;
             return Ok(Next::Read);
         }
         Message::AuthenticationKerberosV5 => return Err(unsupported_method(ctx, "Kerberos V5")),
@@ -229,7 +267,7 @@ async fn until_ready<S: AsyncRead + Unpin>(
             b'S' | b'N' => {
                 // Validates the message before the client gets it.
                 parse(raw.clone(), addr)?;
-                greeting.extend_from_slice(&raw);
+                keep(greeting, &raw, addr)?;
             }
             b'K' => {
                 // Parsed by hand: protocol 3.2 keys are longer than postgres-protocol expects.
@@ -246,7 +284,7 @@ async fn until_ready<S: AsyncRead + Unpin>(
             }
             b'Z' => {
                 parse(raw.clone(), addr)?;
-                greeting.extend_from_slice(&raw);
+                keep(greeting, &raw, addr)?;
                 return Ok(key);
             }
             b'E' => return Err(server_error(raw, addr)),
@@ -341,7 +379,27 @@ fn server_error(raw: BytesMut, addr: &str) -> UpstreamError {
 /// otherwise SCRAM-SHA-256 with the GS2 flag Postgres expects.
 fn choose_binding(ctx: &Context<'_>, mechanisms: &[String]) -> Result<ChannelBinding, UpstreamError> {
     let offered = |m: &str| mechanisms.iter().any(|x| x == m);
-    if ctx.tls && offered(SCRAM_SHA_256_PLUS) {
+    match ctx.policy.channel_binding {
+        ChannelBindingMode::Require => {
+            let reason = if !ctx.tls {
+                "the connection is not encrypted (sslmode allowed a connection without TLS)"
+            } else if !offered(SCRAM_SHA_256_PLUS) {
+                "the server did not offer SCRAM-SHA-256-PLUS"
+            } else if let Some(hash) = &ctx.certificate_hash {
+                return Ok(ChannelBinding::TlsServerEndPoint(hash.clone()));
+            } else {
+                "the server certificate's signature algorithm has no hash to bind to (Ed25519/Ed448)"
+            };
+            return Err(UpstreamError::Auth(format!(
+                "upstream {}: channel binding required (channel_binding = \"require\" for database \"{}\"), but {reason}",
+                ctx.addr, ctx.database
+            )));
+        }
+        // libpq sends 'n' with channel_binding=disable, whatever the server offers.
+        ChannelBindingMode::Disable if offered(SCRAM_SHA_256) => return Ok(ChannelBinding::Unsupported),
+        ChannelBindingMode::Disable | ChannelBindingMode::Prefer => {}
+    }
+    if ctx.tls && ctx.policy.channel_binding == ChannelBindingMode::Prefer && offered(SCRAM_SHA_256_PLUS) {
         if let Some(hash) = &ctx.certificate_hash {
             return Ok(ChannelBinding::TlsServerEndPoint(hash.clone()));
         }

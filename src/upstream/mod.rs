@@ -4,6 +4,7 @@
 //! bytes over [`UpstreamStream`].
 
 mod auth;
+pub mod auth_policy;
 pub mod scram;
 pub(crate) mod tls;
 
@@ -50,6 +51,8 @@ pub struct UpstreamSettings {
     pub connect_timeout: Duration,
     /// false: MD5 and cleartext passwords are sent only over verified TLS (verify-ca/verify-full).
     pub allow_insecure_password: bool,
+    /// require_auth and channel_binding.
+    pub auth_policy: auth_policy::AuthPolicy,
 }
 
 impl fmt::Debug for UpstreamSettings {
@@ -63,6 +66,7 @@ impl fmt::Debug for UpstreamSettings {
             .field("server_name", &self.server_name)
             .field("connect_timeout", &self.connect_timeout)
             .field("allow_insecure_password", &self.allow_insecure_password)
+            .field("auth_policy", &self.auth_policy)
             .finish()
     }
 }
@@ -97,6 +101,10 @@ impl UpstreamSettings {
             server_name,
             connect_timeout: db.connect_timeout,
             allow_insecure_password: db.allow_insecure_password,
+            auth_policy: auth_policy::AuthPolicy {
+                require_auth: db.require_auth.clone(),
+                channel_binding: db.channel_binding,
+            },
         })
     }
 
@@ -196,6 +204,11 @@ pub enum UpstreamError {
     Tls { addr: String, reason: String },
     #[error("server {addr} does not support TLS but sslmode={sslmode}")]
     TlsNotSupported { addr: String, sslmode: SslMode },
+    /// The server answered the SSLRequest with something other than 'S' or 'N'. What it sent came
+    /// before any encryption, so anyone on the path could have written it: it is neither shown
+    /// to the client nor taken as a verdict on the credential (no password was sent yet).
+    #[error("server at {addr} refused TLS (it answered the SSLRequest with {answer}, which is not trusted before encryption)")]
+    TlsRefused { addr: String, answer: &'static str },
     #[error("the server refused the connection: {0}")]
     Server(ServerError),
     /// The message names the upstream address.
@@ -243,6 +256,10 @@ impl UpstreamError {
                 sqlstate::CONNECTION_FAILURE,
                 "enable ssl on the server, or lower sslmode if an unencrypted connection is acceptable",
             ),
+            UpstreamError::TlsRefused { .. } => (
+                sqlstate::CONNECTION_FAILURE,
+                "check that the upstream address points at the PostgreSQL server itself (no other service or device in the path) and that the server accepts connections (its log says why it refused)",
+            ),
             UpstreamError::Auth(_) => (
                 sqlstate::CONNECTION_REJECTED,
                 "check the server's authentication settings (pg_hba.conf, password_encryption) and dbward's sslmode for this database entry",
@@ -264,6 +281,12 @@ impl UpstreamError {
         matches!(self, UpstreamError::Server(e) if e.code == sqlstate::INVALID_PASSWORD)
     }
 
+    /// The SQLSTATE class (first two characters) as a metric label: only `[0-9A-Z]{2}`, so a
+    /// server cannot mint label values; anything else becomes `XX`.
+    pub fn sqlstate_class(&self) -> String {
+        sqlstate_class(self.sqlstate())
+    }
+
     /// SQLSTATE for metrics: the server's code, or the one [`Self::to_pg_error`] uses.
     pub fn sqlstate(&self) -> &str {
         match self {
@@ -272,6 +295,16 @@ impl UpstreamError {
             UpstreamError::Protocol(_) => sqlstate::PROTOCOL_VIOLATION,
             _ => sqlstate::CONNECTION_FAILURE,
         }
+    }
+}
+
+/// See [`UpstreamError::sqlstate_class`].
+pub(crate) fn sqlstate_class(code: &str) -> String {
+    match code.as_bytes() {
+        [a, b, ..] if [a, b].iter().all(|c| c.is_ascii_digit() || c.is_ascii_uppercase()) => {
+            format!("{}{}", *a as char, *b as char)
+        }
+        _ => "XX".to_string(),
     }
 }
 
@@ -354,6 +387,7 @@ async fn connect_inner(
         tls_verified: tls && settings.verifies_certificate(),
         allow_insecure_password: settings.allow_insecure_password,
         certificate_hash: server_certificate(&stream).and_then(tls::certificate_hash),
+        policy: &settings.auth_policy,
     };
     let outcome = auth::startup(&mut stream, &ctx, during).await?;
     tracing::debug!(
@@ -494,7 +528,26 @@ async fn open(settings: &UpstreamSettings, during: &mut &'static str) -> Result<
         b'S' => {}
         b'N' if settings.sslmode == SslMode::Prefer => return Ok(Either::Left(tcp)),
         b'N' => return Err(UpstreamError::TlsNotSupported { addr, sslmode: settings.sslmode }),
-        b'E' => return Err(auth::error_after_ssl_request(&mut tcp, &addr).await),
+        // CVE-2024-10977: an ErrorResponse here is unauthenticated; libpq no longer shows it as
+        // the server's, and it says nothing about the credential. Its code goes to the log only.
+        b'E' => {
+            let said = auth::error_after_ssl_request(&mut tcp, &addr).await;
+            tracing::warn!(
+                upstream = %addr,
+                sqlstate = %said.sqlstate_class(),
+                "upstream answered the SSLRequest with an error before TLS; not relayed, credential kept"
+            );
+            return Err(UpstreamError::TlsRefused {
+                addr,
+                answer: "an ErrorResponse",
+            });
+        }
+        _ if settings.sslmode != SslMode::Prefer => {
+            return Err(UpstreamError::TlsRefused {
+                addr,
+                answer: "an unknown byte",
+            })
+        }
         other => {
             return Err(UpstreamError::Protocol(format!(
                 "upstream {addr} answered the SSLRequest with byte 0x{other:02x} instead of 'S' or 'N'; is it a PostgreSQL server?"

@@ -361,6 +361,27 @@ mod tests {
     }
 
     #[test]
+    fn a_new_salt_every_connection_costs_one_pbkdf2_each_and_one_cache_slot() {
+        // A hostile server that sends a fresh salt each time: each connection computes PBKDF2
+        // once (nothing held for that salt before it, the one slot holds it after), and the
+        // cache never holds more than the latest salt.
+        let keys = std::sync::Arc::new(KeyCache::default());
+        let mut previous: Option<Vec<u8>> = None;
+        for n in 0..5u8 {
+            let salt = vec![n; 16];
+            assert!(!keys.holds(&salt, 4096));
+            let mut c = rfc_client();
+            c.keys = keys.clone();
+            let first = format!("r={}srv,s={},i=4096", c.nonce, B64.encode(&salt));
+            c.handle_server_first(first.as_bytes()).unwrap();
+            assert!(keys.holds(&salt, 4096));
+            if let Some(p) = previous.replace(salt) {
+                assert!(!keys.holds(&p, 4096), "only the latest salt is kept");
+            }
+        }
+    }
+
+    #[test]
     fn wrong_server_signature_is_refused() {
         let mut c = rfc_client();
         c.handle_server_first(SERVER_FIRST.as_bytes()).unwrap();

@@ -44,7 +44,7 @@ impl std::fmt::Debug for VaultToken {
 
 impl VaultToken {
     pub(crate) fn expires_at(&self) -> Option<Instant> {
-        self.ttl.map(|t| self.obtained_at + t)
+        self.ttl.map(|t| super::limits::later(self.obtained_at, t))
     }
 
     /// Time left before the token expires (None: never).
@@ -119,6 +119,8 @@ pub struct Auth {
     /// When tokens of past logins end for good, by generation, once known: Vault capped a
     /// renewal (the max TTL is near), or the token was not renewable. Leases die with them.
     ends: Mutex<std::collections::BTreeMap<u64, Instant>>,
+    /// Tokens replaced by a later login, until revoked.
+    retired: super::retired::RetiredTokens,
 }
 
 /// Forced re-logins (after a 403) happen at most this often.
@@ -128,13 +130,19 @@ impl Auth {
     pub(crate) fn new(client: Arc<VaultClient>, cfg: AuthConfig) -> Arc<Self> {
         Arc::new(Auth {
             client,
-            cfg,
             login_lock: tokio::sync::Mutex::new(()),
             current: Mutex::new(None),
             generation: Mutex::new(0),
             last_forced: Mutex::new(None),
             ends: Mutex::default(),
+            retired: super::retired::RetiredTokens::new(!matches!(cfg.login, Login::Token { .. })),
+            cfg,
         })
+    }
+
+    /// Tokens replaced by a later login.
+    pub(crate) fn retired(&self) -> &super::retired::RetiredTokens {
+        &self.retired
     }
 
     /// [`login_description`] of this login.
@@ -237,13 +245,13 @@ impl Auth {
             }
             let Some(tok) = self.current() else { continue };
             let Some(ttl) = tok.ttl else { continue };
-            if tok.obtained_at.elapsed() < ttl * 2 / 3 || !backoff.ready() {
+            if tok.obtained_at.elapsed() < ttl.saturating_mul(2) / 3 || !backoff.ready() {
                 continue;
             }
             let ok = if tok.renewable {
                 self.renew(&tok).await
             } else {
-                self.ends_at(tok.generation, tok.obtained_at + ttl);
+                self.ends_at(tok.generation, super::limits::later(tok.obtained_at, ttl));
                 Err(NeedsLogin::NotRenewable)
             };
             let result = match ok {
@@ -297,8 +305,8 @@ impl Auth {
         };
         let granted = renewal.granted.unwrap_or_default();
         // Less than asked means the token's max TTL is near: leases it owns die with it.
-        if granted + Duration::from_secs(1) < asked {
-            self.ends_at(tok.generation, started + granted);
+        if granted.saturating_add(Duration::from_secs(1)) < asked {
+            self.ends_at(tok.generation, super::limits::later(started, granted));
             return Err(NeedsLogin::Capped { granted, asked });
         }
         let renewed = Arc::new(VaultToken {
@@ -336,7 +344,10 @@ impl Auth {
             "logged in to Vault"
         );
         let token = Arc::new(token);
-        *self.current.lock().unwrap() = Some(token.clone());
+        let old = self.current.lock().unwrap().replace(token.clone());
+        if let Some(old) = old {
+            self.retired.push(old);
+        }
         Ok(token)
     }
 
@@ -413,7 +424,7 @@ struct AppRoleLogin<'a> {
     secret_id: &'a str,
 }
 
-fn token_from_auth(body: &serde_json::Value, path: &str) -> Result<VaultToken, VaultError> {
+pub(crate) fn token_from_auth(body: &serde_json::Value, path: &str) -> Result<VaultToken, VaultError> {
     let auth = &body["auth"];
     let token = auth["client_token"]
         .as_str()
@@ -426,7 +437,7 @@ fn token_from_auth(body: &serde_json::Value, path: &str) -> Result<VaultToken, V
     let ttl = auth["lease_duration"]
         .as_u64()
         .filter(|t| *t > 0)
-        .map(Duration::from_secs);
+        .map(super::limits::ttl_secs);
     Ok(VaultToken {
         token: SecretString::from(token.to_string()),
         policies: string_list(&auth["policies"]),
@@ -470,16 +481,21 @@ pub(crate) struct TokenLookup {
 /// `auth/token/lookup-self`.
 pub(crate) async fn lookup_self(client: &VaultClient, token: &SecretString) -> Result<TokenLookup, VaultError> {
     let resp = client.read(token, "auth/token/lookup-self").await?;
+    Ok(lookup_from(&resp))
+}
+
+/// What a lookup-self answer says (split from [`lookup_self`] for the fuzz target).
+pub(crate) fn lookup_from(resp: &super::client::VaultResponse) -> TokenLookup {
     let data = &resp.body["data"];
-    let secs = |key: &str| data[key].as_u64().filter(|t| *t > 0).map(Duration::from_secs);
-    Ok(TokenLookup {
+    let secs = |key: &str| data[key].as_u64().filter(|t| *t > 0).map(super::limits::ttl_secs);
+    TokenLookup {
         policies: string_list(&data["policies"]),
         identity_policies: string_list(&data["identity_policies"]),
         ttl: secs("ttl"),
         renewable: data["renewable"].as_bool(),
         period: secs("period"),
         explicit_max_ttl: secs("explicit_max_ttl"),
-    })
+    }
 }
 
 /// What a renewal granted.
@@ -500,10 +516,15 @@ pub(crate) async fn renew_self(
     let resp = client
         .write("renew-self", "auth/token/renew-self", Some(token), &body)
         .await?;
-    Ok(Renewal {
-        granted: resp.u64_field("/auth/lease_duration").map(Duration::from_secs),
+    Ok(renewal_from(&resp))
+}
+
+/// What a renew-self answer granted (split from [`renew_self`] for the fuzz target).
+pub(crate) fn renewal_from(resp: &super::client::VaultResponse) -> Renewal {
+    Renewal {
+        granted: resp.u64_field("/auth/lease_duration").map(super::limits::ttl_secs),
         renewable: resp.body["auth"]["renewable"].as_bool(),
-    })
+    }
 }
 
 /// `auth/token/revoke-self`: the token, and every lease it obtained, are gone.

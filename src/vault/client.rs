@@ -124,6 +124,11 @@ impl VaultClient {
         &self.address
     }
 
+    /// `vault.request_timeout`: no request outlives it.
+    pub(crate) fn request_timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// `GET /v1/<path>`.
     pub(crate) async fn read(&self, token: &SecretString, path: &str) -> Result<VaultResponse, VaultError> {
         self.call("read", Method::GET, path, Some(token), None).await
@@ -138,10 +143,8 @@ impl VaultClient {
         body: &(impl serde::Serialize + ?Sized),
     ) -> Result<VaultResponse, VaultError> {
         // Login bodies carry the JWT or secret_id: they are serialized from borrowed fields
-        // straight into a buffer that is wiped after sending.
-        let bytes = zeroize::Zeroizing::new(serde_json::to_vec(body).expect("request bodies serialize"));
-        self.call(op, Method::PUT, path, token, Some(Bytes::copy_from_slice(&bytes)))
-            .await
+        // straight into a buffer that is wiped when hyper lets go of it.
+        self.call(op, Method::PUT, path, token, Some(wiped_body(body))).await
     }
 
     /// Counts a request Vault refused with 403 in `dbward_vault_denied_total` (`database` is
@@ -264,6 +267,28 @@ impl VaultClient {
     }
 }
 
+/// `body` as JSON in one buffer that is zeroed when the last reference to it drops. Its size
+/// is measured first so that the buffer never grows: a growing Vec would leave unwiped copies
+/// of the secret behind in freed memory. (hyper and rustls copy what they send into their own
+/// buffers; those are out of reach.)
+fn wiped_body(body: &(impl serde::Serialize + ?Sized)) -> Bytes {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, body).expect("request bodies serialize");
+    let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(count.0));
+    serde_json::to_writer(&mut *buf, body).expect("request bodies serialize");
+    Bytes::from_owner(buf)
+}
+
 /// The system resolver (getaddrinfo), with its failures wrapped in [`DnsError`]: hyper-util's
 /// own "dns error" type is private, so without the wrapper only the text would tell.
 #[derive(Clone)]
@@ -286,7 +311,12 @@ impl tower_service::Service<Name> for Resolver {
 
 /// An error status becomes [`VaultError::Status`] with Vault's messages; a 2xx body must be JSON
 /// (or empty).
-fn parse_body(op: &'static str, path: &str, status: u16, body: &[u8]) -> Result<serde_json::Value, VaultError> {
+pub(crate) fn parse_body(
+    op: &'static str,
+    path: &str,
+    status: u16,
+    body: &[u8],
+) -> Result<serde_json::Value, VaultError> {
     if !(200..300).contains(&status) {
         let errors = serde_json::from_slice::<ErrorBody>(body)
             .map(|b| clean_errors(b.errors))
@@ -311,6 +341,13 @@ fn parse_body(op: &'static str, path: &str, status: u16, body: &[u8]) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wiped_body_is_the_json_in_one_buffer() {
+        let body = serde_json::json!({ "role": "payments", "jwt": "eyJ.x.y" });
+        let bytes = wiped_body(&body);
+        assert_eq!(&bytes[..], &serde_json::to_vec(&body).unwrap()[..]);
+    }
     use crate::config::{AuthConfig, Login};
     use crate::vault::error::TransportKind;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

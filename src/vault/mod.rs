@@ -5,7 +5,11 @@
 pub mod auth;
 pub mod client;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod jwt;
+pub mod limits;
+mod retired;
 pub mod secrets;
 
 pub(crate) use auth::{Auth, VaultToken};

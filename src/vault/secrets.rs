@@ -48,7 +48,7 @@ impl std::fmt::Debug for Credential {
 
 impl Credential {
     pub(crate) fn expires_at(&self) -> Option<Instant> {
-        self.valid_for.map(|d| self.fetched_at + d)
+        self.valid_for.map(|d| super::limits::later(self.fetched_at, d))
     }
 }
 
@@ -61,6 +61,16 @@ pub(crate) async fn fetch(
     let path = cfg.vault_path();
     let fetched_at = Instant::now();
     let resp = client.read(token, &path).await?;
+    credential_from(cfg, path, fetched_at, &resp)
+}
+
+/// The credential in a read's answer (split from [`fetch`] so the fuzz target can run it).
+pub(crate) fn credential_from(
+    cfg: &CredentialsConfig,
+    path: String,
+    fetched_at: Instant,
+    resp: &VaultResponse,
+) -> Result<Credential, VaultError> {
     let malformed = |problem: Malformed| VaultError::Malformed {
         op: "read",
         path: path.clone(),
@@ -100,7 +110,7 @@ pub(crate) async fn fetch(
     };
     let username = field(user_key)?;
     let password = SecretString::from(field(pass_key)?);
-    let (lease, valid_for) = lease_of(cfg.kind(), &resp);
+    let (lease, valid_for) = lease_of(cfg.kind(), resp);
     Ok(Credential {
         username,
         password,
@@ -122,7 +132,7 @@ pub(crate) async fn renew_lease(
 ) -> Result<Option<Duration>, VaultError> {
     let body = serde_json::json!({ "lease_id": lease_id, "increment": increment.as_secs() });
     let resp = client.write("renew", "sys/leases/renew", Some(token), &body).await?;
-    Ok(resp.u64_field("/lease_duration").map(Duration::from_secs))
+    Ok(resp.u64_field("/lease_duration").map(super::limits::ttl_secs))
 }
 
 /// `sys/leases/revoke` of `lease_id`: Vault drops the database role it created.
@@ -137,7 +147,7 @@ pub(crate) async fn revoke_lease(client: &VaultClient, token: &SecretString, lea
 fn lease_of(kind: CredentialKind, resp: &VaultResponse) -> (Option<Lease>, Option<Duration>) {
     match kind {
         CredentialKind::Database => {
-            let duration = Duration::from_secs(resp.u64_field("/lease_duration").unwrap_or(0));
+            let duration = super::limits::ttl_secs(resp.u64_field("/lease_duration").unwrap_or(0));
             let lease = resp.str_field("/lease_id").filter(|id| !id.is_empty()).map(|id| Lease {
                 id: id.to_string(),
                 duration,
@@ -149,7 +159,7 @@ fn lease_of(kind: CredentialKind, resp: &VaultResponse) -> (Option<Lease>, Optio
         // At the very moment of rotation Vault may say 0: look again a second later.
         CredentialKind::Static => (
             None,
-            Some(Duration::from_secs(resp.u64_field("/data/ttl").unwrap_or(0).max(1))),
+            Some(super::limits::ttl_secs(resp.u64_field("/data/ttl").unwrap_or(0).max(1))),
         ),
         CredentialKind::Kv => (None, None),
     }

@@ -246,3 +246,122 @@ async fn eof_during_startup_names_the_upstream() {
         "{e}"
     );
 }
+
+/// A server that says AuthenticationOk at once (an impostor, or `trust`), under `policy`.
+async fn instant_ok(policy: &str, cb: crate::upstream::auth_policy::ChannelBindingMode) -> Result<(), UpstreamError> {
+    let (listener, port) = listen().await;
+    let server = tokio::spawn(async move {
+        let mut c = accept(&listener, None).await;
+        c.send(&auth_msg(0, b"")).await;
+        c.finish_startup().await;
+        c
+    });
+    let mut s = settings(port, SslMode::Disable, None, "db.internal");
+    s.auth_policy = crate::upstream::auth_policy::AuthPolicy {
+        require_auth: crate::upstream::auth_policy::RequireAuth::parse(policy).unwrap(),
+        channel_binding: cb,
+    };
+    let result = connect(&s, &params(), &password()).await.map(drop);
+    server.abort();
+    result
+}
+
+#[tokio::test]
+async fn require_auth_refuses_authentication_ok_without_an_exchange() {
+    use crate::upstream::auth_policy::ChannelBindingMode::Prefer;
+    for policy in ["scram-sha-256", "!none", "password,md5"] {
+        let e = instant_ok(policy, Prefer).await.unwrap_err();
+        assert!(matches!(e, UpstreamError::Auth(_)), "{policy}: {e}");
+        assert!(
+            e.to_string().contains(&format!(
+                "authentication method requirement \"{policy}\" failed: server did not complete authentication"
+            )),
+            "{e}"
+        );
+        assert_eq!(e.to_pg_error("payments").unwrap().code, "08004");
+    }
+    // Unset, "none" and a negated list without !none admit trust, as libpq does.
+    for policy in ["", "none", "scram-sha-256,none", "!password"] {
+        instant_ok(policy, Prefer)
+            .await
+            .unwrap_or_else(|e| panic!("{policy}: {e}"));
+    }
+}
+
+#[tokio::test]
+async fn require_auth_refuses_methods_it_does_not_list() {
+    let (listener, port) = listen().await;
+    let server = tokio::spawn(async move {
+        let mut c = accept(&listener, None).await;
+        c.scram(&["SCRAM-SHA-256"], PASSWORD, false).await;
+        c.finish_startup().await;
+        c
+    });
+    let mut s = settings(port, SslMode::Disable, None, "db.internal");
+    s.auth_policy.require_auth = crate::upstream::auth_policy::RequireAuth::parse("!scram-sha-256").unwrap();
+    let e = connect(&s, &params(), &password()).await.unwrap_err();
+    server.abort();
+    assert!(
+        e.to_string()
+            .contains("server requested SASL (scram-sha-256) authentication"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn channel_binding_require() {
+    use crate::upstream::auth_policy::ChannelBindingMode::{Disable, Require};
+    // Trust: no binding happened.
+    let e = instant_ok("", Require).await.unwrap_err();
+    assert!(e.to_string().contains("authenticated without channel binding"), "{e}");
+
+    // Over TLS with -PLUS offered: bound.
+    let pki = Arc::new(Pki::new(&["db.internal"]));
+    for (mechanisms, cb, ok) in [
+        (&["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"][..], Require, true),
+        (&["SCRAM-SHA-256"][..], Require, false),
+        (&["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"][..], Disable, true),
+    ] {
+        let (listener, port) = listen().await;
+        let server_pki = pki.clone();
+        let list: Vec<&'static str> = mechanisms.to_vec();
+        let server = tokio::spawn(async move {
+            let mut c = accept(&listener, Some(&server_pki)).await;
+            let header = c.scram(&list, PASSWORD, false).await;
+            c.finish_startup().await;
+            header
+        });
+        let mut s = settings(port, SslMode::VerifyFull, Some(pki.roots()), "db.internal");
+        s.auth_policy.channel_binding = cb;
+        let result = connect(&s, &params(), &password()).await;
+        if ok {
+            result.unwrap_or_else(|e| panic!("{mechanisms:?} {cb:?}: {e}"));
+            let header = server.await.unwrap();
+            let want = if cb == Require {
+                "p=tls-server-end-point,,"
+            } else {
+                "n,,"
+            };
+            assert_eq!(header, want);
+        } else {
+            server.abort();
+            let e = result.unwrap_err();
+            assert!(e.to_string().contains("did not offer SCRAM-SHA-256-PLUS"), "{e}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn greeting_is_capped() {
+    let notice = msg(
+        b'N',
+        &[b"SNOTICE\0C00000\0M".as_slice(), &[b'x'; 8000], b"\0\0"].concat(),
+    );
+    let mut script = auth_msg(0, b"");
+    for _ in 0..(crate::upstream::auth::MAX_GREETING_LEN / notice.len() + 2) {
+        script.extend_from_slice(&notice);
+    }
+    let e = scripted(script).await;
+    assert!(e.to_string().contains("before ReadyForQuery"), "{e}");
+    assert_eq!(e.to_pg_error("payments").unwrap().code, "08P01");
+}

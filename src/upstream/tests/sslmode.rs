@@ -145,18 +145,36 @@ async fn bytes_after_ssl_accept_are_refused() {
 }
 
 #[tokio::test]
-async fn error_instead_of_ssl_answer_is_a_server_error() {
-    let e = answer_ssl_request(
-        msg(b'E', b"SFATAL\x00C53300\x00Mtoo many clients\x00\x00"),
-        SslMode::Require,
-    )
-    .await
-    .unwrap_err();
-    match e {
-        UpstreamError::Server(s) => {
-            assert_eq!(s.code, "53300");
-            assert_eq!(s.message, "too many clients");
-        }
-        other => panic!("{other}"),
+async fn error_instead_of_ssl_answer_is_not_the_servers_word() {
+    for mode in [SslMode::Prefer, SslMode::Require, SslMode::VerifyFull] {
+        let e = answer_ssl_request(
+            msg(
+                b'E',
+                b"SFATAL\x00C28P01\x00Mpassword authentication failed (injected)\x00\x00",
+            ),
+            mode,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, UpstreamError::TlsRefused { .. }), "{mode}: {e}");
+        assert!(!e.is_password_rejected());
+        assert!(!e.to_string().contains("injected"), "{e}");
+        assert_eq!(e.sqlstate(), "08001");
+        let pg = e
+            .to_pg_error("payments")
+            .expect("dbward's own error, not a relayed one");
+        assert!(pg.message.contains("refused TLS"), "{}", pg.message);
     }
+    let e = answer_ssl_request(b"X", SslMode::Require).await.unwrap_err();
+    assert!(matches!(e, UpstreamError::TlsRefused { .. }), "{e}");
+}
+
+#[test]
+fn sqlstate_metric_classes_are_bounded() {
+    assert_eq!(crate::upstream::sqlstate_class("28P01"), "28");
+    assert_eq!(crate::upstream::sqlstate_class("3D000"), "3D");
+    assert_eq!(crate::upstream::sqlstate_class("a\"}x"), "XX");
+    assert_eq!(crate::upstream::sqlstate_class("é1"), "XX");
+    assert_eq!(crate::upstream::sqlstate_class("2"), "XX");
+    assert_eq!(crate::upstream::sqlstate_class(""), "XX");
 }
