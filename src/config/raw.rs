@@ -52,8 +52,9 @@ pub(super) struct Config {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct VaultConfig {
-    /// `http://` or `https://` URL of Vault or OpenBao.
-    pub(super) address: String,
+    /// `http://` or `https://` URL of Vault or OpenBao, or a list of them (the nodes of an HA
+    /// cluster, tried in turn).
+    pub(super) address: Addresses,
     /// Sent as `X-Vault-Namespace`.
     pub(super) namespace: Option<String>,
     /// PEM bundle of CAs to trust for an https address; default: the system roots.
@@ -65,6 +66,16 @@ pub(super) struct VaultConfig {
     #[serde(default = "default_true")]
     pub(super) revoke_on_shutdown: bool,
     pub(super) auth: AuthConfig,
+    /// Where the Vault token and the held credentials are kept across restarts (tmpfs).
+    pub(super) state_file: Option<PathBuf>,
+}
+
+/// `vault.address`: one URL or a list.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub(super) enum Addresses {
+    One(String),
+    Many(Vec<String>),
 }
 
 fn default_true() -> bool {

@@ -46,23 +46,51 @@ pub(super) fn config(raw: raw::Config) -> Result<Config, ConfigError> {
 }
 
 fn vault(v: raw::VaultConfig) -> Result<VaultConfig, ConfigError> {
-    if !(v.address.starts_with("http://") || v.address.starts_with("https://")) {
-        return Err(err(
-            "vault.address",
-            format!("{:?} must start with http:// or https://", v.address),
-        ));
-    }
+    let addresses = vault_addresses(v.address)?;
     if v.request_timeout.0.is_zero() {
         return Err(err("vault.request_timeout", "must be greater than zero"));
     }
     Ok(VaultConfig {
-        address: v.address,
+        address: addresses[0].clone(),
+        addresses,
+        state_file: v.state_file,
         namespace: v.namespace,
         ca_file: v.ca_file,
         request_timeout: v.request_timeout.0,
         revoke_on_shutdown: v.revoke_on_shutdown,
         auth: auth(v.auth)?,
     })
+}
+
+/// `vault.address` as a list: each an http(s) URL; a list names the failing element's index.
+fn vault_addresses(a: raw::Addresses) -> Result<Vec<String>, ConfigError> {
+    let (list, one) = match a {
+        raw::Addresses::One(s) => (vec![s], true),
+        raw::Addresses::Many(l) => (l, false),
+    };
+    if list.is_empty() {
+        return Err(err(
+            "vault.address",
+            "the list is empty: name at least one Vault address",
+        ));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(list.len());
+    for (i, address) in list.into_iter().enumerate() {
+        let key = if one {
+            "vault.address".to_string()
+        } else {
+            format!("vault.address[{i}]")
+        };
+        if !(address.starts_with("http://") || address.starts_with("https://")) {
+            return Err(err(key, format!("{address:?} must start with http:// or https://")));
+        }
+        let trimmed = address.trim_end_matches('/').to_string();
+        if out.contains(&trimmed) {
+            return Err(err(key, format!("{address:?} is listed twice")));
+        }
+        out.push(trimmed);
+    }
+    Ok(out)
 }
 
 fn auth(a: raw::AuthConfig) -> Result<AuthConfig, ConfigError> {

@@ -128,7 +128,7 @@ impl CredentialStore {
                 self.recent_errors.forget(database).await;
             }
             Err(e) => {
-                let wait = entry.backoff.lock().unwrap().failed();
+                let wait = entry.backoff.lock().unwrap().failed_with(&e.error);
                 let left = self
                     .cache
                     .get(database)

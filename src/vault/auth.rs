@@ -279,7 +279,7 @@ impl Auth {
             match result {
                 Ok(()) => backoff.succeeded(),
                 Err(e) => {
-                    let wait = backoff.failed();
+                    let wait = backoff.failed_with(&e);
                     tracing::warn!(error = %e, retry_in = ?wait, "cannot keep the Vault token alive");
                 }
             }

@@ -5,7 +5,9 @@
 pub mod auth;
 pub mod client;
 pub mod error;
+pub(crate) mod ha;
 pub mod jwt;
+pub(crate) mod ratelimit;
 pub mod secrets;
 
 pub(crate) use auth::{Auth, VaultToken};
