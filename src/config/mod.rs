@@ -306,6 +306,9 @@ pub struct CredentialsConfig {
     /// Retire a session this long before its credential's hard end; None: 10 % of the
     /// credential's life, at most 5 minutes.
     pub retire_margin: Option<Duration>,
+    /// At most this many new dynamic credentials per lease period (`credentials::budget`);
+    /// beyond it the newest valid credential is reused.
+    pub mint_budget: u32,
 }
 
 /// A Vault secret, with exactly what reading it takes.

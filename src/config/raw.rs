@@ -254,6 +254,13 @@ pub(super) struct CredentialsConfig {
     /// Retire a session this long before its credential's hard end (default: 10 % of the
     /// credential's life, at most 5 minutes).
     pub(super) retire_margin: Option<HumanDuration>,
+    /// At most this many new dynamic credentials per lease period.
+    #[serde(default = "default_mint_budget")]
+    pub(super) mint_budget: u32,
+}
+
+fn default_mint_budget() -> u32 {
+    3
 }
 
 fn default_refresh_fraction() -> f64 {

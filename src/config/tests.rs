@@ -137,7 +137,10 @@ fn vault_address_is_one_url_or_a_list_of_nodes() {
     let c = Config::parse(&list).unwrap();
     assert_eq!(c.vault.addresses, ["http://vault-0:8200", "http://vault-1:8200"]);
     assert_eq!(c.vault.address, "http://vault-0:8200");
-    assert_eq!(c.vault.state_file.as_deref(), Some(std::path::Path::new("/run/dbward/state")));
+    assert_eq!(
+        c.vault.state_file.as_deref(),
+        Some(std::path::Path::new("/run/dbward/state"))
+    );
     for (to, want) in [
         ("address = []", "vault.address: the list is empty"),
         (

@@ -394,6 +394,15 @@ fn credentials(i: usize, c: raw::CredentialsConfig) -> Result<CredentialsConfig,
     if c.refresh_interval.0 < Duration::from_secs(1) {
         return Err(err(key("refresh_interval"), "must be at least 1s"));
     }
+    if c.mint_budget < 2 {
+        return Err(err(
+            key("mint_budget"),
+            format!(
+                "{} is too small: a credential is replaced ahead of its expiry, so at least 2 per lease period are needed (default 3)",
+                c.mint_budget
+            ),
+        ));
+    }
     if c.username_key.is_empty() {
         return Err(err(key("username_key"), "must not be empty"));
     }
@@ -408,5 +417,6 @@ fn credentials(i: usize, c: raw::CredentialsConfig) -> Result<CredentialsConfig,
         renew_in_use: c.renew_in_use,
         revoke_unused: c.revoke_unused,
         retire_margin: c.retire_margin.map(|m| m.0),
+        mint_budget: c.mint_budget,
     })
 }

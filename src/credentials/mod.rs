@@ -9,8 +9,11 @@
 //! - `lifecycle.rs`: the background tasks, each sleeping until its next deadline or a wake-up;
 //! - `leases.rs`: the leases dbward holds, renewed while in use and revoked when unused;
 //! - `denials.rs`: background operations Vault refused with 403, not retried until a new login;
+//! - `budget.rs`: how many new credentials an entry may make per lease period, and how often a
+//!   failure may drop one;
 //! - `error.rs`: why an entry has no credential, and what the client is told.
 
+mod budget;
 mod denials;
 mod error;
 mod fetch;
@@ -248,6 +251,8 @@ struct Entry {
     wake: Notify,
     /// Cancelled when a reload removes or changes the entry: its task ends.
     retired: CancellationToken,
+    /// The minting budget and the replacement gap.
+    budget: budget::Budget,
     /// The entry's lifecycle task has been started.
     started: AtomicBool,
 }
@@ -261,6 +266,7 @@ impl Entry {
             warned_rejected: AtomicBool::new(false),
             wake: Notify::new(),
             retired: CancellationToken::new(),
+            budget: budget::Budget::default(),
             started: AtomicBool::new(false),
         }
     }
@@ -423,7 +429,19 @@ impl CredentialStore {
             }
         }
         if let Some(c) = self.cache.get(database).await {
-            if c.cred.generation == generation {
+            let may_drop = || {
+                let ok = entry
+                    .as_ref()
+                    .is_none_or(|e| e.budget.may_drop_after_failure(tokio::time::Instant::now()));
+                if !ok {
+                    tracing::debug!(
+                        database,
+                        "a credential was dropped for a failure less than 10 s ago; the current one is kept"
+                    );
+                }
+                ok
+            };
+            if c.cred.generation == generation && may_drop() {
                 self.cache.invalidate(database).await;
                 // The entry's task fetches the next one; the refused lease is now a replaced one.
                 if let Some(e) = &entry {
@@ -432,6 +450,11 @@ impl CredentialStore {
                 self.leases.wake.notify_one();
             }
         }
+    }
+
+    /// Vault leases held for `database` now (current and replaced ones).
+    pub(crate) fn leases_held(&self, database: &str) -> usize {
+        self.leases.count(database)
     }
 
     pub(crate) fn login_description(&self) -> String {
