@@ -281,6 +281,17 @@ pub async fn run(app: Arc<App>, stop: impl std::future::Future<Output = ()>) -> 
         None => None,
     };
     activated.close_unused();
+    // The state file is taken over before the first client is served (they wait in the
+    // listen backlog meanwhile), or a client would mint the credential the file holds. Bounded:
+    // whatever is not checked by then is fetched anew.
+    if let Some(path) = config.vault.state_file.clone() {
+        let creds = &app.services.credentials;
+        let bound = config.vault.request_timeout + std::time::Duration::from_secs(5);
+        if tokio::time::timeout(bound, creds.restore_state(&path)).await.is_err() {
+            tracing::warn!("the state file was not fully checked within {bound:?}; the rest is fetched anew");
+        }
+        tokio::spawn(creds.clone().keep_state(path, app.services.shutdown.clone()));
+    }
     app.swap_listeners(&config, fresh).await;
     if let Some(admin) = admin {
         tokio::spawn(crate::admin::serve(app.admin_context(), admin));

@@ -114,8 +114,9 @@ impl CredentialStore {
     }
 
     /// Numbers, schedules, counts and logs a fetched credential, and holds its lease.
-    fn keep(&self, database: &str, entry: &Entry, mut cred: Credential, token_generation: u64) -> Arc<Held> {
-        cred.generation = entry.generation.fetch_add(1, Ordering::SeqCst) + 1;
+    fn keep(&self, database: &str, entry: &Entry, cred: Credential, token_generation: u64) -> Arc<Held> {
+        let held = self.adopt_credential(database, entry, cred, token_generation);
+        let cred = &held.cred;
         self.metrics
             .credential_fetch_total
             .with_label_values(&[database, "ok"])
@@ -134,6 +135,19 @@ impl CredentialStore {
             generation = cred.generation,
             "fetched credential from Vault"
         );
+        held
+    }
+
+    /// Numbers and schedules a credential (fetched now, or taken over from the state file)
+    /// and holds its lease.
+    pub(super) fn adopt_credential(
+        &self,
+        database: &str,
+        entry: &Entry,
+        mut cred: Credential,
+        token_generation: u64,
+    ) -> Arc<Held> {
+        cred.generation = entry.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let jitter = rand::thread_rng().gen_range(0.95..=1.0);
         let when = schedule(&entry.cfg, cred.valid_for, jitter);
         let held = Arc::new(Held::new(cred, token_generation, when));
@@ -141,6 +155,7 @@ impl CredentialStore {
             let clock = LeaseClock::new(held.fetched_at(), lease.duration);
             self.leases.add(database, held.clone(), clock);
         }
+        self.state_changed.notify_one();
         held
     }
 
@@ -168,7 +183,7 @@ impl CredentialStore {
 
     /// Publishes the token's expiry, and tells the lifecycle about a new login (dynamic
     /// credentials of older logins are then replaced).
-    fn note_token(&self, token: &VaultToken) {
+    pub(super) fn note_token(&self, token: &VaultToken) {
         let at = token
             .remaining(Instant::now())
             .map(|left| (unix_now() + left.as_secs_f64()) as i64)

@@ -179,6 +179,7 @@ impl CredentialStore {
             }
             newer
         });
+        self.state_changed.notify_one();
     }
 
     /// Notices a new login made by `Auth::keep_alive`, which replaces the token at 2/3 of its

@@ -9,6 +9,7 @@
 //! - `lifecycle.rs`: the background tasks, each sleeping until its next deadline or a wake-up;
 //! - `leases.rs`: the leases dbward holds, renewed while in use and revoked when unused;
 //! - `denials.rs`: background operations Vault refused with 403, not retried until a new login;
+//! - `state.rs`: `vault.state_file`, the token and credentials kept across restarts;
 //! - `budget.rs`: how many new credentials an entry may make per lease period, and how often a
 //!   failure may drop one;
 //! - `error.rs`: why an entry has no credential, and what the client is told.
@@ -21,6 +22,7 @@ mod leases;
 mod lifecycle;
 mod recent_errors;
 mod schedule;
+mod state;
 #[cfg(test)]
 mod test_support;
 
@@ -289,6 +291,8 @@ pub(crate) struct CredentialStore {
     entries_changed: Notify,
     /// The newest Vault login generation seen; dynamic credentials of older logins are replaced.
     token_seen: watch::Sender<u64>,
+    /// A new login or credential: the state file (if any) is rewritten.
+    state_changed: Notify,
 }
 
 impl CredentialStore {
@@ -314,6 +318,7 @@ impl CredentialStore {
             metrics,
             entries_changed: Notify::new(),
             token_seen: watch::Sender::new(0),
+            state_changed: Notify::new(),
         })
     }
 
