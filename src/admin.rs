@@ -154,6 +154,9 @@ async fn refresh_scrape_gauges(app: &AdminContext) {
             // Nothing valid is cached: as good as expired.
             None => left.set(0.0),
         }
+        m.leases_held
+            .with_label_values(&[&db.name])
+            .set(app.credentials.leases_held(&db.name) as i64);
         m.database_ready
             .with_label_values(&[&db.name])
             .set(i64::from(held.is_some() && !stopping));
@@ -192,6 +195,9 @@ fn forget_removed_databases(m: &Metrics, current: &[&str]) {
     }
     for db in stale(&m.database_ready, current) {
         let _ = m.database_ready.remove_label_values(&[&db]);
+    }
+    for db in stale(&m.leases_held, current) {
+        let _ = m.leases_held.remove_label_values(&[&db]);
     }
 }
 

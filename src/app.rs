@@ -282,6 +282,17 @@ pub async fn run(app: Arc<App>, stop: impl std::future::Future<Output = ()>) -> 
     };
     activated.close_unused();
     crate::peer::warn_open_entries(&config);
+    // The state file is taken over before the first client is served (they wait in the
+    // listen backlog meanwhile), or a client would mint the credential the file holds. Bounded:
+    // whatever is not checked by then is fetched anew.
+    if let Some(path) = config.vault.state_file.clone() {
+        let creds = &app.services.credentials;
+        let bound = config.vault.request_timeout + std::time::Duration::from_secs(5);
+        if tokio::time::timeout(bound, creds.restore_state(&path)).await.is_err() {
+            tracing::warn!("the state file was not fully checked within {bound:?}; the rest is fetched anew");
+        }
+        tokio::spawn(creds.clone().keep_state(path, app.services.shutdown.clone()));
+    }
     app.swap_listeners(&config, fresh).await;
     if let Some(admin) = admin {
         tokio::spawn(crate::admin::serve(app.admin_context(), admin));
@@ -306,8 +317,8 @@ pub async fn run(app: Arc<App>, stop: impl std::future::Future<Output = ()>) -> 
         services.credentials.revoke_all().await;
     }
     // Revoking the token revokes its leases too, so it follows revoke_on_shutdown. A token kept
-    // for the next start (vault.state_file) must skip this call.
-    if app.config().vault.revoke_on_shutdown {
+    // for the next start (vault.state_file) skips it: the next start reuses it.
+    if app.config().vault.revoke_on_shutdown && app.config().vault.state_file.is_none() {
         services.credentials.revoke_vault_tokens().await;
     }
     tracing::info!("stopped");

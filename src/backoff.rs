@@ -44,6 +44,25 @@ impl Backoff {
         wait
     }
 
+    /// Records a failure because Vault's rate limit holds requests back for `hold`: the next
+    /// attempt comes after the hold plus full jitter (anywhere in the backoff step), so that
+    /// instances held back together do not all come back at the same instant.
+    pub(crate) fn rate_limited(&mut self, hold: Duration) -> Duration {
+        let step = step(self.failures);
+        self.failures = self.failures.saturating_add(1);
+        let wait = hold + step.mul_f64(rand::thread_rng().gen_range(0.0..=1.0));
+        self.next = Some(Instant::now() + wait);
+        wait
+    }
+
+    /// Records a failure, as [`Backoff::failed`] or, for a rate limit, [`Backoff::rate_limited`].
+    pub(crate) fn failed_with(&mut self, e: &crate::vault::VaultError) -> Duration {
+        match e.rate_limited_for() {
+            Some(hold) => self.rate_limited(hold),
+            None => self.failed(),
+        }
+    }
+
     pub(crate) fn succeeded(&mut self) {
         self.failures = 0;
         self.next = None;
@@ -80,6 +99,16 @@ mod tests {
         assert_eq!(b.next_attempt(), Some(Instant::now() + Duration::from_millis(10)));
         tokio::time::advance(Duration::from_millis(10)).await;
         assert!(b.ready());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limit_waits_out_the_hold_plus_jitter() {
+        let mut b = Backoff::default();
+        let hold = Duration::from_secs(3);
+        for n in 0..5 {
+            let w = b.rate_limited(hold);
+            assert!(w >= hold && w <= hold + step(n), "{w:?} for failure {n}");
+        }
     }
 
     #[test]

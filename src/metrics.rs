@@ -23,6 +23,7 @@ pub const LABEL_NAMES: &[&str] = &[
     "operation",
     "status",
     "version",
+    "address",
 ];
 
 pub struct Metrics {
@@ -49,6 +50,12 @@ pub struct Metrics {
     pub(crate) credential_rejected_total: IntCounterVec,
     pub(crate) vault_requests_total: IntCounterVec,
     pub(crate) vault_request_seconds: HistogramVec,
+    /// A request moved on from a Vault node that could not answer; `address` is that node's.
+    pub(crate) vault_failovers_total: IntCounterVec,
+    /// New credentials the minting budget refused (a valid one was reused instead).
+    pub(crate) credential_budget_exhausted_total: IntCounterVec,
+    /// Leases dbward holds now, current and replaced ones, per entry.
+    pub(crate) leases_held: IntGaugeVec,
     pub(crate) vault_denied_total: IntCounterVec,
     pub(crate) vault_token_expiry_timestamp_seconds: IntGauge,
     /// Set at scrape time; no labels. Absent before the first login and for tokens that never
@@ -165,8 +172,23 @@ impl Metrics {
             ),
             vault_requests_total: r.counter(
                 "dbward_vault_requests_total",
-                "Vault requests by operation and status (HTTP code, timeout or unreachable).",
-                &["operation", "status"],
+                "Vault requests by operation, status (HTTP code, timeout or unreachable) and the configured address that was asked.",
+                &["operation", "status", "address"],
+            ),
+            vault_failovers_total: r.counter(
+                "dbward_vault_failovers_total",
+                "Requests that moved on to the next configured Vault address because this one could not answer (no connection, timeout, 5xx, a redirect elsewhere).",
+                &["address"],
+            ),
+            credential_budget_exhausted_total: r.counter(
+                "dbward_credential_budget_exhausted_total",
+                "New credentials not minted because the entry's minting budget was spent; the newest valid credential was used instead.",
+                db,
+            ),
+            leases_held: r.int_gauge(
+                "dbward_leases_held",
+                "Vault leases dbward holds now (current and replaced ones still in use or not yet revoked), per database entry.",
+                db,
             ),
             vault_request_seconds: r.histogram("dbward_vault_request_seconds", "Vault request latency.", 15, &["operation"]),
             vault_denied_total: r.counter(

@@ -365,6 +365,20 @@ fn pod_templates_match_the_config() {
             }
         }
 
+        // vault.state_file holds the token and passwords: an in-memory emptyDir (never on a
+        // disk, kept across container restarts) that no other container mounts.
+        if let Some(state) = cfg["vault"].get("state_file").and_then(|v| v.as_str()) {
+            let (vol, _) = mount_of(spec, dbward, state);
+            assert_eq!(vol["emptyDir"]["medium"], "Memory", "{kind}: {state}");
+            for c in list(&spec["containers"]) {
+                assert!(
+                    !list(&c["volumeMounts"]).iter().any(|m| m["name"] == vol["name"]),
+                    "{kind}: container {} mounts dbward's state file",
+                    c["name"]
+                );
+            }
+        }
+
         // Hardening of every container, resources of the sidecar.
         assert_eq!(spec["securityContext"]["runAsNonRoot"], true, "{kind}");
         assert_eq!(spec["automountServiceAccountToken"], false, "{kind}");

@@ -142,8 +142,13 @@ pub struct Config {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct VaultConfig {
-    /// `http://` or `https://` URL of Vault or OpenBao.
+    /// `http://` or `https://` URL of Vault or OpenBao: the first of `addresses`.
     pub address: String,
+    /// Every configured address (at least one, no trailing slash, no duplicates), tried in
+    /// turn when a node cannot answer (`vault::ha`).
+    pub addresses: Vec<String>,
+    /// Where the Vault token and the held credentials are kept across restarts (`vault.state_file`).
+    pub state_file: Option<PathBuf>,
     /// Sent as `X-Vault-Namespace`.
     pub namespace: Option<String>,
     /// PEM bundle of CAs to trust for an https address; default: the system roots.
@@ -310,6 +315,9 @@ pub struct CredentialsConfig {
     /// Retire a session this long before its credential's hard end; None: 10 % of the
     /// credential's life, at most 5 minutes.
     pub retire_margin: Option<Duration>,
+    /// At most this many new dynamic credentials per lease period (`credentials::budget`);
+    /// beyond it the newest valid credential is reused.
+    pub mint_budget: u32,
 }
 
 /// A Vault secret, with exactly what reading it takes.

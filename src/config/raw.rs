@@ -52,8 +52,9 @@ pub(super) struct Config {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct VaultConfig {
-    /// `http://` or `https://` URL of Vault or OpenBao.
-    pub(super) address: String,
+    /// `http://` or `https://` URL of Vault or OpenBao, or a list of them (the nodes of an HA
+    /// cluster, tried in turn).
+    pub(super) address: Addresses,
     /// Sent as `X-Vault-Namespace`.
     pub(super) namespace: Option<String>,
     /// PEM bundle of CAs to trust for an https address; default: the system roots.
@@ -69,6 +70,16 @@ pub(super) struct VaultConfig {
     #[serde(default)]
     pub(super) allow_insecure_http: bool,
     pub(super) auth: AuthConfig,
+    /// Where the Vault token and the held credentials are kept across restarts (tmpfs).
+    pub(super) state_file: Option<PathBuf>,
+}
+
+/// `vault.address`: one URL or a list.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub(super) enum Addresses {
+    One(String),
+    Many(Vec<String>),
 }
 
 fn default_true() -> bool {
@@ -257,6 +268,13 @@ pub(super) struct CredentialsConfig {
     /// Retire a session this long before its credential's hard end (default: 10 % of the
     /// credential's life, at most 5 minutes).
     pub(super) retire_margin: Option<HumanDuration>,
+    /// At most this many new dynamic credentials per lease period.
+    #[serde(default = "default_mint_budget")]
+    pub(super) mint_budget: u32,
+}
+
+fn default_mint_budget() -> u32 {
+    3
 }
 
 fn default_refresh_fraction() -> f64 {

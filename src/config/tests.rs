@@ -125,6 +125,41 @@ fn bad_values_name_key_and_value() {
 }
 
 #[test]
+fn vault_address_is_one_url_or_a_list_of_nodes() {
+    let one = Config::parse(GOOD).unwrap();
+    assert_eq!(one.vault.addresses, ["http://127.0.0.1:8200"]);
+    assert_eq!(one.vault.state_file, None);
+    let list = GOOD.replacen(
+        "address = \"http://127.0.0.1:8200\"",
+        "address = [\"http://vault-0:8200/\", \"http://vault-1:8200\"]\nstate_file = \"/run/dbward/state\"",
+        1,
+    );
+    let c = Config::parse(&list).unwrap();
+    assert_eq!(c.vault.addresses, ["http://vault-0:8200", "http://vault-1:8200"]);
+    assert_eq!(c.vault.address, "http://vault-0:8200");
+    assert_eq!(
+        c.vault.state_file.as_deref(),
+        Some(std::path::Path::new("/run/dbward/state"))
+    );
+    for (to, want) in [
+        ("address = []", "vault.address: the list is empty"),
+        (
+            "address = [\"http://a:8200\", \"vault-1:8200\"]",
+            "vault.address[1]: \"vault-1:8200\" must start with http://",
+        ),
+        (
+            "address = [\"http://a:8200\", \"http://a:8200/\"]",
+            "vault.address[1]: \"http://a:8200/\" is listed twice",
+        ),
+    ] {
+        let e = Config::parse(&GOOD.replacen("address = \"http://127.0.0.1:8200\"", to, 1))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with(want), "want {want:?}, got {e:?}");
+    }
+}
+
+#[test]
 fn duplicate_names_and_listeners_are_rejected() {
     let two = format!("{GOOD}\n{}", &GOOD[GOOD.find("[[databases]]").unwrap()..]);
     let e = Config::parse(&two).unwrap_err().to_string();

@@ -47,18 +47,17 @@ pub(super) fn config(raw: raw::Config) -> Result<Config, ConfigError> {
 }
 
 fn vault(v: raw::VaultConfig) -> Result<VaultConfig, ConfigError> {
-    if !(v.address.starts_with("http://") || v.address.starts_with("https://")) {
-        return Err(err(
-            "vault.address",
-            format!("{:?} must start with http:// or https://", v.address),
-        ));
+    let addresses = vault_addresses(v.address)?;
+    for address in &addresses {
+        insecure_http(address, v.allow_insecure_http)?;
     }
-    insecure_http(&v)?;
     if v.request_timeout.0.is_zero() {
         return Err(err("vault.request_timeout", "must be greater than zero"));
     }
     Ok(VaultConfig {
-        address: v.address,
+        address: addresses[0].clone(),
+        addresses,
+        state_file: v.state_file,
         namespace: v.namespace,
         ca_file: v.ca_file,
         request_timeout: v.request_timeout.0,
@@ -69,8 +68,8 @@ fn vault(v: raw::VaultConfig) -> Result<VaultConfig, ConfigError> {
 
 /// `http://` only to a loopback host unless asked for: over the network the login, the token
 /// and every credential would be readable and replaceable by anyone on the path.
-fn insecure_http(v: &raw::VaultConfig) -> Result<(), ConfigError> {
-    let Some(rest) = v.address.strip_prefix("http://") else {
+fn insecure_http(address: &str, allowed: bool) -> Result<(), ConfigError> {
+    let Some(rest) = address.strip_prefix("http://") else {
         return Ok(());
     };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
@@ -84,16 +83,47 @@ fn insecure_http(v: &raw::VaultConfig) -> Result<(), ConfigError> {
     };
     let loopback =
         host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-    if loopback || v.allow_insecure_http {
+    if loopback || allowed {
         return Ok(());
     }
     Err(err(
         "vault.address",
         format!(
             "{:?} is http:// to a host that is not loopback: the Vault token and every database password would cross the network in cleartext; use https://, or set vault.allow_insecure_http = true if that is intended",
-            v.address
+            address
         ),
     ))
+}
+
+/// `vault.address` as a list: each an http(s) URL; a list names the failing element's index.
+fn vault_addresses(a: raw::Addresses) -> Result<Vec<String>, ConfigError> {
+    let (list, one) = match a {
+        raw::Addresses::One(s) => (vec![s], true),
+        raw::Addresses::Many(l) => (l, false),
+    };
+    if list.is_empty() {
+        return Err(err(
+            "vault.address",
+            "the list is empty: name at least one Vault address",
+        ));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(list.len());
+    for (i, address) in list.into_iter().enumerate() {
+        let key = if one {
+            "vault.address".to_string()
+        } else {
+            format!("vault.address[{i}]")
+        };
+        if !(address.starts_with("http://") || address.starts_with("https://")) {
+            return Err(err(key, format!("{address:?} must start with http:// or https://")));
+        }
+        let trimmed = address.trim_end_matches('/').to_string();
+        if out.contains(&trimmed) {
+            return Err(err(key, format!("{address:?} is listed twice")));
+        }
+        out.push(trimmed);
+    }
+    Ok(out)
 }
 
 fn auth(a: raw::AuthConfig) -> Result<AuthConfig, ConfigError> {
@@ -432,6 +462,15 @@ fn credentials(i: usize, c: raw::CredentialsConfig) -> Result<CredentialsConfig,
     if c.refresh_interval.0 < Duration::from_secs(1) {
         return Err(err(key("refresh_interval"), "must be at least 1s"));
     }
+    if c.mint_budget < 2 {
+        return Err(err(
+            key("mint_budget"),
+            format!(
+                "{} is too small: a credential is replaced ahead of its expiry, so at least 2 per lease period are needed (default 3)",
+                c.mint_budget
+            ),
+        ));
+    }
     if c.username_key.is_empty() {
         return Err(err(key("username_key"), "must not be empty"));
     }
@@ -446,5 +485,6 @@ fn credentials(i: usize, c: raw::CredentialsConfig) -> Result<CredentialsConfig,
         renew_in_use: c.renew_in_use,
         revoke_unused: c.revoke_unused,
         retire_margin: c.retire_margin.map(|m| m.0),
+        mint_budget: c.mint_budget,
     })
 }

@@ -13,6 +13,7 @@ use rand::Rng;
 use super::schedule::{schedule, LeaseClock};
 use super::{CredentialError, CredentialStore, Entry, Held};
 use crate::clock::unix_now;
+use crate::config::CredentialKind;
 use crate::vault::{self, Credential, VaultError, VaultToken};
 
 impl CredentialStore {
@@ -29,13 +30,56 @@ impl CredentialStore {
                 login: self.login_description(),
             });
         };
+        if let Some(reuse) = self.over_budget(database, &entry) {
+            return Ok(reuse);
+        }
         match self.read(database, &entry).await {
-            Ok((cred, token_generation)) => Ok(self.keep(database, &entry, cred, token_generation)),
+            Ok((cred, token_generation)) => {
+                if cred.lease.is_some() {
+                    entry.budget.minted(tokio::time::Instant::now(), entry.cfg.mint_budget);
+                }
+                Ok(self.keep(database, &entry, cred, token_generation))
+            }
             Err(e) => {
                 self.report_failure(database, &e);
                 Err(e)
             }
         }
+    }
+
+    /// The credential to use instead of a new one when the entry's minting budget is spent: the
+    /// newest held credential, if it is still valid. None: a new one may (or must) be made.
+    fn over_budget(&self, database: &str, entry: &Entry) -> Option<Arc<Held>> {
+        if entry.cfg.kind() != CredentialKind::Database {
+            return None;
+        }
+        let newest = self.leases.newest(database)?;
+        let period = newest.cred.lease.as_ref()?.duration;
+        let now = tokio::time::Instant::now();
+        if entry.budget.may_mint(now, entry.cfg.mint_budget, period) {
+            return None;
+        }
+        let valid = newest.schedule.cache_for.is_none_or(|c| newest.fetched_at() + c > now);
+        if !valid {
+            // Refusing would fail clients that Vault would serve.
+            return None;
+        }
+        self.metrics
+            .credential_budget_exhausted_total
+            .with_label_values(&[database])
+            .inc();
+        if entry.budget.first_exhaustion() {
+            tracing::warn!(
+                database,
+                budget = entry.cfg.mint_budget,
+                lease_period = ?period,
+                username = %newest.cred.username,
+                "this entry made credentials.mint_budget new credentials within one lease period: the newest \
+                 valid credential is used again instead of a new one (a retry loop, a crash loop or a server \
+                 refusing every login?); logged once, counted in dbward_credential_budget_exhausted_total"
+            );
+        }
+        Some(newest)
     }
 
     /// Reads the entry's secret with a usable token; returns it with the login generation
@@ -70,8 +114,9 @@ impl CredentialStore {
     }
 
     /// Numbers, schedules, counts and logs a fetched credential, and holds its lease.
-    fn keep(&self, database: &str, entry: &Entry, mut cred: Credential, token_generation: u64) -> Arc<Held> {
-        cred.generation = entry.generation.fetch_add(1, Ordering::SeqCst) + 1;
+    fn keep(&self, database: &str, entry: &Entry, cred: Credential, token_generation: u64) -> Arc<Held> {
+        let held = self.adopt_credential(database, entry, cred, token_generation);
+        let cred = &held.cred;
         self.metrics
             .credential_fetch_total
             .with_label_values(&[database, "ok"])
@@ -90,6 +135,19 @@ impl CredentialStore {
             generation = cred.generation,
             "fetched credential from Vault"
         );
+        held
+    }
+
+    /// Numbers and schedules a credential (fetched now, or taken over from the state file)
+    /// and holds its lease.
+    pub(super) fn adopt_credential(
+        &self,
+        database: &str,
+        entry: &Entry,
+        mut cred: Credential,
+        token_generation: u64,
+    ) -> Arc<Held> {
+        cred.generation = entry.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let jitter = rand::thread_rng().gen_range(0.95..=1.0);
         let when = schedule(&entry.cfg, cred.valid_for, jitter);
         let held = Arc::new(Held::new(cred, token_generation, when));
@@ -97,6 +155,7 @@ impl CredentialStore {
             let clock = LeaseClock::new(held.fetched_at(), lease.duration);
             self.leases.add(database, held.clone(), clock);
         }
+        self.state_changed.notify_one();
         held
     }
 
@@ -124,7 +183,7 @@ impl CredentialStore {
 
     /// Publishes the token's expiry, and tells the lifecycle about a new login (dynamic
     /// credentials of older logins are then replaced).
-    fn note_token(&self, token: &VaultToken) {
+    pub(super) fn note_token(&self, token: &VaultToken) {
         let at = token
             .remaining(Instant::now())
             .map(|left| (unix_now() + left.as_secs_f64()) as i64)

@@ -77,6 +77,26 @@ impl Leases {
         held.values().map(|l| l.held.token_generation).collect()
     }
 
+    /// The newest credential held for `database` (the highest generation).
+    pub(crate) fn newest(&self, database: &str) -> Option<Arc<Held>> {
+        self.held
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|l| l.database == database)
+            .max_by_key(|l| l.held.cred.generation)
+            .map(|l| l.held.clone())
+    }
+
+    pub(crate) fn count(&self, database: &str) -> usize {
+        self.held
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|l| l.database == database)
+            .count()
+    }
+
     fn forget(&self, id: &str) {
         self.held.lock().unwrap().remove(id);
     }

@@ -105,7 +105,15 @@ impl CredentialStore {
     async fn refresh_step(&self, database: &str, entry: &Entry, reason: &'static str, cached: bool) {
         tracing::debug!(database, reason, "refreshing credential");
         let result = if cached {
+            let before = self.cache.get(database).await.map(|c| c.cred.generation);
             match self.fetch(database).await {
+                // The minting budget gave the current credential back: nothing was replaced,
+                // and the entry waits its backoff rather than asking again at once.
+                Ok(same) if Some(same.cred.generation) == before => {
+                    let wait = entry.backoff.lock().unwrap().failed();
+                    tracing::debug!(database, retry_in = ?wait, "minting budget spent; the current credential stays");
+                    return;
+                }
                 Ok(new) => {
                     self.cache.insert(database.to_string(), new).await;
                     // The replaced lease is renewed or revoked from now on.
@@ -129,7 +137,7 @@ impl CredentialStore {
                 self.recent_errors.forget(database).await;
             }
             Err(e) => {
-                let wait = entry.backoff.lock().unwrap().failed();
+                let wait = entry.backoff.lock().unwrap().failed_with(&e.error);
                 let left = self
                     .cache
                     .get(database)
@@ -172,6 +180,7 @@ impl CredentialStore {
             }
             newer
         });
+        self.state_changed.notify_one();
     }
 
     /// Notices a new login made by `Auth::keep_alive`, which replaces the token at 2/3 of its

@@ -9,8 +9,12 @@
 //! - `lifecycle.rs`: the background tasks, each sleeping until its next deadline or a wake-up;
 //! - `leases.rs`: the leases dbward holds, renewed while in use and revoked when unused;
 //! - `denials.rs`: background operations Vault refused with 403, not retried until a new login;
+//! - `state.rs`: `vault.state_file`, the token and credentials kept across restarts;
+//! - `budget.rs`: how many new credentials an entry may make per lease period, and how often a
+//!   failure may drop one;
 //! - `error.rs`: why an entry has no credential, and what the client is told.
 
+mod budget;
 mod denials;
 mod error;
 mod fetch;
@@ -20,6 +24,7 @@ mod leases;
 mod lifecycle;
 mod recent_errors;
 mod schedule;
+mod state;
 #[cfg(test)]
 mod test_support;
 mod tokens;
@@ -251,6 +256,8 @@ struct Entry {
     wake: Notify,
     /// Cancelled when a reload removes or changes the entry: its task ends.
     retired: CancellationToken,
+    /// The minting budget and the replacement gap.
+    budget: budget::Budget,
     /// The entry's lifecycle task has been started.
     started: AtomicBool,
 }
@@ -264,6 +271,7 @@ impl Entry {
             warned_rejected: AtomicBool::new(false),
             wake: Notify::new(),
             retired: CancellationToken::new(),
+            budget: budget::Budget::default(),
             started: AtomicBool::new(false),
         }
     }
@@ -286,6 +294,8 @@ pub(crate) struct CredentialStore {
     entries_changed: Notify,
     /// The newest Vault login generation seen; dynamic credentials of older logins are replaced.
     token_seen: watch::Sender<u64>,
+    /// A new login or credential: the state file (if any) is rewritten.
+    state_changed: Notify,
 }
 
 impl CredentialStore {
@@ -311,6 +321,7 @@ impl CredentialStore {
             metrics,
             entries_changed: Notify::new(),
             token_seen: watch::Sender::new(0),
+            state_changed: Notify::new(),
         })
     }
 
@@ -426,7 +437,19 @@ impl CredentialStore {
             }
         }
         if let Some(c) = self.cache.get(database).await {
-            if c.cred.generation == generation {
+            let may_drop = || {
+                let ok = entry
+                    .as_ref()
+                    .is_none_or(|e| e.budget.may_drop_after_failure(tokio::time::Instant::now()));
+                if !ok {
+                    tracing::debug!(
+                        database,
+                        "a credential was dropped for a failure less than 10 s ago; the current one is kept"
+                    );
+                }
+                ok
+            };
+            if c.cred.generation == generation && may_drop() {
                 self.cache.invalidate(database).await;
                 // The entry's task fetches the next one; the refused lease is now a replaced one.
                 if let Some(e) = &entry {
@@ -435,6 +458,11 @@ impl CredentialStore {
                 self.leases.wake.notify_one();
             }
         }
+    }
+
+    /// Vault leases held for `database` now (current and replaced ones).
+    pub(crate) fn leases_held(&self, database: &str) -> usize {
+        self.leases.count(database)
     }
 
     pub(crate) fn login_description(&self) -> String {

@@ -30,6 +30,20 @@ pub(super) fn credential_refusal(c: &CredentialError) -> PgError {
             ))
             .with_hint("check the auth role's bound claims and the workload token file");
     }
+    if let Some(left) = e.rate_limited_for() {
+        return PgError::fatal(
+            sqlstate::CONNECTION_FAILURE,
+            format!(
+                "dbward: Vault is rate-limiting dbward; retry in {} s",
+                crate::vault::error::retry_secs(left)
+            ),
+        )
+        .with_detail(format!(
+            "database entry {:?} has no credential for {} yet, and Vault answered 429 (its rate-limit quota is spent): {e}",
+            c.database, c.path
+        ))
+        .with_hint("dbward retries by itself once the limit allows; check the Vault rate-limit quotas (sys/quotas/rate-limit) if this persists");
+    }
     if e.is_unavailable() {
         return PgError::fatal(sqlstate::CONNECTION_FAILURE, format!("dbward: {e}"))
             .with_detail(format!(
@@ -114,5 +128,13 @@ mod tests {
 
         assert_eq!(refused(status("read", 404)).code, "28000");
         assert_eq!(refused(status("read", 500)).code, "08001");
+
+        let limited = refused(VaultError::RateLimited {
+            op: "read",
+            path: "database/creds/payments".into(),
+            retry_in: std::time::Duration::from_millis(2500),
+        });
+        assert_eq!(limited.code, "08001");
+        assert_eq!(limited.message, "dbward: Vault is rate-limiting dbward; retry in 3 s");
     }
 }

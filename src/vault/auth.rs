@@ -287,7 +287,7 @@ impl Auth {
             match result {
                 Ok(()) => backoff.succeeded(),
                 Err(e) => {
-                    let wait = backoff.failed();
+                    let wait = backoff.failed_with(&e);
                     tracing::warn!(error = %e, retry_in = ?wait, "cannot keep the Vault token alive");
                 }
             }
@@ -324,6 +324,26 @@ impl Auth {
             *cur = Some(renewed);
         }
         Ok(())
+    }
+
+    /// Takes over a token that `lookup-self` just accepted (`vault.state_file`) as a new
+    /// login generation, so nothing needs a new login for it.
+    pub(crate) fn adopt(&self, token: SecretString, found: &TokenLookup) -> Arc<VaultToken> {
+        let token = Arc::new(VaultToken {
+            token,
+            policies: found.policies.clone(),
+            ttl: found.ttl,
+            initial_ttl: found.ttl,
+            renewable: found.renewable.unwrap_or(false),
+            obtained_at: Instant::now(),
+            generation: {
+                let mut g = self.generation.lock().unwrap();
+                *g += 1;
+                *g
+            },
+        });
+        *self.current.lock().unwrap() = Some(token.clone());
+        token
     }
 
     async fn login_now(&self) -> Result<Arc<VaultToken>, VaultError> {

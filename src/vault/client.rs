@@ -16,6 +16,8 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::error::{clean_errors, describe_hyper_error, transport_kind, DnsError, ErrorBody};
 use super::error::{LocalError, Malformed, VaultError, VaultSetupError};
+use super::ha::Nodes;
+use super::ratelimit::RateLimit;
 use crate::config::VaultConfig;
 use crate::metrics::Metrics;
 
@@ -72,7 +74,10 @@ pub(crate) fn string_list(v: &serde_json::Value) -> Vec<String> {
 }
 
 pub struct VaultClient {
+    /// The first configured address (what people are told about when one is named).
     address: String,
+    nodes: Nodes,
+    rate_limit: RateLimit,
     namespace: Option<String>,
     timeout: Duration,
     http: Client<HttpsConnector<HttpConnector<Resolver>>, Full<Bytes>>,
@@ -90,10 +95,15 @@ impl std::fmt::Debug for VaultClient {
 impl VaultClient {
     /// Builds the client; errors name the config key.
     pub(crate) fn new(cfg: &VaultConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, VaultSetupError> {
+        let addresses = if cfg.addresses.is_empty() {
+            std::slice::from_ref(&cfg.address)
+        } else {
+            &cfg.addresses[..]
+        };
         let roots = match &cfg.ca_file {
             Some(path) => crate::tls_files::load_roots("vault.ca_file", path)?,
             // Plain http verifies no certificate, so it needs no system store.
-            None if cfg.address.starts_with("http://") => rustls::RootCertStore::empty(),
+            None if addresses.iter().all(|a| a.starts_with("http://")) => rustls::RootCertStore::empty(),
             None => crate::tls_files::system_roots()?,
         };
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -113,6 +123,8 @@ impl VaultClient {
             .build(https);
         Ok(Arc::new(VaultClient {
             address: cfg.address.trim_end_matches('/').to_string(),
+            nodes: Nodes::new(addresses),
+            rate_limit: RateLimit::default(),
             namespace: cfg.namespace.clone(),
             timeout: cfg.request_timeout,
             http,
@@ -166,32 +178,112 @@ impl VaultClient {
         token: Option<&SecretString>,
         body: Option<Bytes>,
     ) -> Result<VaultResponse, VaultError> {
-        let started = std::time::Instant::now();
-        let result = self.call_inner(op, method, path, token, body).await;
-        let status = match &result {
-            Ok(r) => r.status.to_string(),
-            Err(e) => e.label(),
-        };
-        self.metrics
-            .vault_requests_total
-            .with_label_values(&[op, &status])
-            .inc();
-        self.metrics
-            .vault_request_seconds
-            .with_label_values(&[op])
-            .observe(started.elapsed().as_secs_f64());
-        result
+        let path = path.trim_start_matches('/');
+        // sys/health answers 429 for a standby: that is no rate limit.
+        let quota_applies = !path.starts_with("sys/health");
+        if quota_applies {
+            if let Some(retry_in) = self.rate_limit.held(std::time::Instant::now()) {
+                return Err(VaultError::RateLimited {
+                    op,
+                    path: path.to_string(),
+                    retry_in,
+                });
+            }
+        }
+        let mut queue: std::collections::VecDeque<usize> = self.nodes.order(std::time::Instant::now()).into();
+        let mut redirected = false;
+        let mut last_err = None;
+        while let Some(i) = queue.pop_front() {
+            let started = std::time::Instant::now();
+            let result = self.attempt(i, op, method.clone(), path, token, body.clone()).await;
+            let status = match &result {
+                Ok(a) => a.status.to_string(),
+                Err(e) => e.label(),
+            };
+            let address = self.nodes.base(i);
+            self.metrics
+                .vault_requests_total
+                .with_label_values(&[op, &status, address])
+                .inc();
+            self.metrics
+                .vault_request_seconds
+                .with_label_values(&[op])
+                .observe(started.elapsed().as_secs_f64());
+            let answer = match result {
+                Ok(a) => a,
+                Err(e @ (VaultError::Unreachable { .. } | VaultError::Timeout { .. })) => {
+                    self.node_failed(i, !queue.is_empty());
+                    last_err = Some(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            match answer.status {
+                307 if self.nodes.len() > 1 => {
+                    // A standby pointing at the active node: followed once, to a configured address.
+                    let target = answer.location.as_deref().and_then(|l| self.nodes.redirect_target(l));
+                    match target {
+                        Some(j) if j != i && !redirected => {
+                            redirected = true;
+                            queue.retain(|&k| k != j);
+                            queue.push_front(j);
+                        }
+                        _ => self.node_failed(i, !queue.is_empty()),
+                    }
+                    last_err = Some(answer.into_error(op, path));
+                }
+                429 if quota_applies => {
+                    self.nodes.answered(i);
+                    let retry_in = self.rate_limit.limited(
+                        &answer.headers,
+                        std::time::Instant::now(),
+                        std::time::SystemTime::now(),
+                    );
+                    tracing::debug!(op, path, ?retry_in, "Vault answered 429: every request holds back");
+                    return Err(VaultError::RateLimited {
+                        op,
+                        path: path.to_string(),
+                        retry_in,
+                    });
+                }
+                500..=599 if self.nodes.len() > 1 => {
+                    self.node_failed(i, !queue.is_empty());
+                    last_err = Some(answer.into_error(op, path));
+                }
+                _ => {
+                    self.nodes.answered(i);
+                    return answer.into_response(op, path);
+                }
+            }
+        }
+        Err(last_err.expect("at least one address is configured"))
+    }
+
+    /// Node `i` could not answer; `moving_on`: another node is tried next (a failover).
+    fn node_failed(&self, i: usize, moving_on: bool) {
+        self.nodes.failed(i, std::time::Instant::now());
+        if moving_on {
+            self.metrics
+                .vault_failovers_total
+                .with_label_values(&[self.nodes.base(i)])
+                .inc();
+            tracing::debug!(
+                address = self.nodes.base(i),
+                "Vault node could not answer; trying the next address"
+            );
+        }
     }
 
     /// The request, with namespace and (sensitive) token headers.
     fn request(
         &self,
+        base: &str,
         method: Method,
         path: &str,
         token: Option<&SecretString>,
         body: Option<Bytes>,
     ) -> Result<Request<Full<Bytes>>, LocalError> {
-        let url = format!("{}/v1/{}", self.address, path);
+        let url = format!("{}/v1/{}", base, path);
         let mut req = Request::builder()
             .method(method)
             .uri(&url)
@@ -214,20 +306,22 @@ impl VaultClient {
             })
     }
 
-    async fn call_inner(
+    /// One request to node `i`: its answer whatever the status, or why there was none.
+    async fn attempt(
         &self,
+        i: usize,
         op: &'static str,
         method: Method,
         path: &str,
         token: Option<&SecretString>,
         body: Option<Bytes>,
-    ) -> Result<VaultResponse, VaultError> {
-        let path = path.trim_start_matches('/');
-        let req = self.request(method, path, token, body)?;
+    ) -> Result<Answer, VaultError> {
+        let address = self.nodes.base(i);
+        let req = self.request(address, method, path, token, body)?;
         let unreachable = |e: &(dyn std::error::Error + 'static), detail: String| VaultError::Unreachable {
             op,
             path: path.to_string(),
-            address: self.address.clone(),
+            address: address.to_string(),
             kind: transport_kind(e),
             detail,
         };
@@ -238,32 +332,65 @@ impl VaultClient {
                 .await
                 .map_err(|e| unreachable(&e, describe_hyper_error(&e)))?;
             let status = resp.status().as_u16();
-            let date = resp
-                .headers()
-                .get(header::DATE)
-                .and_then(|d| d.to_str().ok())
-                .map(str::to_string);
-            let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
+            let (parts, body) = resp.into_parts();
+            let body = Limited::new(body, MAX_RESPONSE_BYTES)
                 .collect()
                 .await
                 .map_err(|e| unreachable(&*e, format!("reading the response failed: {e}")))?
                 .to_bytes();
-            Ok::<_, VaultError>((status, date, body))
+            Ok::<_, VaultError>((status, parts.headers, body))
         };
-        let (status, date, body) =
+        let (status, headers, body) =
             tokio::time::timeout(self.timeout, exchange)
                 .await
                 .map_err(|_| VaultError::Timeout {
                     op,
                     path: path.to_string(),
-                    address: self.address.clone(),
+                    address: address.to_string(),
                     after: self.timeout,
                 })??;
+        let text = |name: header::HeaderName| headers.get(name).and_then(|d| d.to_str().ok()).map(str::to_string);
+        Ok(Answer {
+            status,
+            date: text(header::DATE),
+            location: text(header::LOCATION),
+            // The body may hold a password or token: the raw bytes are wiped once parsed.
+            body: zeroize::Zeroizing::new(Vec::<u8>::from(body)),
+            headers,
+        })
+    }
+}
 
-        // The body may hold a password or token: the raw bytes are wiped once parsed.
-        let body = zeroize::Zeroizing::new(Vec::<u8>::from(body));
-        let body = parse_body(op, path, status, &body)?;
-        Ok(VaultResponse { status, body, date })
+/// One node's answer before it is judged.
+struct Answer {
+    status: u16,
+    date: Option<String>,
+    location: Option<String>,
+    headers: http::HeaderMap,
+    body: zeroize::Zeroizing<Vec<u8>>,
+}
+
+impl Answer {
+    fn into_response(self, op: &'static str, path: &str) -> Result<VaultResponse, VaultError> {
+        let body = parse_body(op, path, self.status, &self.body)?;
+        Ok(VaultResponse {
+            status: self.status,
+            body,
+            date: self.date,
+        })
+    }
+
+    /// An answer that is not taken as Vault's last word (a 5xx or a redirect) as an error.
+    fn into_error(self, op: &'static str, path: &str) -> VaultError {
+        match self.into_response(op, path) {
+            Err(e) => e,
+            Ok(r) => VaultError::Status {
+                op,
+                path: path.to_string(),
+                status: r.status,
+                errors: vec![],
+            },
+        }
     }
 }
 
@@ -354,7 +481,9 @@ mod tests {
 
     fn cfg(address: String, timeout: Duration) -> VaultConfig {
         VaultConfig {
+            addresses: vec![address.clone()],
             address,
+            state_file: None,
             namespace: Some("team-a".into()),
             ca_file: None,
             request_timeout: timeout,
@@ -483,5 +612,140 @@ mod tests {
             "{err:?}"
         );
         assert!(err.to_string().contains("refused"), "{err}");
+    }
+
+    /// A server answering every request with `status`, `headers` and `body`; counts requests.
+    async fn fixed_vault(
+        status: &'static str,
+        headers: String,
+        body: &'static str,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", l.local_addr().unwrap());
+        let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else { return };
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let response = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(response.as_bytes()).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    fn cluster(addresses: Vec<String>) -> (Arc<VaultClient>, Arc<Metrics>) {
+        let mut c = cfg(addresses[0].clone(), Duration::from_secs(5));
+        c.addresses = addresses;
+        let metrics = Arc::new(Metrics::new());
+        (VaultClient::new(&c, metrics.clone()).unwrap(), metrics)
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    #[tokio::test]
+    async fn a_dead_or_sealed_node_is_skipped_and_not_asked_again_on_the_next_request() {
+        let dead = format!("http://127.0.0.1:{}", free_port());
+        let (sealed, sealed_seen) = fixed_vault(
+            "503 Service Unavailable",
+            String::new(),
+            r#"{"errors":["Vault is sealed"]}"#,
+        )
+        .await;
+        let (good, good_seen) = fixed_vault("200 OK", String::new(), r#"{"data":{"ok":true}}"#).await;
+        let (c, metrics) = cluster(vec![dead.clone(), sealed.clone(), good.clone()]);
+        let t = SecretString::from("t");
+        for _ in 0..3 {
+            let r = c.read(&t, "secret/data/x").await.unwrap();
+            assert_eq!(r.body.pointer("/data/ok"), Some(&serde_json::Value::Bool(true)));
+        }
+        assert_eq!(
+            sealed_seen.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the sealed node is asked once"
+        );
+        assert_eq!(good_seen.load(std::sync::atomic::Ordering::SeqCst), 3);
+        let text = metrics.render();
+        for node in [&dead, &sealed] {
+            assert!(
+                text.contains(&format!("dbward_vault_failovers_total{{address=\"{node}\"}} 1")),
+                "{text}"
+            );
+        }
+        assert!(
+            text.contains(&format!(
+                "dbward_vault_requests_total{{address=\"{good}\",operation=\"read\",status=\"200\"}} 3"
+            )),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_followed_once_and_only_to_a_configured_address() {
+        let (good, good_seen) = fixed_vault("200 OK", String::new(), r#"{"data":{}}"#).await;
+        let to_good = format!("Location: {good}/v1/database/creds/x\r\n");
+        let (standby, _) = fixed_vault("307 Temporary Redirect", to_good, "").await;
+        let (c, _) = cluster(vec![standby.clone(), good.clone()]);
+        c.read(&SecretString::from("t"), "database/creds/x").await.unwrap();
+        assert_eq!(good_seen.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        // A redirect elsewhere is not followed: the token stays with the configured nodes.
+        let (elsewhere, elsewhere_seen) = fixed_vault("200 OK", String::new(), r#"{"data":{}}"#).await;
+        let (rogue, _) = fixed_vault(
+            "307 Temporary Redirect",
+            format!("Location: {elsewhere}/v1/database/creds/x\r\n"),
+            "",
+        )
+        .await;
+        let (c, _) = cluster(vec![rogue, format!("http://127.0.0.1:{}", free_port())]);
+        let err = c.read(&SecretString::from("t"), "database/creds/x").await.unwrap_err();
+        assert!(err.is_unavailable(), "{err:?}");
+        assert_eq!(elsewhere_seen.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_429_holds_back_every_request_for_the_time_vault_asks() {
+        let (limited, seen) = fixed_vault(
+            "429 Too Many Requests",
+            "Retry-After: 30\r\n".to_string(),
+            r#"{"errors":["request path \"database/creds/x\": rate limit quota exceeded"]}"#,
+        )
+        .await;
+        let (c, _) = cluster(vec![limited]);
+        let t = SecretString::from("t");
+        let first = c.read(&t, "database/creds/x").await.unwrap_err();
+        let left = first.rate_limited_for().expect("rate limited");
+        assert!(
+            left > Duration::from_secs(29) && left <= Duration::from_secs(30),
+            "{left:?}"
+        );
+        // Another operation on another path is held back too, without a request.
+        let second = c
+            .write("renew", "sys/leases/renew", Some(&t), &serde_json::json!({}))
+            .await
+            .unwrap_err();
+        assert!(second.rate_limited_for().is_some(), "{second:?}");
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(
+            second
+                .to_string()
+                .starts_with("Vault is rate-limiting dbward; retry in 30 s"),
+            "{second}"
+        );
     }
 }

@@ -55,6 +55,14 @@ pub enum VaultError {
         address: String,
         after: Duration,
     },
+    /// Vault's rate limit holds requests back (a 429, to this request or an earlier one); the
+    /// request was not sent again. `retry_in` is what is left of the hold.
+    #[error("Vault is rate-limiting dbward; retry in {} s ({op} {path})", retry_secs(*.retry_in))]
+    RateLimited {
+        op: &'static str,
+        path: String,
+        retry_in: Duration,
+    },
     /// Vault answered 2xx with a body dbward cannot use.
     #[error("Vault answered {op} of {path} with an unusable response: {problem}")]
     Malformed {
@@ -174,6 +182,11 @@ pub enum VaultSetupError {
     Tls(#[from] rustls::Error),
 }
 
+/// Whole seconds, rounded up: "retry in 0 s" would invite an immediate retry.
+pub(crate) fn retry_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
 fn rfc3339(unix: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
 }
@@ -204,6 +217,14 @@ fn status_message(op: &str, path: &str, status: u16, errors: &[String]) -> Strin
 }
 
 impl VaultError {
+    /// How long Vault's rate limit still holds requests back, when that is the failure.
+    pub(crate) fn rate_limited_for(&self) -> Option<Duration> {
+        match self {
+            VaultError::RateLimited { retry_in, .. } => Some(*retry_in),
+            _ => None,
+        }
+    }
+
     pub(crate) fn status(&self) -> Option<u16> {
         match self {
             VaultError::Status { status, .. } | VaultError::JwtLoginRefused { status, .. } => Some(*status),
@@ -227,7 +248,7 @@ impl VaultError {
     /// may still be used and the client's error is 08001.
     pub(crate) fn is_unavailable(&self) -> bool {
         match self {
-            VaultError::Unreachable { .. } | VaultError::Timeout { .. } => true,
+            VaultError::Unreachable { .. } | VaultError::Timeout { .. } | VaultError::RateLimited { .. } => true,
             _ => matches!(self.status(), Some(429 | 500..=599)),
         }
     }
@@ -238,6 +259,7 @@ impl VaultError {
             VaultError::Status { status, .. } | VaultError::JwtLoginRefused { status, .. } => status.to_string(),
             VaultError::Unreachable { .. } => "unreachable".into(),
             VaultError::Timeout { .. } => "timeout".into(),
+            VaultError::RateLimited { .. } => "429".into(),
             VaultError::Malformed { .. } => "malformed".into(),
             VaultError::Local { .. } => "local".into(),
         }

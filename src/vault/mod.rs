@@ -7,8 +7,10 @@ pub mod client;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub(crate) mod ha;
 pub mod jwt;
 pub mod limits;
+pub(crate) mod ratelimit;
 mod retired;
 pub mod secrets;
 

@@ -12,6 +12,9 @@ pub struct TestConfig {
     pub vault_address: String,
     /// `vault.ca_file`
     pub vault_ca_file: Option<String>,
+    /// More `[vault]` lines, as TOML (`state_file = "..."`); a line `address = [...]` replaces
+    /// `vault_address`.
+    pub vault_lines: Vec<String>,
     /// `[vault.auth]`
     pub auth: Auth,
     /// `[[databases]]`, in order.
@@ -144,7 +147,13 @@ impl Entry {
 impl TestConfig {
     /// The file's text.
     pub fn toml(&self) -> String {
-        let mut out = format!("[vault]\naddress = {}\n", toml_str(&self.vault_address));
+        let mut out = String::from("[vault]\n");
+        if !self.vault_lines.iter().any(|l| l.starts_with("address")) {
+            out.push_str(&format!("address = {}\n", toml_str(&self.vault_address)));
+        }
+        for line in &self.vault_lines {
+            out.push_str(&format!("{line}\n"));
+        }
         if let Some(ca) = &self.vault_ca_file {
             out.push_str(&format!("ca_file = {}\n", toml_str(ca)));
         }
@@ -172,6 +181,11 @@ impl TestConfig {
     /// Adds a line (TOML) to the first entry.
     pub fn db_line(mut self, line: &str) -> TestConfig {
         self.databases[0].extra.push(line.to_string());
+        self
+    }
+    /// Adds a line (TOML) to `[vault]`.
+    pub fn vault_line(mut self, line: &str) -> TestConfig {
+        self.vault_lines.push(line.to_string());
         self
     }
     /// Adds an entry.

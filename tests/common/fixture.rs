@@ -331,6 +331,7 @@ impl TestApp {
         TestConfig {
             vault_address: self.servers.vault_addr().to_string(),
             vault_ca_file: None,
+            vault_lines: Vec::new(),
             auth: Auth::new(
                 "jwt",
                 &[

@@ -189,7 +189,7 @@ pub(super) fn http_agent() -> ureq::Agent {
         .build()
 }
 
-fn vault_http(
+pub(super) fn vault_http(
     agent: &ureq::Agent,
     addr: &str,
     method: &str,
