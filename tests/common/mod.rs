@@ -15,6 +15,7 @@
 //! | `fixture` | [`TestApp`]: one test's slice of the servers |
 //! | `config` | [`TestConfig`]: the one way to write a `dbward.toml` |
 //! | `daemon` | [`Dbward`]: the product binary as a child process |
+//! | `replica` | [`HaPair`]: a primary and its streaming replica, for failover tests |
 //!
 //! Calls here are blocking (processes, files, blocking HTTP). They are fine inside
 //! `#[tokio::test]` as long as nothing on the same runtime must make progress meanwhile (for
@@ -32,6 +33,7 @@ mod daemon;
 mod fixture;
 mod postgres;
 mod process;
+mod replica;
 mod servers;
 mod vault;
 
@@ -54,6 +56,7 @@ pub use self::{
         try_connect, whoami,
     },
     process::{wait_until, wait_until_async, ChildGuard},
+    replica::HaPair,
     servers::{servers, shared_app, Servers},
     vault::{bao_binary, TlsBao},
 };

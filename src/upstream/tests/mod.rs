@@ -89,6 +89,8 @@ fn settings(port: u16, sslmode: SslMode, roots: Option<RootCertStore>, name: &st
         server_name: ServerName::try_from(name.to_string()).unwrap(),
         connect_timeout: Duration::from_secs(10),
         allow_insecure_password: false,
+        hosts: Vec::new(),
+        ha: Default::default(),
     }
 }
 
