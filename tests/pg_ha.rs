@@ -180,3 +180,63 @@ async fn failover_new_sessions_follow_and_old_ones_end() {
     );
     assert_eq!(landed, pair.replica_port as i32);
 }
+
+/// GET on the admin listener: status and body.
+fn admin_get(port: u16, path: &str) -> (u16, String) {
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
+    let resp = match agent.get(&format!("http://127.0.0.1:{port}{path}")).call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("GET {path}: {e}"),
+    };
+    let status = resp.status();
+    (status, resp.into_string().unwrap())
+}
+
+/// `dbward check` and `/readyz` name each host's role and say whether target_session_attrs
+/// can be met; the connect metrics carry the configured host a session landed on.
+#[tokio::test]
+async fn check_readyz_and_metrics_name_each_host() {
+    let (_s, _g, app) = shared_app("ha_report");
+    let pair = pair();
+    app.write_kv(HA_USER, ha_password());
+    let mut cfg = app.config("kv");
+    cfg.databases[0] = ha_entry(&app, "ha_report", pair, "read-write");
+    let admin = free_port();
+    cfg.admin = Some(format!("127.0.0.1:{admin}"));
+
+    let path = app.dir.join("ha_report.toml");
+    std::fs::write(&path, cfg.toml()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dbward"))
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .env("NO_COLOR", "1")
+        .env_remove("VAULT_TOKEN")
+        .env_remove("BAO_TOKEN")
+        .env_remove("DBWARD_CONFIG")
+        .output()
+        .expect("run dbward check");
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let (r, p) = (pair.replica_port, pair.primary_port);
+    assert!(
+        text.contains(&format!("127.0.0.1:{r}: standby, version 15"))
+            && text.contains("does not meet target_session_attrs=read-write: read-only (standby)"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("127.0.0.1:{p}: primary, version 15")), "{text}");
+    assert!(text.contains(&format!("can be met now by 127.0.0.1:{p}")), "{text}");
+
+    let d = Dbward::start(&cfg);
+    let (status, body) = admin_get(admin, "/readyz");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&format!("127.0.0.1:{p}: primary")), "{body}");
+    assert!(body.contains(&format!("127.0.0.1:{r}: standby")), "{body}");
+
+    let c = connect(d.port(), "postgres", "app").await;
+    assert_eq!(server_port(&c).await.unwrap(), p as i32);
+    let (_, metrics) = admin_get(admin, "/metrics");
+    let landed = format!("dbward_upstream_connect_seconds_count{{database=\"ha_report\",host=\"127.0.0.1:{p}\"}} 1");
+    assert!(metrics.contains(&landed), "{landed} missing from:\n{metrics}");
+}

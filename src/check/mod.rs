@@ -17,6 +17,7 @@
 
 mod entry;
 mod health;
+mod hosts;
 mod login;
 mod policy_diff;
 mod query;

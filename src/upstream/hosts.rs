@@ -51,24 +51,26 @@ pub enum HostReason {
 
 impl std::fmt::Display for HostFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: ", self.host)?;
         match &self.reason {
-            HostReason::Mismatch(m) => write!(f, "{m}"),
-            HostReason::Failed(UpstreamError::Connect { source, .. }) => match source.kind() {
-                std::io::ErrorKind::ConnectionRefused => f.write_str("connection refused"),
-                _ => write!(f, "{source}"),
-            },
-            HostReason::Failed(UpstreamError::Resolve { source, .. }) => write!(f, "cannot resolve: {source}"),
-            HostReason::Failed(UpstreamError::Timeout { after, during, .. }) => {
-                write!(
-                    f,
-                    "timed out after {} while {during}",
-                    humantime::format_duration(*after)
-                )
-            }
-            HostReason::Failed(UpstreamError::Server(se)) => write!(f, "{se}"),
-            HostReason::Failed(e) => write!(f, "{e}"),
+            HostReason::Mismatch(m) => write!(f, "{}: {m}", self.host),
+            HostReason::Failed(e) => write!(f, "{}: {}", self.host, reason_text(e)),
         }
+    }
+}
+
+/// A failure in few words; the host is named before it.
+pub(super) fn reason_text(e: &UpstreamError) -> String {
+    match e {
+        UpstreamError::Connect { source, .. } => match source.kind() {
+            std::io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
+            _ => source.to_string(),
+        },
+        UpstreamError::Resolve { source, .. } => format!("cannot resolve: {source}"),
+        UpstreamError::Timeout { after, during, .. } => {
+            format!("timed out after {} while {during}", humantime::format_duration(*after))
+        }
+        UpstreamError::Server(se) => se.to_string(),
+        e => e.to_string(),
     }
 }
 
@@ -165,7 +167,10 @@ pub(crate) async fn connect(
 }
 
 /// The addresses `host` resolves to now (never cached: a failover may have moved the name).
-async fn resolve(settings: &UpstreamSettings, host: &UpstreamHost) -> Result<Vec<SocketAddr>, UpstreamError> {
+pub(super) async fn resolve(
+    settings: &UpstreamSettings,
+    host: &UpstreamHost,
+) -> Result<Vec<SocketAddr>, UpstreamError> {
     let addr = host.addr();
     let resolve_error = |source| UpstreamError::Resolve {
         addr: addr.clone(),
@@ -227,7 +232,7 @@ async fn try_address(
 }
 
 /// Terminate and close: a host of the wrong kind gets a clean goodbye, as libpq gives it.
-async fn goodbye(conn: &mut Connected) {
+pub(super) async fn goodbye(conn: &mut Connected) {
     let mut bye = BytesMut::new();
     postgres_protocol::message::frontend::terminate(&mut bye);
     let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {

@@ -8,6 +8,7 @@ pub(crate) mod hosts;
 mod keepalive;
 pub mod scram;
 pub mod session_attrs;
+pub(crate) mod survey;
 pub(crate) mod tls;
 
 use std::fmt;

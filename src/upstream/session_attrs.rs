@@ -160,6 +160,23 @@ pub(super) async fn check(
     Ok(meets(attrs, role))
 }
 
+/// Fills in everything `role` lacks (queries on servers before 14), for reports that show the
+/// whole role rather than check one target.
+pub(super) async fn complete(
+    role: &mut ServerRole,
+    stream: &mut UpstreamStream,
+    addr: &str,
+) -> Result<(), UpstreamError> {
+    if probe_needed(TargetSessionAttrs::Standby, role).is_some() {
+        role.hot_standby = Some(probe_bool(stream, "SELECT pg_catalog.pg_is_in_recovery()", addr).await?);
+    }
+    if role.read_only.is_none() {
+        role.read_only = Some(probe_bool(stream, "SHOW transaction_read_only", addr).await?);
+    }
+    role.hot_standby.get_or_insert(false);
+    Ok(())
+}
+
 /// Runs a one-row, one-column query whose answer is `on`/`off` or `t`/`f`, up to ReadyForQuery.
 pub(super) async fn probe_bool(stream: &mut UpstreamStream, sql: &str, addr: &str) -> Result<bool, UpstreamError> {
     let during = "checking target_session_attrs";
