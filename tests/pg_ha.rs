@@ -115,9 +115,11 @@ async fn every_host_down_gives_one_error_naming_each() {
     );
 }
 
-/// A session on the primary, the primary crashed (`-m immediate`), the replica promoted: the
-/// session ends with an error within its keepalive window, and new connections reach the
-/// promoted server within a second of the promotion finishing.
+/// A primary turned read-only ends the sessions of an entry with `recheck_interval` at their
+/// next transaction boundary (57P01, saying why). Then a session on the primary, the primary
+/// crashed (`-m immediate`), the replica promoted: the session ends with an error within its
+/// keepalive window, and new connections reach the promoted server within a second of the
+/// promotion finishing.
 #[tokio::test]
 async fn failover_new_sessions_follow_and_old_ones_end() {
     let (s, _g, app) = shared_app("ha_failover");
@@ -128,10 +130,42 @@ async fn failover_new_sessions_follow_and_old_ones_end() {
         .line("keepalives_idle = \"1s\"")
         .line("keepalives_interval = \"1s\"")
         .line("keepalives_count = 2");
+    cfg.databases
+        .push(ha_entry(&app, "ha_rechecked", &pair, "read-write").line("recheck_interval = \"1s\""));
     let d = Dbward::start(&cfg);
     let port = d.port();
 
-    let old = connect(port, "postgres", "app").await;
+    let (rechecked, connection) = pg_config(cfg.databases[1].port(), "postgres", "app")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    assert_eq!(server_port(&rechecked).await.unwrap(), pair.primary_port as i32);
+    let primary = pair.primary_port;
+    pair.superuser_sql(primary, "alter system set default_transaction_read_only = on");
+    pair.superuser_sql(primary, "select pg_reload_conf()");
+    // 1 s interval; the rest is slack for a loaded machine.
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("the session on the read-only primary was not ended")
+        .unwrap()
+        .expect_err("the session must end with an error");
+    let e = ended
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not a server error: {ended:?}"));
+    assert_eq!(e.code().code(), "57P01", "{e:?}");
+    assert!(
+        e.message().contains(&format!(
+            "upstream host 127.0.0.1:{primary} no longer meets target_session_attrs=read-write: read-only (default_transaction_read_only = on)"
+        )),
+        "{}",
+        e.message()
+    );
+    pair.superuser_sql(primary, "alter system reset default_transaction_read_only");
+    pair.superuser_sql(primary, "select pg_reload_conf()");
+
+    // The reload reaches new backends shortly after pg_reload_conf() returns.
+    let old = connect_eventually(port, "postgres", Duration::from_secs(10), "the primary writable again").await;
     assert_eq!(server_port(&old).await.unwrap(), pair.primary_port as i32);
 
     pair.crash_primary();

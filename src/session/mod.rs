@@ -9,6 +9,7 @@
 //! metrics and the shutdown signal; nothing else of the daemon.
 
 mod negotiate;
+mod recheck;
 mod refusal;
 mod relay;
 
@@ -133,7 +134,17 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
     );
 
     let retirement = credential.retirement(ctx.entry.cfg.credentials.retire_margin);
-    relay::relay(ctx, client, upstream.stream, pending, boundaries, retirement).await;
+    let login = recheck::Login {
+        params: upstream_params(db, &msg, &credential.username),
+        password: credential.password.clone(),
+        keys: credential.scram_keys().clone(),
+    };
+    let (rechecks, _recheck_guard) =
+        match recheck::start(&db.upstream, &chosen.host, &chosen.role, &chosen.label, login) {
+            Some((rx, guard)) => (Some(rx), Some(guard)),
+            None => (None, None),
+        };
+    relay::relay(ctx, client, upstream.stream, pending, boundaries, retirement, rechecks).await;
     drop(credential);
 }
 

@@ -241,3 +241,22 @@ pub(super) async fn goodbye(conn: &mut Connected) {
     })
     .await;
 }
+
+/// Asks the one address of `one` again whether it meets `attrs` (a new connection with the
+/// session's credential): Some(why) when it no longer does.
+pub(crate) async fn recheck(
+    one: &UpstreamSettings,
+    attrs: TargetSessionAttrs,
+    params: &[(String, String)],
+    password: &SecretString,
+    keys: &Arc<scram::KeyCache>,
+) -> Result<Option<Mismatch>, UpstreamError> {
+    match try_address(one, attrs, params, password, keys).await {
+        Ok((mut conn, _)) => {
+            goodbye(&mut conn).await;
+            Ok(None)
+        }
+        Err(HostReason::Mismatch(m)) => Ok(Some(m)),
+        Err(HostReason::Failed(e)) => Err(e),
+    }
+}
