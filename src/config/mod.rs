@@ -7,6 +7,8 @@
 mod raw;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_ha;
 mod validate;
 
 use std::fmt;
