@@ -227,6 +227,19 @@ async fn readiness(app: &AdminContext) -> (bool, String) {
                     left.map(|l| format!(", valid for {}s more", l.as_secs()))
                         .unwrap_or_default()
                 ));
+                let dbname = db.cfg.dbname.as_deref().unwrap_or("postgres");
+                if let Some((met, hosts)) = crate::upstream::survey::readiness(
+                    &db.upstream,
+                    dbname,
+                    &c.username,
+                    &c.password,
+                    READY_VAULT_TIMEOUT,
+                )
+                .await
+                {
+                    ready &= met;
+                    body.push_str(&hosts);
+                }
             }
             Ok(Err(e)) => {
                 ready = false;

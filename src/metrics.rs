@@ -16,6 +16,8 @@ use prometheus::{
 /// or secrets. Tests hold every family (and a live scrape) to this list.
 pub const LABEL_NAMES: &[&str] = &[
     "database",
+    // Only hosts from the configured upstream list: bounded by the config.
+    "host",
     "reason",
     "sqlstate_class",
     "direction",
@@ -121,14 +123,14 @@ impl Metrics {
             ),
             upstream_connect_seconds: r.histogram(
                 "dbward_upstream_connect_seconds",
-                "Time to open and authenticate an upstream connection.",
+                "Time to open and authenticate an upstream connection, by the configured host it landed on.",
                 14,
-                db,
+                &["database", "host"],
             ),
             upstream_connect_failures_total: r.counter(
                 "dbward_upstream_connect_failures_total",
-                "Upstream connections that failed, by SQLSTATE class.",
-                &["database", "sqlstate_class"],
+                "Upstream connection attempts that failed, by configured host and SQLSTATE class.",
+                &["database", "host", "sqlstate_class"],
             ),
             bytes_total: r.counter(
                 "dbward_relayed_bytes_total",
@@ -261,7 +263,9 @@ mod tests {
         m.client_connections_total.with_label_values(&["db"]).inc();
         m.credential_expires_in_seconds.with_label_values(&["db"]).set(1.0);
         m.vault_token_expires_in_seconds.with_label_values::<&str>(&[]).set(1.0);
-        m.upstream_connect_seconds.with_label_values(&["db"]).observe(0.01);
+        m.upstream_connect_seconds
+            .with_label_values(&["db", "pg:5432"])
+            .observe(0.01);
         let allowed = LABEL_NAMES;
         for family in m.registry.gather() {
             assert!(family.name().starts_with("dbward_"), "{}", family.name());

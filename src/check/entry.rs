@@ -88,6 +88,9 @@ impl Run<'_> {
             return;
         };
         r.push(self.upstream(e, &cred).await);
+        for c in self.upstream_hosts(e, &cred).await {
+            r.push(c);
+        }
         if let Some(lease) = &cred.lease {
             for c in self.lease_ttl(e, access, lease, cred.fetched_at, can_renew).await {
                 r.push(c);

@@ -18,6 +18,7 @@
 mod callers;
 mod entry;
 mod health;
+mod hosts;
 mod login;
 mod policy_diff;
 mod query;

@@ -32,7 +32,10 @@ impl Run<'_> {
             Check::new(&db.name, "upstream", title.clone(), Verdict::Fail, message)
                 .detail("user", cred.username.clone())
         };
-        match upstream::connect(settings, &params, &cred.password).await {
+        // As a session connects: the first host of the list that meets target_session_attrs.
+        let chosen =
+            upstream::hosts::connect(settings, &params, &cred.password, &Default::default(), &mut |_, _| {}).await;
+        match chosen.map(|c| c.conn) {
             Ok(mut conn) => {
                 let tls = if conn.tls { "TLS" } else { "no TLS" };
                 match tokio::time::timeout(settings.connect_timeout, select_one(&mut conn.stream)).await {

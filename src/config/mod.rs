@@ -8,6 +8,8 @@ mod allowlist;
 mod raw;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_ha;
 mod validate;
 
 use std::fmt;
@@ -85,6 +87,26 @@ macro_rules! string_enum {
         }
     };
 }
+
+string_enum!(
+    /// Which upstream host a session may use, with libpq's `target_session_attrs` meaning.
+    TargetSessionAttrs {
+        Any => "any",
+        ReadWrite => "read-write",
+        ReadOnly => "read-only",
+        Primary => "primary",
+        Standby => "standby",
+        PreferStandby => "prefer-standby",
+    }
+);
+
+string_enum!(
+    /// Host order of an upstream list, with libpq's `load_balance_hosts` meaning.
+    LoadBalanceHosts {
+        Disable => "disable",
+        Random => "random",
+    }
+);
 
 string_enum!(
     /// How a credential is obtained from Vault.
@@ -281,6 +303,44 @@ pub struct DatabaseConfig {
     /// The local callers admitted (`allowed_users`, `allowed_groups`); None: every local caller.
     pub allowed: Option<Allowlist>,
     pub credentials: CredentialsConfig,
+    /// Every upstream host in the configured order (never empty); `upstream` is the first.
+    pub upstream_hosts: Vec<HostPort>,
+    /// Host choice, keepalive and role rechecks for the upstream list.
+    pub ha: UpstreamHa,
+}
+
+/// How a session picks among several upstream hosts and notices that one went away.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamHa {
+    pub target_session_attrs: TargetSessionAttrs,
+    pub load_balance_hosts: LoadBalanceHosts,
+    /// TCP keepalive on upstream sockets; None: off (`keepalives = false`).
+    pub keepalive: Option<Keepalive>,
+    /// How often a session's host is checked against `target_session_attrs`; None: never.
+    pub recheck_interval: Option<Duration>,
+}
+
+/// TCP keepalive timing, as libpq's keepalives_idle / keepalives_interval / keepalives_count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub idle: Duration,
+    pub interval: Duration,
+    pub count: u32,
+}
+
+impl Default for UpstreamHa {
+    fn default() -> Self {
+        UpstreamHa {
+            target_session_attrs: TargetSessionAttrs::Any,
+            load_balance_hosts: LoadBalanceHosts::Disable,
+            keepalive: Some(Keepalive {
+                idle: Duration::from_secs(5),
+                interval: Duration::from_secs(2),
+                count: 3,
+            }),
+            recheck_interval: None,
+        }
+    }
 }
 
 /// The certificate and key dbward presents to the upstream server.

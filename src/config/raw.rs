@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{AuthMethod, ClientTlsConfig, CredentialKind, InvalidValue, SslMode};
+use super::{AuthMethod, ClientTlsConfig, CredentialKind, InvalidValue, LoadBalanceHosts, SslMode, TargetSessionAttrs};
 
 /// A duration written as `"10s"`, `"500ms"`, `"5m"`, `"1h 30m"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -174,8 +174,8 @@ pub(super) struct DatabaseConfig {
     pub(super) name: String,
     /// TCP addresses (`127.0.0.1:6432`) and/or Unix socket paths (`/run/dbward/.s.PGSQL.6432`).
     pub(super) listen: Vec<String>,
-    /// `host:port` of the Postgres server.
-    pub(super) upstream: String,
+    /// `host:port` of the Postgres server, or a list of them.
+    pub(super) upstream: Upstreams,
     /// Force the upstream database name; default: what the client asked for.
     pub(super) dbname: Option<String>,
     #[serde(default = "default_sslmode")]
@@ -220,6 +220,56 @@ pub(super) struct DatabaseConfig {
     /// Local groups (names or gids) whose members are admitted to this entry.
     pub(super) allowed_groups: Option<Vec<String>>,
     pub(super) credentials: CredentialsConfig,
+    /// libpq's target_session_attrs.
+    #[serde(default = "default_target_session_attrs")]
+    pub(super) target_session_attrs: TargetSessionAttrs,
+    /// libpq's load_balance_hosts.
+    #[serde(default = "default_load_balance_hosts")]
+    pub(super) load_balance_hosts: LoadBalanceHosts,
+    /// libpq's keepalives, keepalives_idle, keepalives_interval, keepalives_count.
+    #[serde(default = "default_true")]
+    pub(super) keepalives: bool,
+    #[serde(default = "default_keepalives_idle")]
+    pub(super) keepalives_idle: HumanDuration,
+    #[serde(default = "default_keepalives_interval")]
+    pub(super) keepalives_interval: HumanDuration,
+    #[serde(default = "default_keepalives_count")]
+    pub(super) keepalives_count: u32,
+    /// Off when absent.
+    pub(super) recheck_interval: Option<HumanDuration>,
+}
+
+/// `upstream = "pg:5432"` or `upstream = ["pg-a:5432", "pg-b:5432"]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged, expecting = "a \"host:port\" string or a list of them")]
+pub(super) enum Upstreams {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Upstreams {
+    pub(super) fn list(&self) -> Vec<&str> {
+        match self {
+            Upstreams::One(s) => vec![s.as_str()],
+            Upstreams::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+fn default_target_session_attrs() -> TargetSessionAttrs {
+    TargetSessionAttrs::Any
+}
+fn default_load_balance_hosts() -> LoadBalanceHosts {
+    LoadBalanceHosts::Disable
+}
+fn default_keepalives_idle() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
+fn default_keepalives_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(2))
+}
+fn default_keepalives_count() -> u32 {
+    3
 }
 
 fn default_sslmode() -> SslMode {

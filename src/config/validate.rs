@@ -10,7 +10,8 @@ use std::time::Duration;
 use super::raw;
 use super::{
     err, AdminConfig, AuthConfig, AuthMethod, ClientCert, Config, ConfigError, CredentialKind, CredentialSource,
-    CredentialsConfig, DatabaseConfig, HostPort, ListenAddr, Login, ProxyConfig, SslMode, VaultConfig,
+    CredentialsConfig, DatabaseConfig, HostPort, Keepalive, ListenAddr, Login, ProxyConfig, SslMode, UpstreamHa,
+    VaultConfig,
 };
 use crate::upstream::auth_policy::{ChannelBindingMode, RequireAuth};
 
@@ -229,12 +230,9 @@ fn database(
         ));
     }
     let listen = listen_addrs(i, &db, listens)?;
-    let Some(upstream) = HostPort::parse(&db.upstream) else {
-        return Err(err(
-            key("upstream"),
-            format!("{:?} is not host:port (e.g. \"db.internal:5432\")", db.upstream),
-        ));
-    };
+    let upstream_hosts = upstream_hosts(i, &db.upstream)?;
+    let upstream = upstream_hosts[0].clone();
+    let ha = upstream_ha(i, &db)?;
     if db.connect_timeout.0.is_zero() {
         return Err(err(key("connect_timeout"), "must be greater than zero"));
     }
@@ -269,6 +267,74 @@ fn database(
         channel_binding,
         allow_replication: db.allow_replication,
         client_tls: db.client_tls,
+        upstream_hosts,
+        ha,
+    })
+}
+
+/// `upstream`: one `host:port` or a non-empty list of them.
+fn upstream_hosts(i: usize, raw: &raw::Upstreams) -> Result<Vec<HostPort>, ConfigError> {
+    let list = raw.list();
+    if list.is_empty() {
+        return Err(err(
+            format!("databases[{i}].upstream"),
+            "the list needs at least one host:port",
+        ));
+    }
+    let many = matches!(raw, raw::Upstreams::Many(_));
+    list.iter()
+        .enumerate()
+        .map(|(j, s)| {
+            let k = if many {
+                format!("databases[{i}].upstream[{j}]")
+            } else {
+                format!("databases[{i}].upstream")
+            };
+            HostPort::parse(s).ok_or_else(|| err(k, format!("{s:?} is not host:port (e.g. \"db.internal:5432\")")))
+        })
+        .collect()
+}
+
+/// target_session_attrs, load_balance_hosts, keepalives*, recheck_interval.
+fn upstream_ha(i: usize, db: &raw::DatabaseConfig) -> Result<UpstreamHa, ConfigError> {
+    let key = |k: &str| format!("databases[{i}].{k}");
+    let keepalive = if db.keepalives {
+        for (k, d) in [
+            ("keepalives_idle", db.keepalives_idle),
+            ("keepalives_interval", db.keepalives_interval),
+        ] {
+            if d.0 < Duration::from_secs(1) {
+                return Err(err(
+                    key(k),
+                    format!("{d:?} is below the 1s the kernel counts in", d = d.0),
+                ));
+            }
+        }
+        if db.keepalives_count == 0 {
+            return Err(err(key("keepalives_count"), "must be at least 1"));
+        }
+        Some(Keepalive {
+            idle: db.keepalives_idle.0,
+            interval: db.keepalives_interval.0,
+            count: db.keepalives_count,
+        })
+    } else {
+        None
+    };
+    let recheck_interval = match db.recheck_interval {
+        Some(d) if d.0 < Duration::from_secs(1) => {
+            return Err(err(
+                key("recheck_interval"),
+                format!("{:?} is below the 1s minimum", d.0),
+            ))
+        }
+        d => d.map(|d| d.0),
+    };
+    Ok(UpstreamHa {
+        target_session_attrs: db.target_session_attrs,
+        load_balance_hosts: db.load_balance_hosts,
+        keepalive,
+        recheck_interval,
     })
 }
 

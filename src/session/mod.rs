@@ -10,6 +10,7 @@
 
 mod caller;
 mod negotiate;
+mod recheck;
 mod refusal;
 mod relay;
 
@@ -30,7 +31,8 @@ use crate::pg::frame::Boundaries;
 use crate::pg::startup::StartupMessage;
 use crate::pg::tls::Rewind;
 use crate::shutdown::Shutdown;
-use crate::upstream::{self, Connected, UpstreamSettings};
+use crate::upstream::hosts::Chosen;
+use crate::upstream::{self, UpstreamSettings};
 use negotiate::{negotiate, Opening};
 
 /// Bound on sending dbward's own error to a client: one that does not read must not keep the
@@ -87,9 +89,10 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
     let db = &ctx.entry;
     let started = Instant::now();
     // The credential stays checked out for the whole session: its lease is renewed while used.
-    let Some((upstream, credential)) = open_upstream(ctx, &msg, &mut client).await else {
+    let Some((chosen, credential)) = open_upstream(ctx, &msg, &mut client).await else {
         return;
     };
+    let upstream = chosen.conn;
     let connect_time = started.elapsed();
     let span = tracing::Span::current();
     span.record("credential", credential.generation);
@@ -102,7 +105,8 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
         Some(k) => {
             let target = CancelTarget {
                 database: db.name.clone(),
-                upstream: db.upstream.clone(),
+                // The host the session is on, not the list.
+                upstream: chosen.host.clone(),
                 key: k.clone(),
             };
             let (key, guard) = ctx.cancels.register(target, msg.secret_len());
@@ -128,13 +132,25 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
     }
     tracing::debug!(
         ?connect_time,
+        upstream = %chosen.label,
+        role = %chosen.role,
         tls = upstream.tls,
         client_tls = matches!(client, Either::Right(_)),
         "session established"
     );
 
     let retirement = credential.retirement(ctx.entry.cfg.credentials.retire_margin);
-    relay::relay(ctx, client, upstream.stream, pending, boundaries, retirement).await;
+    let login = recheck::Login {
+        params: upstream_params(db, &msg, &credential.username),
+        password: credential.password.clone(),
+        keys: credential.scram_keys().clone(),
+    };
+    let (rechecks, _recheck_guard) =
+        match recheck::start(&db.upstream, &chosen.host, &chosen.role, &chosen.label, login) {
+            Some((rx, guard)) => (Some(rx), Some(guard)),
+            None => (None, None),
+        };
+    relay::relay(ctx, client, upstream.stream, pending, boundaries, retirement, rechecks).await;
     drop(credential);
 }
 
@@ -184,7 +200,7 @@ async fn open_upstream<S: AsyncWrite + Unpin>(
     ctx: &SessionContext,
     msg: &StartupMessage,
     client: &mut S,
-) -> Option<(Connected, InUse)> {
+) -> Option<(Chosen, InUse)> {
     let db = &ctx.entry;
     let mut retried = false;
     loop {
@@ -201,8 +217,15 @@ async fn open_upstream<S: AsyncWrite + Unpin>(
         };
         let params = upstream_params(db, msg, &cred.username);
         let started = Instant::now();
+        let mut count_failure = |host: &str, e: &upstream::UpstreamError| {
+            let class = e.sqlstate_class();
+            ctx.metrics
+                .upstream_connect_failures_total
+                .with_label_values(&[&db.name, host, &class])
+                .inc();
+        };
         let result = tokio::select! {
-            r = upstream::connect_with_keys(&db.upstream, &params, &cred.password, cred.scram_keys()) => r,
+            r = upstream::hosts::connect(&db.upstream, &params, &cred.password, cred.scram_keys(), &mut count_failure) => r,
             _ = ctx.shutdown.terminating() => {
                 send_error(client, &shutting_down()).await;
                 return None;
@@ -212,7 +235,7 @@ async fn open_upstream<S: AsyncWrite + Unpin>(
             Ok(c) => {
                 ctx.metrics
                     .upstream_connect_seconds
-                    .with_label_values(&[&db.name])
+                    .with_label_values(&[&db.name, &c.label])
                     .observe(started.elapsed().as_secs_f64());
                 return Some((c, cred));
             }
@@ -228,11 +251,6 @@ async fn open_upstream<S: AsyncWrite + Unpin>(
                 ctx.credentials.rejected(&db.name, cred.generation).await;
             }
             Err(e) => {
-                let class = e.sqlstate_class();
-                ctx.metrics
-                    .upstream_connect_failures_total
-                    .with_label_values(&[&db.name, &class])
-                    .inc();
                 ctx.metrics
                     .client_connections_rejected_total
                     .with_label_values(&[&db.name, "upstream"])

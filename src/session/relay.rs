@@ -34,12 +34,15 @@ enum End {
     Shutdown,
     /// The credential's hard end is near and the session was between transactions.
     Retired(HardEnd),
+    /// The host no longer meets target_session_attrs and the session was between transactions.
+    RoleChanged(super::recheck::Reason),
 }
 
 /// How the server-to-client copy stopped without an error.
 enum Down {
     Eof,
     Retire(HardEnd),
+    RoleChanged(super::recheck::Reason),
 }
 
 /// A copy failed on this side.
@@ -55,6 +58,7 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     pending: BytesMut,
     boundaries: Boundaries,
     mut retirement: Retirement,
+    mut recheck: Option<tokio::sync::oneshot::Receiver<super::recheck::Reason>>,
 ) {
     let name = ctx.entry.name.as_str();
     let active = ctx.metrics.client_connections_active.with_label_values(&[name]);
@@ -86,7 +90,14 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
             // reaches the client.
             up_wr.shutdown().await.map_err(PumpError::Write)
         };
-        let downward = pump_down(&mut up_rd, &mut client_wr, &mut down, &to_client, &mut retirement);
+        let downward = pump_down(
+            &mut up_rd,
+            &mut client_wr,
+            &mut down,
+            &to_client,
+            &mut retirement,
+            &mut recheck,
+        );
         tokio::pin!(upward, downward);
         let mut client_done = false;
         loop {
@@ -96,6 +107,7 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
                 // credential.
                 r = &mut downward => break match r {
                     Ok(Down::Retire(end)) => End::Retired(end),
+                    Ok(Down::RoleChanged(why)) => End::RoleChanged(why),
                     Ok(Down::Eof) if client_done => End::ClientClosed,
                     Ok(Down::Eof) => End::ServerClosed,
                     Err(PumpError::Read(e)) => End::ServerFailed(e),
@@ -116,6 +128,9 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
         end_at_shutdown(&mut up_rd, &mut up_wr, &mut client_wr, &mut down, &to_client).await;
     } else if let End::Retired(hard) = end {
         end_at_retirement(ctx, hard, &mut up_wr, &mut client_wr).await;
+    } else if let End::RoleChanged(why) = end {
+        let msg = crate::pg::error::PgError::fatal(crate::pg::error::sqlstate::ADMIN_SHUTDOWN, why);
+        end_between_transactions(&msg, &mut up_wr, &mut client_wr).await;
     } else {
         let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, client_wr.shutdown()).await;
     }
@@ -128,6 +143,34 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
         end = how,
         "session ended"
     );
+}
+
+/// Ends a session that is between transactions with `msg`, each step bounded in time.
+async fn end_between_transactions<UW, CW>(msg: &crate::pg::error::PgError, up_wr: &mut UW, client_wr: &mut CW)
+where
+    UW: AsyncWrite + Unpin,
+    CW: AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, async {
+        let _ = client_wr.write_all(&msg.to_bytes()).await;
+        let _ = client_wr.shutdown().await;
+    })
+    .await;
+    let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, up_wr.shutdown()).await;
+}
+
+/// Resolves with the reason once the recheck says the host no longer fits; pending forever
+/// when there is no recheck or it ended without one.
+async fn role_change(
+    rx: &mut Option<tokio::sync::oneshot::Receiver<super::recheck::Reason>>,
+) -> super::recheck::Reason {
+    if let Some(r) = rx.as_mut() {
+        if let Ok(why) = r.await {
+            return why;
+        }
+    }
+    *rx = None;
+    std::future::pending().await
 }
 
 /// Ends a session at a transaction boundary shortly before its credential's hard end: the
@@ -176,6 +219,7 @@ impl End {
             }
             End::Shutdown => "shutdown",
             End::Retired(_) => "retired before the credential's hard end",
+            End::RoleChanged(_) => "ended: the upstream host no longer meets target_session_attrs",
         }
     }
 }
@@ -287,6 +331,7 @@ async fn pump_down<R, W>(
     st: &mut DownState,
     count: &ByteCount,
     retire: &mut Retirement,
+    recheck: &mut Option<tokio::sync::oneshot::Receiver<super::recheck::Reason>>,
 ) -> Result<Down, PumpError>
 where
     R: AsyncRead + Unpin,
@@ -316,6 +361,7 @@ where
         let n = tokio::select! {
             n = r.read(&mut st.buf) => n.map_err(PumpError::Read)?,
             end = retire.wait(), if idle => return Ok(Down::Retire(end)),
+            why = role_change(recheck), if idle => return Ok(Down::RoleChanged(why)),
         };
         if n == 0 {
             return Ok(Down::Eof);

@@ -5,7 +5,11 @@
 
 mod auth;
 pub mod auth_policy;
+pub(crate) mod hosts;
+mod keepalive;
 pub mod scram;
+pub mod session_attrs;
+pub(crate) mod survey;
 pub(crate) mod tls;
 
 use std::fmt;
@@ -21,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::either::Either;
 
-use crate::config::{DatabaseConfig, SslMode};
+use crate::config::{DatabaseConfig, SslMode, UpstreamHa};
 use crate::pg::cancel::BackendKey;
 use crate::pg::error::{sqlstate, PgError};
 use crate::pg::startup::SSL_REQUEST_CODE;
@@ -53,6 +57,29 @@ pub struct UpstreamSettings {
     pub allow_insecure_password: bool,
     /// require_auth and channel_binding.
     pub auth_policy: auth_policy::AuthPolicy,
+    /// Every configured host with its TLS name, in order; empty: just `host`/`port`/`server_name`.
+    pub hosts: Vec<UpstreamHost>,
+    pub ha: UpstreamHa,
+}
+
+/// One host of an upstream list.
+#[derive(Debug, Clone)]
+pub struct UpstreamHost {
+    pub host: String,
+    pub port: u16,
+    /// The `sni` setting, or this host's name.
+    pub server_name: ServerName<'static>,
+}
+
+impl UpstreamHost {
+    /// `host:port`, with brackets around an IPv6 host.
+    pub fn addr(&self) -> String {
+        crate::config::HostPort {
+            host: self.host.clone(),
+            port: self.port,
+        }
+        .to_string()
+    }
 }
 
 impl fmt::Debug for UpstreamSettings {
@@ -67,6 +94,8 @@ impl fmt::Debug for UpstreamSettings {
             .field("connect_timeout", &self.connect_timeout)
             .field("allow_insecure_password", &self.allow_insecure_password)
             .field("auth_policy", &self.auth_policy)
+            .field("hosts", &self.hosts)
+            .field("ha", &self.ha)
             .finish()
     }
 }
@@ -77,22 +106,38 @@ impl UpstreamSettings {
     /// `databases[0].ca_file: cannot read "/x.pem": No such file or directory (os error 2)`.
     pub fn from_config(index: usize, db: &DatabaseConfig) -> Result<Self, SettingsError> {
         let (host, port) = (db.upstream.host.clone(), db.upstream.port);
-        let (name_key, name) = match &db.sni {
-            Some(sni) => ("sni", sni.clone()),
-            None => ("upstream", host.clone()),
-        };
-        let server_name = match ServerName::try_from(name.clone()) {
-            Ok(n) => n,
-            // The name only matters when there is TLS.
-            Err(_) if db.sslmode == SslMode::Disable => ServerName::try_from("localhost").expect("valid name"),
-            Err(_) => {
-                return Err(SettingsError::ServerName {
+        let name_for = |j: usize, host: &str| {
+            let (name_key, name) = match &db.sni {
+                Some(sni) => ("sni".to_string(), sni.clone()),
+                None if db.upstream_hosts.len() > 1 => (format!("upstream[{j}]"), host.to_string()),
+                None => ("upstream".to_string(), host.to_string()),
+            };
+            match ServerName::try_from(name.clone()) {
+                Ok(n) => Ok(n),
+                // The name only matters when there is TLS.
+                Err(_) if db.sslmode == SslMode::Disable => Ok(ServerName::try_from("localhost").expect("valid name")),
+                Err(_) => Err(SettingsError::ServerName {
                     key: format!("databases[{index}].{name_key}"),
                     name,
-                })
+                }),
             }
         };
+        let server_name = name_for(0, &host)?;
+        let hosts = db
+            .upstream_hosts
+            .iter()
+            .enumerate()
+            .map(|(j, h)| {
+                Ok(UpstreamHost {
+                    host: h.host.clone(),
+                    port: h.port,
+                    server_name: name_for(j, &h.host)?,
+                })
+            })
+            .collect::<Result<Vec<_>, SettingsError>>()?;
         Ok(UpstreamSettings {
+            hosts,
+            ha: db.ha.clone(),
             database: db.name.clone(),
             host,
             port,
@@ -114,6 +159,30 @@ impl UpstreamSettings {
             format!("[{}]:{}", self.host, self.port)
         } else {
             format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// The hosts to try, in the configured order.
+    pub fn host_list(&self) -> Vec<UpstreamHost> {
+        if self.hosts.is_empty() {
+            vec![UpstreamHost {
+                host: self.host.clone(),
+                port: self.port,
+                server_name: self.server_name.clone(),
+            }]
+        } else {
+            self.hosts.clone()
+        }
+    }
+
+    /// These settings narrowed to one resolved address of `host`, its TLS name kept.
+    pub(crate) fn for_address(&self, host: &UpstreamHost, a: SocketAddr) -> UpstreamSettings {
+        UpstreamSettings {
+            host: a.ip().to_string(),
+            port: a.port(),
+            server_name: host.server_name.clone(),
+            hosts: Vec::new(),
+            ..self.clone()
         }
     }
 
@@ -221,6 +290,15 @@ pub enum UpstreamError {
     /// when it comes from [`connect`].
     #[error("{0}")]
     Io(io::Error),
+    /// No host of the list could be used (or the one host was of the wrong kind).
+    #[error(
+        "no upstream host could be used (target_session_attrs={wanted}): {}",
+        hosts::join(failures)
+    )]
+    NoHost {
+        wanted: crate::config::TargetSessionAttrs,
+        failures: Vec<hosts::HostFailure>,
+    },
 }
 
 fn tried_suffix(addr: &str, tried: &[SocketAddr]) -> String {
@@ -272,13 +350,23 @@ impl UpstreamError {
                 sqlstate::CONNECTION_FAILURE,
                 "check the server's log for why it closed the connection",
             ),
+            UpstreamError::NoHost { .. } => (
+                sqlstate::CONNECTION_FAILURE,
+                "check that the upstream hosts are running and reachable, and that one of them is of the kind target_session_attrs asks for (after a failover, that a standby was promoted)",
+            ),
         };
         Some(PgError::fatal(code, message).with_hint(hint))
     }
 
     /// True when the server said 28P01 (invalid_password).
     pub fn is_password_rejected(&self) -> bool {
-        matches!(self, UpstreamError::Server(e) if e.code == sqlstate::INVALID_PASSWORD)
+        match self {
+            UpstreamError::Server(e) => e.code == sqlstate::INVALID_PASSWORD,
+            UpstreamError::NoHost { failures, .. } => failures
+                .iter()
+                .any(|f| matches!(&f.reason, hosts::HostReason::Failed(e) if e.is_password_rejected())),
+            _ => false,
+        }
     }
 
     /// The SQLSTATE class (first two characters) as a metric label: only `[0-9A-Z]{2}`, so a
@@ -498,6 +586,9 @@ async fn connect_tcp(
     // Postgres messages are small and latency-bound.
     tcp.set_nodelay(true)
         .map_err(|e| io_error(addr, "setting TCP_NODELAY", e))?;
+    if let Some(k) = &settings.ha.keepalive {
+        keepalive::apply(&tcp, k).map_err(|e| io_error(addr, "setting TCP keepalive", e))?;
+    }
     Ok(tcp)
 }
 

@@ -124,7 +124,12 @@ impl Entry {
             "\n[[databases]]\nname = {}\nlisten = [{}]\nupstream = {}\n",
             toml_str(&self.name),
             listen.join(", "),
-            toml_str(&self.upstream)
+            // A TOML list of host:port strings as it is (IPv6 hosts start with `[` but not `["`).
+            if self.upstream.starts_with("[\"") {
+                self.upstream.clone()
+            } else {
+                toml_str(&self.upstream)
+            }
         ));
         if let Some(db) = &self.dbname {
             out.push_str(&format!("dbname = {}\n", toml_str(db)));

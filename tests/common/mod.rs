@@ -16,6 +16,7 @@
 //! | `config` | [`TestConfig`]: the one way to write a `dbward.toml` |
 //! | `daemon` | [`Dbward`]: the product binary as a child process |
 //! | `raft` | [`RaftCluster`]: a three-node OpenBao raft cluster (fleet tests) |
+//! | `replica` | [`HaPair`]: a primary and its streaming replica, for failover tests |
 //!
 //! Calls here are blocking (processes, files, blocking HTTP). They are fine inside
 //! `#[tokio::test]` as long as nothing on the same runtime must make progress meanwhile (for
@@ -34,6 +35,7 @@ mod fixture;
 mod postgres;
 mod process;
 mod raft;
+mod replica;
 mod servers;
 mod vault;
 
@@ -57,6 +59,7 @@ pub use self::{
     },
     process::{wait_until, wait_until_async, ChildGuard},
     raft::RaftCluster,
+    replica::HaPair,
     servers::{servers, shared_app, Servers},
     vault::{bao_binary, TlsBao},
 };

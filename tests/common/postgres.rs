@@ -115,7 +115,7 @@ pub(super) fn start_postgres_cluster(root: &Path) -> Result<PgStarted, String> {
 }
 
 /// Runs the `postgres` binary directly (not pg_ctl): the process is ours to signal and wait for.
-fn spawn_postgres(data: &Path, port: u16, log: &Path, owner: Option<(u32, u32)>) -> io::Result<Child> {
+pub(super) fn spawn_postgres(data: &Path, port: u16, log: &Path, owner: Option<(u32, u32)>) -> io::Result<Child> {
     let (out, err) = open_log(log)?;
     let mut cmd = Command::new(Path::new(PG_BIN).join("postgres"));
     cmd.arg("-D")
@@ -147,7 +147,7 @@ fn spawn_postgres(data: &Path, port: u16, log: &Path, owner: Option<(u32, u32)>)
 }
 
 /// Whether the server on `port` accepts connections (pg_isready).
-fn pg_isready(port: u16) -> Result<bool, String> {
+pub(super) fn pg_isready(port: u16) -> Result<bool, String> {
     Ok(Command::new(Path::new(PG_BIN).join("pg_isready"))
         .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string(), "-t", "2"])
         .status()

@@ -90,6 +90,8 @@ fn settings(port: u16, sslmode: SslMode, roots: Option<RootCertStore>, name: &st
         connect_timeout: Duration::from_secs(10),
         allow_insecure_password: false,
         auth_policy: Default::default(),
+        hosts: Vec::new(),
+        ha: Default::default(),
     }
 }
 
