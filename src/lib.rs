@@ -19,6 +19,7 @@ mod listener;
 pub mod metrics;
 pub mod pg;
 pub mod policy;
+mod pool;
 mod session;
 mod shutdown;
 pub mod systemd;

@@ -267,6 +267,20 @@ pub struct DatabaseConfig {
     /// Terminate TLS from clients (answer SSLRequest with 'S'); absent: clients get 'N'.
     pub client_tls: Option<ClientTlsConfig>,
     pub credentials: CredentialsConfig,
+    /// Reuse of idle upstream connections; None: every client gets a new one.
+    pub pool: Option<PoolConfig>,
+}
+
+/// `[databases.pool]`, validated: at least one idle connection, a non-zero idle timeout and a
+/// reset query that fits in one simple Query message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    /// Idle server connections kept per entry.
+    pub max_idle: usize,
+    /// An idle connection unused this long is closed.
+    pub idle_timeout: Duration,
+    /// Run before a connection is kept, so nothing of one client's session reaches the next.
+    pub reset_query: String,
 }
 
 /// The certificate and key dbward presents to the upstream server.

@@ -195,6 +195,30 @@ pub(super) struct DatabaseConfig {
     /// Terminate TLS from clients (answer SSLRequest with 'S'); absent: clients get 'N'.
     pub(super) client_tls: Option<ClientTlsConfig>,
     pub(super) credentials: CredentialsConfig,
+    /// Opt-in reuse of idle upstream connections (`[databases.pool]`); absent: off.
+    pub(super) pool: Option<PoolConfig>,
+}
+
+/// `[databases.pool]`: keep server connections of ended sessions for the next client.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PoolConfig {
+    #[serde(default = "default_pool_max_idle")]
+    pub(super) max_idle: usize,
+    #[serde(default = "default_pool_idle_timeout")]
+    pub(super) idle_timeout: HumanDuration,
+    #[serde(default = "default_pool_reset_query")]
+    pub(super) reset_query: String,
+}
+
+fn default_pool_max_idle() -> usize {
+    16
+}
+fn default_pool_idle_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_pool_reset_query() -> String {
+    "DISCARD ALL".into()
 }
 
 fn default_sslmode() -> SslMode {

@@ -181,6 +181,7 @@ fn database(
         return Err(err(key("max_client_connections"), "must be at least 1"));
     }
     let client_cert = tls_files(i, &db)?;
+    let pool = pool(i, db.pool)?;
     Ok(DatabaseConfig {
         credentials: credentials(i, db.credentials)?,
         name: db.name,
@@ -197,6 +198,7 @@ fn database(
         allow_insecure_password: db.allow_insecure_password,
         allow_replication: db.allow_replication,
         client_tls: db.client_tls,
+        pool,
     })
 }
 
@@ -381,4 +383,30 @@ fn credentials(i: usize, c: raw::CredentialsConfig) -> Result<CredentialsConfig,
         revoke_unused: c.revoke_unused,
         retire_margin: c.retire_margin.map(|m| m.0),
     })
+}
+
+/// `databases[i].pool`: the numbers must allow reuse, the reset query must be sendable.
+fn pool(i: usize, p: Option<raw::PoolConfig>) -> Result<Option<super::PoolConfig>, ConfigError> {
+    let Some(p) = p else { return Ok(None) };
+    let key = |k: &str| format!("databases[{i}].pool.{k}");
+    if p.max_idle == 0 {
+        return Err(err(
+            key("max_idle"),
+            "must be at least 1 (leave out [databases.pool] to turn reuse off)",
+        ));
+    }
+    if p.idle_timeout.0.is_zero() {
+        return Err(err(key("idle_timeout"), "must be greater than zero"));
+    }
+    if p.reset_query.trim().is_empty() || p.reset_query.contains('\0') {
+        return Err(err(
+            key("reset_query"),
+            format!("{:?} must be a non-empty SQL string without NUL bytes", p.reset_query),
+        ));
+    }
+    Ok(Some(super::PoolConfig {
+        max_idle: p.max_idle,
+        idle_timeout: p.idle_timeout.0,
+        reset_query: p.reset_query,
+    }))
 }

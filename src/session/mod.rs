@@ -9,6 +9,7 @@
 //! metrics and the shutdown signal; nothing else of the daemon.
 
 mod negotiate;
+mod pooled;
 mod refusal;
 mod relay;
 
@@ -81,8 +82,20 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
     let db = &ctx.entry;
     let started = Instant::now();
     // The credential stays checked out for the whole session: its lease is renewed while used.
-    let Some((upstream, credential)) = open_upstream(ctx, &msg, &mut client).await else {
-        return;
+    let pool_key = pooled::key(ctx, &msg);
+    let reused = match &pool_key {
+        Some(k) => pooled::take(ctx, &msg, k).await,
+        None => None,
+    };
+    let (upstream, credential, origin) = match reused {
+        Some(r) => (r.connected, r.credential, Some(r.origin)),
+        None => {
+            let Some((upstream, credential)) = open_upstream(ctx, &msg, &mut client).await else {
+                return;
+            };
+            let origin = pooled::origin(pool_key, &upstream.greeting);
+            (upstream, credential, origin)
+        }
     };
     let connect_time = started.elapsed();
     let span = tracing::Span::current();
@@ -128,8 +141,21 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
     );
 
     let retirement = credential.retirement(ctx.entry.cfg.credentials.retire_margin);
-    relay::relay(ctx, client, upstream.stream, pending, boundaries, retirement).await;
-    drop(credential);
+    let (backend, tls) = (upstream.key.clone(), upstream.tls);
+    let kept = relay::relay(
+        ctx,
+        client,
+        upstream.stream,
+        pending,
+        boundaries,
+        retirement,
+        origin.is_some(),
+    )
+    .await;
+    match (kept, origin) {
+        (Some(stream), Some(origin)) => pooled::give_back(ctx, stream, backend, tls, origin, credential).await,
+        _ => drop(credential),
+    }
 }
 
 /// Whether the StartupMessage may go on to a credential: refused (the client told why) when the
