@@ -411,6 +411,11 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    // One wait for the whole session, polled only while idle: made anew for every read it would
+    // register with the credential's watch (a lock shared by every session of the credential)
+    // and arm a timer once per transaction.
+    let retirement = retire.wait();
+    tokio::pin!(retirement);
     loop {
         while st.start < st.end {
             let n = w.write(&st.buf[st.start..st.end]).await.map_err(PumpError::Write)?;
@@ -430,18 +435,12 @@ where
             st.buf.resize(size, 0);
             st.buf.shrink_to_fit();
         }
-        if idle {
-            if let Some((end, at)) = retire.due_at() {
-                if at <= tokio::time::Instant::now() {
-                    return Ok(Down::Retire(end));
-                }
-            }
-        }
         // Reads are cancel-safe: a retirement that comes due while the session is idle ends the
-        // wait without losing server bytes.
+        // wait without losing server bytes. Biased: one already due wins over waiting bytes.
         let n = tokio::select! {
+            biased;
+            end = &mut retirement, if idle => return Ok(Down::Retire(end)),
             n = r.read(&mut st.buf) => n.map_err(PumpError::Read)?,
-            end = retire.wait(), if idle => return Ok(Down::Retire(end)),
         };
         if n == 0 {
             return Ok(Down::Eof);
