@@ -4,21 +4,26 @@
 # Starts, in a temporary directory: a PostgreSQL 15 cluster (SCRAM), an OpenBao dev server with
 # the database secrets engine and a STATIC role (so all three targets log in as the same Postgres
 # role with the same password), PgBouncer (session pool, SCRAM, auth_file) and dbward (release
-# build, token auth, sslmode=disable upstream). Then, for each target, in interleaved rounds:
+# build, token auth, sslmode=disable upstream; a second entry of the same process with
+# [databases.pool], the target "dbward_pool"). Then, for each target, in interleaved rounds:
 #
 #   throughput:      pgbench -n -S -c $CLIENTS -j 2 -T $DURATION
 #   new connections: pgbench -n -S -C -c $CONN_CLIENTS -j 2 -T $DURATION   (-C: a connection per transaction)
+#   latency:         pgbench -n -S -c 1 -j 1 -T $DURATION                   (latency average)
+#   COPY:            psql -c 'COPY bulk TO STDOUT' >/dev/null of ~$COPY_MB MB (wall time)
 #
-# and prints the median tps per target, the ratios dbward/direct and dbward/pgbouncer, the CPU
-# the two proxies spent per transaction, and dbward's peak RSS and CPU time. It is a measurement,
-# not a test: it exits 0 whatever the numbers, unless --check is given.
+# then dbward's RSS with $IDLE_SESSIONS idle sessions open (plaintext, and client TLS + upstream
+# TLS through a third entry), and prints the medians, every ratio the performance goals name
+# (benches/README.md), the CPU the proxies spent per transaction and the load average. It is a
+# measurement, not a test: it exits 0 whatever the numbers, unless --check is given.
 #
 #   benches/pgbench.sh                 # DURATION=8 ROUNDS=3
 #   benches/pgbench.sh --check 0.8     # exit 1 if dbward/pgbouncer throughput (median) < 0.8
 #   DURATION=20 ROUNDS=5 benches/pgbench.sh
 #
 # Env: DURATION (8, seconds per pgbench run), ROUNDS (3), SCALE (10, pgbench -s),
-#      CLIENTS (8), CONN_CLIENTS (4), PGBENCH_JOBS (2), DBWARD_LOG (RUST_LOG for dbward; default
+#      CLIENTS (8), CONN_CLIENTS (4), PGBENCH_JOBS (2), COPY_MB (400), IDLE_SESSIONS (1000),
+#      DBWARD_LOG (RUST_LOG for dbward; default
 #      "info", dbward's own default), CARGO_TARGET_DIR, KEEP_BENCH_DIR=1 (keep the temp dir).
 #      TOKIO_WORKER_THREADS, if set, reaches dbward (tokio reads it; default: one per core).
 # Everything started here is stopped on exit, whatever the exit.
@@ -48,8 +53,10 @@ SCALE=${SCALE:-10}
 CLIENTS=${CLIENTS:-8}
 CONN_CLIENTS=${CONN_CLIENTS:-4}
 PGBENCH_JOBS=${PGBENCH_JOBS:-2}
+COPY_MB=${COPY_MB:-400}
+IDLE_SESSIONS=${IDLE_SESSIONS:-1000}
 DBWARD_LOG=${DBWARD_LOG:-info}
-for v in DURATION ROUNDS SCALE CLIENTS CONN_CLIENTS PGBENCH_JOBS; do
+for v in DURATION ROUNDS SCALE CLIENTS CONN_CLIENTS PGBENCH_JOBS COPY_MB IDLE_SESSIONS; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, not '${!v}'"
 done
 CLK_TCK=$(getconf CLK_TCK)
@@ -203,9 +210,16 @@ log "initdb (superuser postgres, scram-sha-256) and PostgreSQL on 127.0.0.1:$PG_
 as_postgres "$PG_BIN/initdb" -D "$PGDATA" --auth=scram-sha-256 --pwfile="$WORK/pg-password" \
     -U postgres -N >"$WORK/initdb.log" 2>&1 || die "initdb failed: $(cat "$WORK/initdb.log")"
 rm -f "$WORK/pg-password"
+# One throwaway certificate for Postgres' TLS and dbward's client TLS (the TLS memory figure).
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+    -keyout "$WORK/tls.key" -out "$WORK/tls.crt" >/dev/null 2>&1 || die "openssl could not make a certificate"
+cp "$WORK/tls.crt" "$PGDATA/server.crt"
+cp "$WORK/tls.key" "$PGDATA/server.key"
+chmod 600 "$PGDATA/server.key" "$WORK/tls.key"
+[ "$(id -u)" -ne 0 ] || chown postgres:postgres "$PGDATA/server.crt" "$PGDATA/server.key"
 # fsync off: a throwaway cluster; it only speeds up pgbench -i (the runs are read-only).
 as_postgres "$PG_BIN/pg_ctl" -D "$PGDATA" -l "$PGDATA/postgres.log" -w \
-    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $PGDATA -c max_connections=100 -c fsync=off" start >/dev/null
+    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $PGDATA -c max_connections=$((IDLE_SESSIONS + 100)) -c ssl=on -c fsync=off" start >/dev/null
 
 SUPER="host=127.0.0.1 port=$PG_PORT user=postgres password=$SUPER_PASSWORD"
 psql_as "$SUPER dbname=postgres" "CREATE DATABASE $BENCH_DB" >/dev/null
@@ -215,6 +229,9 @@ PGPASSWORD="$SUPER_PASSWORD" PGPASSFILE=/nonexistent pgbench -i -q -s "$SCALE" \
     -h 127.0.0.1 -p "$PG_PORT" -U postgres "$BENCH_DB" >"$WORK/pgbench-init.log" 2>&1 ||
     die "pgbench -i failed: $(cat "$WORK/pgbench-init.log")"
 psql_as "$SUPER dbname=$BENCH_DB" "GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA public TO $BENCH_ROLE" >/dev/null
+log "COPY table bulk: about $COPY_MB MB of COPY text"
+psql_as "$SUPER dbname=$BENCH_DB" "CREATE TABLE bulk AS SELECT g AS id, repeat('x', 192) AS pad FROM generate_series(1, $((COPY_MB * 5000))) g" >/dev/null
+psql_as "$SUPER dbname=$BENCH_DB" "GRANT SELECT ON bulk TO $BENCH_ROLE" >/dev/null
 psql_as "$SUPER dbname=$BENCH_DB" "VACUUM ANALYZE" >/dev/null
 
 # --- OpenBao: static database role -------------------------------------------------------------
@@ -266,6 +283,8 @@ wait_for 20 "PgBouncer port" bash -c "exec 3<>/dev/tcp/127.0.0.1/$PGB_PORT"
 
 DBW_PORT=$(free_port)
 DBW_ALLOW_PORT=$(free_port)
+DBW_POOL_PORT=$(free_port)
+DBW_TLS_PORT=$(free_port)
 cat >"$WORK/dbward.toml" <<EOF
 [vault]
 address = "$VAULT_ADDR"
@@ -297,6 +316,29 @@ allowed_users = ["$(id -un)"]
 [databases.credentials]
 kind = "static"
 role = "bench"
+
+[[databases]]
+name = "bench_pool"
+listen = ["127.0.0.1:$DBW_POOL_PORT"]
+upstream = "127.0.0.1:$PG_PORT"
+sslmode = "disable"
+
+[databases.credentials]
+kind = "static"
+role = "bench"
+
+[databases.pool]
+
+[[databases]]
+name = "bench_tls"
+listen = ["127.0.0.1:$DBW_TLS_PORT"]
+upstream = "127.0.0.1:$PG_PORT"
+sslmode = "require"
+client_tls = { cert_file = "$WORK/tls.crt", key_file = "$WORK/tls.key" }
+
+[databases.credentials]
+kind = "static"
+role = "bench"
 EOF
 log "dbward $DBWARD_BIN on 127.0.0.1:$DBW_PORT (RUST_LOG=$DBWARD_LOG, TOKIO_WORKER_THREADS=${TOKIO_WORKER_THREADS:-unset})"
 RUST_LOG="$DBWARD_LOG" "$DBWARD_BIN" run --config "$WORK/dbward.toml" >"$WORK/dbward.log" 2>&1 &
@@ -307,24 +349,27 @@ until ! port_free "$DBW_PORT" && ! port_free "$DBW_ALLOW_PORT"; do
     [ "$SECONDS" -lt "$deadline" ] || die "dbward not listening after 30s"
     sleep 0.1
 done
+sleep 0.5
+IDLE_RSS_KB=$(proc_status "$DBWARD_PID" VmRSS)
 
-# --- the three targets -------------------------------------------------------------------------
+# --- the targets -------------------------------------------------------------------------
 
-TARGETS=(direct pgbouncer dbward)
-declare -A PORT=([direct]=$PG_PORT [pgbouncer]=$PGB_PORT [dbward]=$DBW_PORT)
-declare -A PASS=([direct]=$BENCH_PASSWORD [pgbouncer]=$BENCH_PASSWORD [dbward]='')
-declare -A PROXY_PID=([pgbouncer]=$PGB_PID [dbward]=$DBWARD_PID)
+TARGETS=(direct pgbouncer dbward dbward_pool)
+NT=${#TARGETS[@]}
+declare -A PORT=([direct]=$PG_PORT [pgbouncer]=$PGB_PORT [dbward]=$DBW_PORT [dbward_pool]=$DBW_POOL_PORT)
+declare -A PASS=([direct]=$BENCH_PASSWORD [pgbouncer]=$BENCH_PASSWORD [dbward]='' [dbward_pool]='')
+declare -A PROXY_PID=([pgbouncer]=$PGB_PID [dbward]=$DBWARD_PID [dbward_pool]=$DBWARD_PID)
 for t in "${TARGETS[@]}"; do
     who=$(PGPASSWORD="${PASS[$t]}" psql_as "host=127.0.0.1 port=${PORT[$t]} dbname=$BENCH_DB user=$BENCH_ROLE" \
         "select current_user || ' ' || count(*) from pgbench_branches") || die "cannot query through $t: $who"
     [ "$who" = "$BENCH_ROLE $SCALE" ] || die "through $t: expected '$BENCH_ROLE $SCALE', got '$who'"
 done
-log "all three targets log in as $BENCH_ROLE (PgBouncer and direct with the password from Vault, dbward without one)"
+log "all targets log in as $BENCH_ROLE (PgBouncer and direct with the password from Vault, dbward without one)"
 
-WORKLOADS=(tput conn)
-declare -A WL_ARGS=([tput]="-c $CLIENTS -j $PGBENCH_JOBS" [conn]="-C -c $CONN_CLIENTS -j $PGBENCH_JOBS")
-declare -A WL_NAME=([tput]="select-only, -c $CLIENTS -j $PGBENCH_JOBS" [conn]="select-only, -C -c $CONN_CLIENTS -j $PGBENCH_JOBS")
-declare -A TPS=() CPU=() TXNS=()
+WORKLOADS=(tput conn lat)
+declare -A WL_ARGS=([tput]="-c $CLIENTS -j $PGBENCH_JOBS" [conn]="-C -c $CONN_CLIENTS -j $PGBENCH_JOBS" [lat]="-c 1 -j 1")
+declare -A WL_NAME=([tput]="select-only, -c $CLIENTS -j $PGBENCH_JOBS" [conn]="select-only, -C -c $CONN_CLIENTS -j $PGBENCH_JOBS" [lat]="select-only, -c 1 -j 1")
+declare -A TPS=() CPU=() TXNS=() LAT=() COPY_S=()
 
 # run_one TARGET WORKLOAD ROUND: one pgbench run; records tps, and the proxy's CPU seconds.
 run_one() {
@@ -337,6 +382,7 @@ run_one() {
         die "pgbench against $t ($w) failed: $out"
     [ -z "$pid" ] || after=$(cpu_seconds "$pid")
     tps=$(awk '/^tps = / { print $3; exit }' <<<"$out")
+    LAT[$t,$w,$r]=$(awk '/^latency average = / { print $4 * 1000; exit }' <<<"$out")
     txns=$(awk -F': ' '/number of transactions actually processed/ { split($2, a, "/"); print a[1]; exit }' <<<"$out")
     [ -n "$tps" ] || die "no tps in pgbench output for $t ($w): $out"
     TPS[$t,$w,$r]=$tps
@@ -373,20 +419,66 @@ if [ "${ALLOWLIST_ROUNDS:-0}" -gt 0 ]; then
 fi
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
-log "measuring: $ROUNDS rounds x 3 targets x 2 workloads x ${DURATION}s (order rotates each round)"
+# copy_one TARGET ROUND: wall seconds of psql's COPY bulk TO STDOUT into /dev/null.
+copy_one() {
+    local t=$1 r=$2 start end
+    start=$(date +%s.%N)
+    PGPASSWORD="${PASS[$t]}" PGPASSFILE=/nonexistent psql -X -w -q -v ON_ERROR_STOP=1 \
+        "host=127.0.0.1 port=${PORT[$t]} dbname=$BENCH_DB user=$BENCH_ROLE" -c 'COPY bulk TO STDOUT' >/dev/null ||
+        die "COPY through $t failed"
+    end=$(date +%s.%N)
+    COPY_S[$t,$r]=$(awk -v a="$end" -v b="$start" 'BEGIN { printf "%.3f", a - b }')
+    printf '    round %d  %-11s copy  %8s s\n' "$r" "$t" "${COPY_S[$t,$r]}" >&2
+}
+
+log "measuring: $ROUNDS rounds x $NT targets x ${#WORKLOADS[@]} workloads x ${DURATION}s, and COPY (order rotates each round)"
 for ((r = 1; r <= ROUNDS; r++)); do
     for w in "${WORKLOADS[@]}"; do
-        for ((i = 0; i < 3; i++)); do
-            run_one "${TARGETS[$(((i + r - 1) % 3))]}" "$w" "$r"
+        for ((i = 0; i < NT; i++)); do
+            run_one "${TARGETS[$(((i + r - 1) % NT))]}" "$w" "$r"
         done
+    done
+    for ((i = 0; i < NT; i++)); do
+        copy_one "${TARGETS[$(((i + r - 1) % NT))]}" "$r"
     done
 done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
+# --- memory with idle sessions open ------------------------------------------------------------
+
+# idle_rss PORT [tls]: dbward's VmRSS (KiB) before and with $IDLE_SESSIONS idle sessions open.
+idle_rss() {
+    local port=$1 tls=${2:-} before with line
+    before=$(proc_status "$DBWARD_PID" VmRSS)
+    # shellcheck disable=SC2086 # $tls is empty or one word
+    coproc IDLE { exec python3 "$REPO_ROOT/benches/idle_sessions.py" "$port" "$IDLE_SESSIONS" "$BENCH_DB" "$BENCH_ROLE" $tls; }
+    if ! read -r -t 300 line <&"${IDLE[0]}" || [ "${line%% *}" != ready ]; then
+        die "could not open $IDLE_SESSIONS idle sessions on port $port"
+    fi
+    sleep 1
+    with=$(proc_status "$DBWARD_PID" VmRSS)
+    eval "exec ${IDLE[1]}>&-"
+    wait "$IDLE_PID" 2>/dev/null || true
+    # Let the sessions end before the next measurement.
+    local deadline=$((SECONDS + 60))
+    until [ "$(ss -Htn state established "( sport = :$port )" | wc -l)" -eq 0 ] || [ "$SECONDS" -ge "$deadline" ]; do sleep 0.2; done
+    IDLE_RESULT="$before $with"
+}
+log "dbward RSS with $IDLE_SESSIONS idle sessions: plaintext, then client TLS + upstream TLS"
+idle_rss "$DBW_PORT"
+read -r PLAIN_BEFORE PLAIN_WITH <<<"$IDLE_RESULT"
+idle_rss "$DBW_TLS_PORT" tls
+read -r TLS_BEFORE TLS_WITH <<<"$IDLE_RESULT"
+
 # --- the table ---------------------------------------------------------------------------------
 
 median() { tr ' ' '\n' | grep . | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-declare -A MED=() US_PER_TXN=()
+declare -A MED=() US_PER_TXN=() MEDLAT=() MEDCOPY=()
+for t in "${TARGETS[@]}"; do
+    vals=''
+    for ((r = 1; r <= ROUNDS; r++)); do vals+="${COPY_S[$t,$r]} "; done
+    MEDCOPY[$t]=$(median <<<"$vals")
+done
 for w in "${WORKLOADS[@]}"; do
     for t in "${TARGETS[@]}"; do
         vals='' cpu=0 txns=0
@@ -396,6 +488,9 @@ for w in "${WORKLOADS[@]}"; do
             txns=$((txns + TXNS[$t,$w,$r]))
         done
         MED[$t,$w]=$(median <<<"$vals")
+        lats=''
+        for ((r = 1; r <= ROUNDS; r++)); do lats+="${LAT[$t,$w,$r]:-0} "; done
+        MEDLAT[$t,$w]=$(median <<<"$lats")
         US_PER_TXN[$t,$w]=$(awk -v c="$cpu" -v n="$txns" 'BEGIN { if (n > 0) printf "%.0f", c * 1e6 / n; else print "-" }')
     done
 done
@@ -413,17 +508,39 @@ PGB_CPU=$(cpu_seconds "$PGB_PID")
     echo "${DURATION}s per run, $ROUNDS interleaved rounds, median tps; load average before $LOAD_BEFORE, after $LOAD_AFTER;"
     echo "PgBouncer $(pgbouncer --version | awk 'NR == 1 { print $2 }'), dbward $(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO_ROOT" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo '+changes'), TOKIO_WORKER_THREADS=${TOKIO_WORKER_THREADS:-unset}"
     echo
-    printf '| %-30s | %9s | %9s | %9s | %13s | %16s |\n' workload direct pgbouncer dbward dbward/direct dbward/pgbouncer
-    printf '| %-30s | %9s | %9s | %9s | %13s | %16s |\n' "---" "---:" "---:" "---:" "---:" "---:"
+    printf '| %-34s | %9s | %9s | %9s | %11s | %13s | %16s | %18s |\n' workload direct pgbouncer dbward dbward_pool dbward/direct dbward/pgbouncer dbward_pool/direct
+    printf '| %-34s | %9s | %9s | %9s | %11s | %13s | %16s | %18s |\n' "---" "---:" "---:" "---:" "---:" "---:" "---:" "---:"
     for w in "${WORKLOADS[@]}"; do
-        printf '| %-30s | %9.0f | %9.0f | %9.0f | %13s | %16s |\n' "${WL_NAME[$w]}" \
-            "${MED[direct,$w]}" "${MED[pgbouncer,$w]}" "${MED[dbward,$w]}" \
-            "$(ratio "${MED[dbward,$w]}" "${MED[direct,$w]}")" "$(ratio "${MED[dbward,$w]}" "${MED[pgbouncer,$w]}")"
+        printf '| %-34s | %9.0f | %9.0f | %9.0f | %11.0f | %13s | %16s | %18s |\n' "${WL_NAME[$w]} tps" \
+            "${MED[direct,$w]}" "${MED[pgbouncer,$w]}" "${MED[dbward,$w]}" "${MED[dbward_pool,$w]}" \
+            "$(ratio "${MED[dbward,$w]}" "${MED[direct,$w]}")" "$(ratio "${MED[dbward,$w]}" "${MED[pgbouncer,$w]}")" \
+            "$(ratio "${MED[dbward_pool,$w]}" "${MED[direct,$w]}")"
     done
+    printf '| %-34s | %9s | %9s | %9s | %11s | %13s | %16s | %18s |\n' "COPY bulk TO STDOUT, seconds" \
+        "${MEDCOPY[direct]}" "${MEDCOPY[pgbouncer]}" "${MEDCOPY[dbward]}" "${MEDCOPY[dbward_pool]}" \
+        "$(ratio "${MEDCOPY[dbward]}" "${MEDCOPY[direct]}")" "$(ratio "${MEDCOPY[dbward]}" "${MEDCOPY[pgbouncer]}")" \
+        "$(ratio "${MEDCOPY[dbward_pool]}" "${MEDCOPY[direct]}")"
+    echo
+    added() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%+.0f", a - b }'; }
+    mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+    per() { awk -v a="$1" -v b="$2" -v n="$IDLE_SESSIONS" 'BEGIN { printf "%.1f", (a - b) / n }'; }
+    echo "goals (benches/README.md):"
+    printf '  1. CPU per select-only transaction (-c %s): pgbouncer %s us, dbward %s us (<= pgbouncer); throughput dbward/pgbouncer %s (>= 1.1)\n' \
+        "$CLIENTS" "${US_PER_TXN[pgbouncer,tput]}" "${US_PER_TXN[dbward,tput]}" "$(ratio "${MED[dbward,tput]}" "${MED[pgbouncer,tput]}")"
+    printf '  2. latency at -c 1: direct %.0f us; added by pgbouncer %s us, by dbward %s us (<= pgbouncer), by dbward_pool %s us\n' \
+        "${MEDLAT[direct,lat]}" "$(added "${MEDLAT[pgbouncer,lat]}" "${MEDLAT[direct,lat]}")" \
+        "$(added "${MEDLAT[dbward,lat]}" "${MEDLAT[direct,lat]}")" "$(added "${MEDLAT[dbward_pool,lat]}" "${MEDLAT[direct,lat]}")"
+    printf '  3. memory: idle process RSS %s MiB; %s idle plaintext sessions: RSS %s MiB in total (<= 24), %s KiB per session (<= 16); TLS both ways: RSS %s MiB, %s KiB per session\n' \
+        "$(mib "$IDLE_RSS_KB")" "$IDLE_SESSIONS" "$(mib "$PLAIN_WITH")" "$(per "$PLAIN_WITH" "$PLAIN_BEFORE")" \
+        "$(mib "$TLS_WITH")" "$(per "$TLS_WITH" "$TLS_BEFORE")"
+    printf '  4. COPY of ~%s MB: direct %s s, pgbouncer %s s, dbward %s s (time dbward/pgbouncer %s, <= 1)\n' \
+        "$COPY_MB" "${MEDCOPY[direct]}" "${MEDCOPY[pgbouncer]}" "${MEDCOPY[dbward]}" "$(ratio "${MEDCOPY[dbward]}" "${MEDCOPY[pgbouncer]}")"
+    printf '  5. a connection per transaction with the pool: dbward_pool/direct %s (>= 5)\n' "$(ratio "${MED[dbward_pool,conn]}" "${MED[direct,conn]}")"
+    printf '  6. a connection per transaction without the pool: dbward/direct %s (>= 1.8)\n' "$(ratio "${MED[dbward,conn]}" "${MED[direct,conn]}")"
     echo
     echo "proxy CPU per transaction (user+sys of the proxy process over all rounds / transactions):"
     for w in "${WORKLOADS[@]}"; do
-        printf '  %-30s pgbouncer %6s us   dbward %6s us\n' "${WL_NAME[$w]}" "${US_PER_TXN[pgbouncer,$w]}" "${US_PER_TXN[dbward,$w]}"
+        printf '  %-30s pgbouncer %6s us   dbward %6s us   dbward_pool %6s us\n' "${WL_NAME[$w]}" "${US_PER_TXN[pgbouncer,$w]}" "${US_PER_TXN[dbward,$w]}" "${US_PER_TXN[dbward_pool,$w]}"
     done
     printf 'dbward process: peak RSS (VmHWM) %s MiB, RSS now %s MiB, %s threads, CPU time %ss user + %ss sys (PgBouncer: %ss)\n' \
         "$(awk -v k="$HWM_KB" 'BEGIN { printf "%.1f", k / 1024 }')" "$(awk -v k="$RSS_KB" 'BEGIN { printf "%.1f", k / 1024 }')" \
@@ -432,7 +549,7 @@ PGB_CPU=$(cpu_seconds "$PGB_PID")
     echo "every run (tps):"
     for w in "${WORKLOADS[@]}"; do
         for t in "${TARGETS[@]}"; do
-            printf '  %-5s %-9s' "$w" "$t"
+            printf '  %-5s %-11s' "$w" "$t"
             for ((r = 1; r <= ROUNDS; r++)); do printf ' %10.1f' "${TPS[$t,$w,$r]}"; done
             echo
         done

@@ -22,6 +22,8 @@ pub(crate) struct Database {
     /// The certificate served to clients (`client_tls`), loaded with the config so that a bad
     /// file fails the start or the reload, not the first client.
     pub(crate) client_tls: Option<Arc<ClientTls>>,
+    /// Kept upstream connections (`[databases.pool]`); None: reuse is off.
+    pub(crate) pool: Option<Arc<crate::pool::Pool>>,
 }
 
 impl Database {
@@ -34,6 +36,7 @@ impl Database {
             upstream: Arc::new(upstream),
             slots: Arc::new(Semaphore::new(cfg.max_client_connections)),
             client_tls: ClientTls::load(index, cfg)?,
+            pool: cfg.pool.clone().map(|p| crate::pool::Pool::new(&cfg.name, p)),
         }))
     }
 }

@@ -21,6 +21,7 @@ pub mod metrics;
 mod peer;
 pub mod pg;
 pub mod policy;
+mod pool;
 mod session;
 mod shutdown;
 pub mod systemd;

@@ -68,6 +68,9 @@ pub struct Metrics {
     pub(crate) lease_revocations_total: IntCounterVec,
     pub(crate) sessions_retired_total: IntCounterVec,
     pub(crate) build_info: IntGaugeVec,
+    pub(crate) pool_idle: IntGaugeVec,
+    pub(crate) pool_reused_total: IntCounterVec,
+    pub(crate) pool_closed_total: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -228,6 +231,21 @@ impl Metrics {
                 &["database", "reason"],
             ),
             build_info: r.int_gauge("dbward_build_info", "Always 1; the version label says which build.", &["version"]),
+            pool_idle: r.int_gauge(
+                "dbward_pool_idle",
+                "Idle upstream connections kept for reuse ([databases.pool]).",
+                db,
+            ),
+            pool_reused_total: r.counter(
+                "dbward_pool_reused_total",
+                "Client sessions served by a kept upstream connection instead of a new one.",
+                db,
+            ),
+            pool_closed_total: r.counter(
+                "dbward_pool_closed_total",
+                "Kept upstream connections closed, by reason: idle_timeout, credential_replaced, credential_end, server_closed, full, reset_failed, shutdown.",
+                &["database", "reason"],
+            ),
             registry: r.0,
         };
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);

@@ -147,6 +147,7 @@ fn offline_config(vault_address: &str) -> TestConfig {
     TestConfig {
         vault_address: vault_address.into(),
         vault_ca_file: None,
+        vault_lines: Vec::new(),
         auth: Auth::new("token", &[("token_file", "/nonexistent/token")]),
         databases: vec![Entry {
             name: "payments".into(),

@@ -307,6 +307,8 @@ pub struct DatabaseConfig {
     pub upstream_hosts: Vec<HostPort>,
     /// Host choice, keepalive and role rechecks for the upstream list.
     pub ha: UpstreamHa,
+    /// Reuse of idle upstream connections; None: every client gets a new one.
+    pub pool: Option<PoolConfig>,
 }
 
 /// How a session picks among several upstream hosts and notices that one went away.
@@ -341,6 +343,19 @@ impl Default for UpstreamHa {
             recheck_interval: None,
         }
     }
+}
+
+
+/// `[databases.pool]`, validated: at least one idle connection, a non-zero idle timeout and a
+/// reset query that fits in one simple Query message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    /// Idle server connections kept per entry.
+    pub max_idle: usize,
+    /// An idle connection unused this long is closed.
+    pub idle_timeout: Duration,
+    /// Run before a connection is kept, so nothing of one client's session reaches the next.
+    pub reset_query: String,
 }
 
 /// The certificate and key dbward presents to the upstream server.

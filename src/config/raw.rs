@@ -237,6 +237,8 @@ pub(super) struct DatabaseConfig {
     pub(super) keepalives_count: u32,
     /// Off when absent.
     pub(super) recheck_interval: Option<HumanDuration>,
+    /// Opt-in reuse of idle upstream connections (`[databases.pool]`); absent: off.
+    pub(super) pool: Option<PoolConfig>,
 }
 
 /// `upstream = "pg:5432"` or `upstream = ["pg-a:5432", "pg-b:5432"]`.
@@ -270,6 +272,29 @@ fn default_keepalives_interval() -> HumanDuration {
 }
 fn default_keepalives_count() -> u32 {
     3
+}
+
+
+/// `[databases.pool]`: keep server connections of ended sessions for the next client.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PoolConfig {
+    #[serde(default = "default_pool_max_idle")]
+    pub(super) max_idle: usize,
+    #[serde(default = "default_pool_idle_timeout")]
+    pub(super) idle_timeout: HumanDuration,
+    #[serde(default = "default_pool_reset_query")]
+    pub(super) reset_query: String,
+}
+
+fn default_pool_max_idle() -> usize {
+    16
+}
+fn default_pool_idle_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_pool_reset_query() -> String {
+    "DISCARD ALL".into()
 }
 
 fn default_sslmode() -> SslMode {

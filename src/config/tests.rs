@@ -303,3 +303,34 @@ fn require_auth_and_channel_binding_follow_libpq() {
         assert!(e.starts_with(want), "want {want:?}, got {e:?}");
     }
 }
+
+#[test]
+fn pool_is_off_unless_asked_for_and_gets_defaults() {
+    assert_eq!(Config::parse(GOOD).unwrap().databases[0].pool, None);
+    let on = Config::parse(&format!("{GOOD}[databases.pool]\n")).unwrap();
+    assert_eq!(
+        on.databases[0].pool,
+        Some(PoolConfig {
+            max_idle: 16,
+            idle_timeout: std::time::Duration::from_secs(60),
+            reset_query: "DISCARD ALL".into(),
+        })
+    );
+    for (table, want) in [
+        ("max_idle = 0", "databases[0].pool.max_idle: must be at least 1"),
+        (
+            "idle_timeout = \"0s\"",
+            "databases[0].pool.idle_timeout: must be greater than zero",
+        ),
+        (
+            "reset_query = \" \"",
+            "databases[0].pool.reset_query: \" \" must be a non-empty SQL string",
+        ),
+        ("max_size = 3", "databases[0].pool"),
+    ] {
+        let e = Config::parse(&format!("{GOOD}[databases.pool]\n{table}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with(want), "want {want:?}, got {e:?}");
+    }
+}

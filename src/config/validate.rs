@@ -248,6 +248,7 @@ fn database(
     }
     let allowed = super::allowlist::allowlist(i, db.allowed_users.clone(), db.allowed_groups.clone())?;
     let (require_auth, channel_binding) = auth_policy(i, &db)?;
+    let pool = pool(i, db.pool)?;
     Ok(DatabaseConfig {
         allowed,
         credentials: credentials(i, db.credentials)?,
@@ -269,6 +270,7 @@ fn database(
         client_tls: db.client_tls,
         upstream_hosts,
         ha,
+        pool,
     })
 }
 
@@ -553,4 +555,30 @@ fn credentials(i: usize, c: raw::CredentialsConfig) -> Result<CredentialsConfig,
         retire_margin: c.retire_margin.map(|m| m.0),
         mint_budget: c.mint_budget,
     })
+}
+
+/// `databases[i].pool`: the numbers must allow reuse, the reset query must be sendable.
+fn pool(i: usize, p: Option<raw::PoolConfig>) -> Result<Option<super::PoolConfig>, ConfigError> {
+    let Some(p) = p else { return Ok(None) };
+    let key = |k: &str| format!("databases[{i}].pool.{k}");
+    if p.max_idle == 0 {
+        return Err(err(
+            key("max_idle"),
+            "must be at least 1 (leave out [databases.pool] to turn reuse off)",
+        ));
+    }
+    if p.idle_timeout.0.is_zero() {
+        return Err(err(key("idle_timeout"), "must be greater than zero"));
+    }
+    if p.reset_query.trim().is_empty() || p.reset_query.contains('\0') {
+        return Err(err(
+            key("reset_query"),
+            format!("{:?} must be a non-empty SQL string without NUL bytes", p.reset_query),
+        ));
+    }
+    Ok(Some(super::PoolConfig {
+        max_idle: p.max_idle,
+        idle_timeout: p.idle_timeout.0,
+        reset_query: p.reset_query,
+    }))
 }

@@ -23,6 +23,9 @@ pub struct Boundaries {
     idle: bool,
     /// Inside a ReadyForQuery whose status byte has not passed yet.
     in_ready: bool,
+    /// ReadyForQuery messages passed so far: the pool compares it with the Syncs and Queries
+    /// the client sent, so that a connection is kept only when every one was answered.
+    ready: u64,
 }
 
 impl Boundaries {
@@ -35,6 +38,7 @@ impl Boundaries {
                     // ReadyForQuery's body is its one status byte.
                     self.idle = data[0] == b'I';
                     self.in_ready = false;
+                    self.ready += 1;
                 }
                 self.body_left -= n;
                 data = &data[n..];
@@ -66,6 +70,11 @@ impl Boundaries {
     /// the server was doing.
     pub fn idle_between_transactions(&self) -> bool {
         self.idle && self.at_boundary()
+    }
+
+    /// ReadyForQuery messages passed so far.
+    pub fn ready_count(&self) -> u64 {
+        self.ready
     }
 
     /// How many more bytes belong to the current message as far as is known yet (the rest of

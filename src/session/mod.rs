@@ -11,6 +11,7 @@
 mod caller;
 mod negotiate;
 mod recheck;
+mod pooled;
 mod refusal;
 mod relay;
 
@@ -89,10 +90,25 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
     let db = &ctx.entry;
     let started = Instant::now();
     // The credential stays checked out for the whole session: its lease is renewed while used.
-    let Some((chosen, credential)) = open_upstream(ctx, &msg, &mut client).await else {
-        return;
+    let pool_key = pooled::key(ctx, &msg);
+    let reused = match &pool_key {
+        Some(k) => pooled::take(ctx, &msg, k).await,
+        None => None,
     };
-    let upstream = chosen.conn;
+    let (upstream, credential, origin, place) = match reused {
+        Some(r) => {
+            let place = r.origin.place.clone();
+            (r.connected, r.credential, Some(r.origin), place)
+        }
+        None => {
+            let Some((chosen, credential)) = open_upstream(ctx, &msg, &mut client).await else {
+                return;
+            };
+            let (upstream, place) = chosen.split();
+            let origin = pooled::origin(pool_key, &upstream.greeting, &place);
+            (upstream, credential, origin, place)
+        }
+    };
     let connect_time = started.elapsed();
     let span = tracing::Span::current();
     span.record("credential", credential.generation);
@@ -106,7 +122,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
             let target = CancelTarget {
                 database: db.name.clone(),
                 // The host the session is on, not the list.
-                upstream: chosen.host.clone(),
+                upstream: place.host.clone(),
                 key: k.clone(),
             };
             let (key, guard) = ctx.cancels.register(target, msg.secret_len());
@@ -132,8 +148,8 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
     }
     tracing::debug!(
         ?connect_time,
-        upstream = %chosen.label,
-        role = %chosen.role,
+        upstream = %place.label,
+        role = %place.role,
         tls = upstream.tls,
         client_tls = matches!(client, Either::Right(_)),
         "session established"
@@ -146,12 +162,26 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
         keys: credential.scram_keys().clone(),
     };
     let (rechecks, _recheck_guard) =
-        match recheck::start(&db.upstream, &chosen.host, &chosen.role, &chosen.label, login) {
+        match recheck::start(&db.upstream, &place.host, &place.role, &place.label, login) {
             Some((rx, guard)) => (Some(rx), Some(guard)),
             None => (None, None),
         };
-    relay::relay(ctx, client, upstream.stream, pending, boundaries, retirement, rechecks).await;
-    drop(credential);
+    let (backend, tls) = (upstream.key.clone(), upstream.tls);
+    let kept = relay::relay(
+        ctx,
+        client,
+        upstream.stream,
+        pending,
+        boundaries,
+        retirement,
+        rechecks,
+        origin.is_some(),
+    )
+    .await;
+    match (kept, origin) {
+        (Some(stream), Some(origin)) => pooled::give_back(ctx, stream, backend, tls, origin, credential).await,
+        _ => drop(credential),
+    }
 }
 
 /// Whether the StartupMessage may go on to a credential: refused (the client told why) when the

@@ -1,9 +1,15 @@
 //! The byte relay between a client and its upstream, once both sides are authenticated.
 //! Nothing is parsed; only the ends of server messages are followed, so that the 57P01 dbward
 //! sends at shutdown lands between two of them. Bytes are counted into the metric as they move.
+//! With `[databases.pool]` the client's message starts are followed too, so that a client
+//! leaving while the server is idle leaves a connection that can be kept (see [`crate::pool`]).
+//!
+//! Buffers start small ([`BUFFER_MIN`]): an idle session costs a few KiB. A read that fills its
+//! buffer doubles it, up to [`BUFFER_MAX`], so COPY and large results move in large reads and
+//! writes; a short read shrinks it back.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -12,11 +18,14 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::{shutting_down, ClientIo, SessionContext};
 use crate::credentials::{HardEnd, Retirement};
 use crate::pg::frame::Boundaries;
+use crate::pool::client::{ClientMessages, Seen};
 use crate::shutdown::Shutdown;
 use crate::upstream::UpstreamStream;
 
-/// Relay buffer per direction: large enough that COPY and big result sets move in few syscalls.
-const RELAY_BUFFER: usize = 64 * 1024;
+/// A relay buffer's size while messages are small (most sessions, most of the time).
+const BUFFER_MIN: usize = 4 * 1024;
+/// The most a relay buffer grows to while bytes stream (COPY, large results).
+const BUFFER_MAX: usize = 256 * 1024;
 
 /// Once shutdown ends a session, how long the relay may take to finish passing on the server
 /// message in flight (so the 57P01 can follow it) and to deliver the 57P01 itself.
@@ -36,6 +45,9 @@ enum End {
     Retired(HardEnd),
     /// The host no longer meets target_session_attrs and the session was between transactions.
     RoleChanged(super::recheck::Reason),
+    /// The client left while the server was idle with every request answered: the server
+    /// connection can be kept.
+    Reusable,
 }
 
 /// How the server-to-client copy stopped without an error.
@@ -51,6 +63,8 @@ enum PumpError {
     Write(io::Error),
 }
 
+/// Relays until either side ends. With `pooled`, returns the server connection when the client
+/// left at a point where it can be kept.
 pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &SessionContext,
     client: ClientIo<S>,
@@ -59,7 +73,8 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     boundaries: Boundaries,
     mut retirement: Retirement,
     mut recheck: Option<tokio::sync::oneshot::Receiver<super::recheck::Reason>>,
-) {
+    pooled: bool,
+) -> Option<UpstreamStream> {
     let name = ctx.entry.name.as_str();
     let active = ctx.metrics.client_connections_active.with_label_values(&[name]);
     active.inc();
@@ -70,25 +85,39 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     let to_client = ByteCount::new(ctx.metrics.bytes_total.with_label_values(&[name, "to_client"]));
     let (mut client_rd, mut client_wr) = tokio::io::split(client);
     let (mut up_rd, mut up_wr) = tokio::io::split(upstream);
+    let progress = Progress {
+        ready_base: boundaries.ready_count(),
+        ready: AtomicU64::new(boundaries.ready_count()),
+        idle: AtomicBool::new(boundaries.idle_between_transactions()),
+    };
     let mut down = DownState {
-        buf: vec![0; RELAY_BUFFER].into_boxed_slice(),
+        buf: vec![0; BUFFER_MIN],
         start: 0,
         end: 0,
         boundaries,
+        progress: &progress,
     };
+    let mut keep = pooled.then(ClientMessages::default);
     let mut terminating = termination_signal(&ctx.shutdown);
 
     let end = {
         let upward = async {
-            if !pending.is_empty() {
-                up_wr.write_all(&pending).await.map_err(PumpError::Write)?;
-                to_upstream.add(pending.len() as u64);
+            if pump(
+                &mut client_rd,
+                &mut up_wr,
+                &to_upstream,
+                &pending,
+                keep.as_mut(),
+                &progress,
+            )
+            .await?
+            {
+                return Ok(true);
             }
-            pump(&mut client_rd, &mut up_wr, &to_upstream).await?;
             // Pass the client's half-close on: the server ends the session when it reads the
             // EOF, after finishing what it is doing, and everything it sends until then still
             // reaches the client.
-            up_wr.shutdown().await.map_err(PumpError::Write)
+            up_wr.shutdown().await.map_err(PumpError::Write).map(|()| false)
         };
         let downward = pump_down(
             &mut up_rd,
@@ -114,7 +143,8 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
                     Err(PumpError::Write(e)) => End::ClientFailed(e),
                 },
                 r = &mut upward, if !client_done => match r {
-                    Ok(()) => client_done = true,
+                    Ok(true) => break End::Reusable,
+                    Ok(false) => client_done = true,
                     Err(PumpError::Read(e)) => break End::ClientFailed(e),
                     Err(PumpError::Write(e)) => break End::ServerFailed(e),
                 },
@@ -128,9 +158,11 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
         end_at_shutdown(&mut up_rd, &mut up_wr, &mut client_wr, &mut down, &to_client).await;
     } else if let End::Retired(hard) = end {
         end_at_retirement(ctx, hard, &mut up_wr, &mut client_wr).await;
-    } else if let End::RoleChanged(why) = end {
-        let msg = crate::pg::error::PgError::fatal(crate::pg::error::sqlstate::ADMIN_SHUTDOWN, why);
+    } else if let End::RoleChanged(why) = &end {
+        let msg = crate::pg::error::PgError::fatal(crate::pg::error::sqlstate::ADMIN_SHUTDOWN, why.clone());
         end_between_transactions(&msg, &mut up_wr, &mut client_wr).await;
+    } else if let End::Reusable = end {
+        let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, client_wr.shutdown()).await;
     } else {
         let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, client_wr.shutdown()).await;
     }
@@ -143,6 +175,10 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
         end = how,
         "session ended"
     );
+    match end {
+        End::Reusable => Some(up_rd.unsplit(up_wr)),
+        _ => None,
+    }
 }
 
 /// Ends a session that is between transactions with `msg`, each step bounded in time.
@@ -220,6 +256,7 @@ impl End {
             End::Shutdown => "shutdown",
             End::Retired(_) => "retired before the credential's hard end",
             End::RoleChanged(_) => "ended: the upstream host no longer meets target_session_attrs",
+            End::Reusable => "client closed, server connection kept",
         }
     }
 }
@@ -230,7 +267,7 @@ async fn end_at_shutdown<UR, UW, CW>(
     up_rd: &mut UR,
     up_wr: &mut UW,
     client_wr: &mut CW,
-    down: &mut DownState,
+    down: &mut DownState<'_>,
     to_client: &ByteCount,
 ) where
     UR: AsyncRead + Unpin,
@@ -294,32 +331,114 @@ impl ByteCount {
     }
 }
 
-/// Copies client bytes upstream until the client's EOF.
-async fn pump<R, W>(r: &mut R, w: &mut W, count: &ByteCount) -> Result<(), PumpError>
+/// What the server-to-client copy last left the client with, for the client-to-server copy
+/// to judge (with the pool) whether the server is idle with every request answered.
+struct Progress {
+    /// ReadyForQuery messages before the relay started (the greeting's).
+    ready_base: u64,
+    /// ReadyForQuery messages that have reached the client.
+    ready: AtomicU64,
+    /// Everything read from the server reached the client, and it ended with an idle
+    /// ReadyForQuery.
+    idle: AtomicBool,
+}
+
+impl Progress {
+    /// The server owes the client nothing and is between transactions, given what the client
+    /// sent (`msgs`).
+    fn settled_with(&self, msgs: &ClientMessages) -> bool {
+        msgs.settled()
+            && self.idle.load(Ordering::Acquire)
+            && self.ready.load(Ordering::Acquire) - self.ready_base == msgs.syncs()
+    }
+}
+
+/// The next buffer size after a read of `n` bytes into `len`: double when it was filled, back
+/// to the minimum after a short read.
+fn next_size(len: usize, n: usize) -> usize {
+    if n == len && len < BUFFER_MAX {
+        len * 2
+    } else if n < BUFFER_MIN && len > BUFFER_MIN {
+        BUFFER_MIN
+    } else {
+        len
+    }
+}
+
+/// Copies client bytes upstream (first `pending`, which came with the startup packet) until the
+/// client's EOF. With `keep` (the pool), a Terminate or EOF at a point where the server
+/// connection can be kept ends the copy with `true`, the Terminate not passed on.
+async fn pump<R, W>(
+    r: &mut R,
+    w: &mut W,
+    count: &ByteCount,
+    pending: &[u8],
+    mut keep: Option<&mut ClientMessages>,
+    progress: &Progress,
+) -> Result<bool, PumpError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; RELAY_BUFFER];
-    loop {
-        let n = r.read(&mut buf).await.map_err(PumpError::Read)?;
-        if n == 0 {
-            return Ok(());
-        }
-        w.write_all(&buf[..n]).await.map_err(PumpError::Write)?;
-        w.flush().await.map_err(PumpError::Write)?;
-        count.add(n as u64);
+    if !pending.is_empty() && forward(w, pending, &mut keep, progress, count).await? {
+        return Ok(true);
     }
+    let mut buf = vec![0u8; BUFFER_MIN];
+    let mut last = 0;
+    loop {
+        last = read_next(r, &mut buf, last).await?;
+        if last == 0 {
+            return Ok(keep.is_some_and(|m| progress.settled_with(m)));
+        }
+        if forward(w, &buf[..last], &mut keep, progress, count).await? {
+            return Ok(true);
+        }
+    }
+}
+
+/// Passes `data` upstream, or returns `true` without passing it when it is the client's lone
+/// Terminate at a point where the server connection can be kept. Once a Terminate is passed
+/// on, `keep` is dropped: the session ends as without the pool.
+async fn forward<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    data: &[u8],
+    keep: &mut Option<&mut ClientMessages>,
+    progress: &Progress,
+    count: &ByteCount,
+) -> Result<bool, PumpError> {
+    if let Some(msgs) = keep.as_deref_mut() {
+        if let Seen::Terminate(at) = msgs.advance(data) {
+            if at == 0 && data.len() == 5 && progress.settled_with(msgs) {
+                return Ok(true);
+            }
+            *keep = None;
+        }
+    }
+    w.write_all(data).await.map_err(PumpError::Write)?;
+    w.flush().await.map_err(PumpError::Write)?;
+    count.add(data.len() as u64);
+    Ok(false)
+}
+
+/// Resizes `buf` after a read of `last` bytes, then reads into it.
+async fn read_next<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, last: usize) -> Result<usize, PumpError> {
+    let size = next_size(buf.len(), last);
+    if size != buf.len() {
+        buf.resize(size, 0);
+        buf.shrink_to_fit();
+    }
+    r.read(buf).await.map_err(PumpError::Read)
 }
 
 /// The server-to-client copy's state. It lives outside the copying future so that the future
 /// can be dropped at any await (at shutdown) and what the client has received is still known.
-struct DownState {
-    buf: Box<[u8]>,
+struct DownState<'p> {
+    buf: Vec<u8>,
     /// `buf[start..end]` came from the server and has not reached the client yet.
     start: usize,
     end: usize,
     boundaries: Boundaries,
+    progress: &'p Progress,
 }
 
 /// Copies server bytes to the client until the server's EOF, or until the session is between
@@ -328,7 +447,7 @@ struct DownState {
 async fn pump_down<R, W>(
     r: &mut R,
     w: &mut W,
-    st: &mut DownState,
+    st: &mut DownState<'_>,
     count: &ByteCount,
     retire: &mut Retirement,
     recheck: &mut Option<tokio::sync::oneshot::Receiver<super::recheck::Reason>>,
@@ -337,6 +456,11 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    // One wait for the whole session, polled only while idle: made anew for every read it would
+    // register with the credential's watch (a lock shared by every session of the credential)
+    // and arm a timer once per transaction.
+    let retirement = retire.wait();
+    tokio::pin!(retirement);
     loop {
         while st.start < st.end {
             let n = w.write(&st.buf[st.start..st.end]).await.map_err(PumpError::Write)?;
@@ -349,23 +473,25 @@ where
         }
         w.flush().await.map_err(PumpError::Write)?;
         let idle = st.boundaries.idle_between_transactions();
-        if idle {
-            if let Some((end, at)) = retire.due_at() {
-                if at <= tokio::time::Instant::now() {
-                    return Ok(Down::Retire(end));
-                }
-            }
+        st.progress.ready.store(st.boundaries.ready_count(), Ordering::Release);
+        st.progress.idle.store(idle, Ordering::Release);
+        let size = next_size(st.buf.len(), st.end);
+        if size != st.buf.len() {
+            st.buf.resize(size, 0);
+            st.buf.shrink_to_fit();
         }
         // Reads are cancel-safe: a retirement that comes due while the session is idle ends the
-        // wait without losing server bytes.
+        // wait without losing server bytes. Biased: one already due wins over waiting bytes.
         let n = tokio::select! {
-            n = r.read(&mut st.buf) => n.map_err(PumpError::Read)?,
-            end = retire.wait(), if idle => return Ok(Down::Retire(end)),
+            biased;
+            end = &mut retirement, if idle => return Ok(Down::Retire(end)),
             why = role_change(recheck), if idle => return Ok(Down::RoleChanged(why)),
+            n = r.read(&mut st.buf) => n.map_err(PumpError::Read)?,
         };
         if n == 0 {
             return Ok(Down::Eof);
         }
+        st.progress.idle.store(false, Ordering::Release);
         st.start = 0;
         st.end = n;
     }
@@ -373,7 +499,7 @@ where
 
 /// At shutdown: passes on the rest of the server message the client is in the middle of, and
 /// nothing after it, so that dbward's 57P01 can follow. False if that could not be done.
-async fn finish_message<R, W>(r: &mut R, w: &mut W, st: &mut DownState, count: &ByteCount) -> bool
+async fn finish_message<R, W>(r: &mut R, w: &mut W, st: &mut DownState<'_>, count: &ByteCount) -> bool
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,

@@ -32,6 +32,26 @@ pub(crate) struct Chosen {
     pub(crate) role: ServerRole,
 }
 
+/// Where a connection landed, kept beside it (also while a pool holds it): cancel requests
+/// and rechecks go to that one host.
+#[derive(Debug, Clone)]
+pub(crate) struct Place {
+    pub(crate) host: Arc<UpstreamSettings>,
+    pub(crate) label: String,
+    pub(crate) role: ServerRole,
+}
+
+impl Chosen {
+    pub(crate) fn split(self) -> (Connected, Place) {
+        let place = Place {
+            host: self.host,
+            label: self.label,
+            role: self.role,
+        };
+        (self.conn, place)
+    }
+}
+
 /// One host that could not be used in an attempt.
 #[derive(Debug)]
 pub struct HostFailure {

@@ -89,6 +89,7 @@ fn credentials_config(source: CredentialSource) -> CredentialsConfig {
         renew_in_use: true,
         revoke_unused: true,
         retire_margin: None,
+        mint_budget: 3,
     }
 }
 
