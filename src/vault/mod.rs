@@ -5,6 +5,8 @@
 pub mod auth;
 pub mod client;
 pub mod error;
+#[cfg(test)]
+mod failover_tests;
 pub(crate) mod ha;
 pub mod jwt;
 pub(crate) mod ratelimit;
