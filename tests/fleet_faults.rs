@@ -1,14 +1,14 @@
 //! Faults a fleet lives through, on the shared servers (each test takes them exclusively):
-//! Postgres restarted under dbward.
+//! Postgres restarted under dbward; all of Vault restarted with its state lost.
 
 // The servers' disruption lock is a std RwLock held for the whole test, on purpose.
 #![allow(clippy::await_holding_lock)]
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::{connect, connect_eventually, servers, whoami, Dbward};
+use common::{connect, connect_eventually, servers, try_connect, whoami, Dbward};
 
 /// Postgres stopped (fast shutdown) and started again: the open session ends with an error at
 /// once (the server's 57P01, relayed), never hangs; new connections succeed within 1 s of
@@ -40,4 +40,53 @@ async fn postgres_restarted_sessions_end_clearly_and_new_connections_work_within
     // start_postgres returns once Postgres accepts connections: from then on, 1 s at most.
     let c = connect_eventually(port, &app.dbname, Duration::from_secs(1), "after the Postgres restart").await;
     assert_eq!(whoami(&c).await.unwrap(), user, "the held credential serves on");
+}
+
+/// The dev server killed and started again with nothing in it, then provisioned again: the
+/// token and leases dbward holds are unknown to it. Clients connecting every 0.2 s meanwhile
+/// keep being served from the cached credential (its Postgres role lives on until its VALID
+/// UNTIL), and at the next refresh dbward logs in again (the read with the old token is denied)
+/// and fetches a credential from the new Vault. No connection may fail.
+#[tokio::test]
+async fn vault_restarted_with_state_lost_fails_no_client_and_dbward_logs_in_again() {
+    let s = servers();
+    let _g = s.exclusive();
+    let app = s.new_app("fleet_vaultloss");
+    app.create_dynamic_role(&app.dynamic_role, "20s", "1h");
+    let d = Dbward::start(&app.config("database"));
+    let port = d.port();
+    let first = whoami(&connect(port, &app.dbname, "x").await).await.unwrap();
+
+    s.restart_vault_losing_state();
+    app.configure_vault_again("20s", "1h");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut failures = Vec::new();
+    let mut replaced = None;
+    while replaced.is_none() && Instant::now() < deadline {
+        match try_connect(port, &app.dbname, "x").await {
+            Ok(c) => match whoami(&c).await {
+                Ok(user) if user != first => replaced = Some(user),
+                Ok(_) => {}
+                Err(e) => failures.push(format!("query: {e}")),
+            },
+            Err(e) => failures.push(format!("connect: {e}")),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        failures.is_empty(),
+        "clients failed: {failures:?}\n{}",
+        d.log_contents()
+    );
+    assert!(
+        replaced.is_some(),
+        "no credential from the restarted Vault within 30 s\n{}",
+        d.log_contents()
+    );
+    let log = d.log_contents();
+    assert!(
+        log.contains("logged in to Vault") && log.contains("generation=2"),
+        "a new login:\n{log}"
+    );
 }

@@ -51,6 +51,7 @@ async fn five_kill_9_restarts_with_a_state_file_cost_at_most_two_logins_and_two_
 
     let logins = s.count_audit_requests("auth/jwt/login") - logins_before;
     let reads = s.count_audit_requests(&creds_path) - reads_before;
+    eprintln!("5 starts: {logins} logins, {reads} credential reads, users {users:?}");
     assert!(logins <= 2, "{logins} logins for 5 starts");
     assert!(reads <= 2, "{reads} credential reads for 5 starts (users {users:?})");
     users.dedup();

@@ -144,6 +144,10 @@ fn vault_address_is_one_url_or_a_list_of_nodes() {
     for (to, want) in [
         ("address = []", "vault.address: the list is empty"),
         (
+            "address = 5",
+            "vault.address: invalid type: integer `5`, expected a URL like \"https://vault:8200\" or a list of them",
+        ),
+        (
             "address = [\"http://a:8200\", \"vault-1:8200\"]",
             "vault.address[1]: \"vault-1:8200\" must start with http://",
         ),

@@ -7,6 +7,8 @@ pub mod client;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+#[cfg(test)]
+mod failover_tests;
 pub(crate) mod ha;
 pub mod jwt;
 pub mod limits;

@@ -15,6 +15,7 @@
 //! | `fixture` | [`TestApp`]: one test's slice of the servers |
 //! | `config` | [`TestConfig`]: the one way to write a `dbward.toml` |
 //! | `daemon` | [`Dbward`]: the product binary as a child process |
+//! | `vault_restart` | the dev server restarted with its state lost, and an app's Vault setup again |
 //! | `raft` | [`RaftCluster`]: a three-node OpenBao raft cluster (fleet tests) |
 //! | `replica` | [`HaPair`]: a primary and its streaming replica, for failover tests |
 //!
@@ -38,6 +39,7 @@ mod raft;
 mod replica;
 mod servers;
 mod vault;
+mod vault_restart;
 
 use std::collections::HashSet;
 use std::fs;

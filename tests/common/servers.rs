@@ -121,7 +121,7 @@ impl Servers {
     }
 
     /// Mounts what every fixture uses (KV v2 at secret/ comes with dev mode).
-    fn configure_vault(&self) -> Result<(), String> {
+    pub(super) fn configure_vault(&self) -> Result<(), String> {
         let steps = [
             ("sys/mounts/database", json!({"type": "database"})),
             ("sys/auth/jwt", json!({"type": "jwt"})),
