@@ -300,4 +300,5 @@ fn password() -> SecretString {
 
 mod auth;
 mod connect;
+mod hosts;
 mod sslmode;
