@@ -274,3 +274,22 @@ async fn check_readyz_and_metrics_name_each_host() {
     let landed = format!("dbward_upstream_connect_seconds_count{{database=\"ha_report\",host=\"127.0.0.1:{p}\"}} 1");
     assert!(metrics.contains(&landed), "{landed} missing from:\n{metrics}");
 }
+
+/// `load_balance_hosts = "random"` spreads sessions over the list (libpq 16): over 24 new
+/// connections both servers are reached (each is missed with probability 2^-24).
+#[tokio::test]
+async fn random_load_balancing_reaches_every_host() {
+    let (_s, _g, app) = shared_app("ha_random");
+    let pair = pair();
+    app.write_kv(HA_USER, ha_password());
+    let mut cfg = app.config("kv");
+    cfg.databases[0] = ha_entry(&app, "ha_random", pair, "any").line("load_balance_hosts = \"random\"");
+    let d = Dbward::start(&cfg);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..24 {
+        let c = connect(d.port(), "postgres", "app").await;
+        seen.insert(server_port(&c).await.unwrap());
+    }
+    let both: std::collections::BTreeSet<i32> = [pair.primary_port as i32, pair.replica_port as i32].into();
+    assert_eq!(seen, both);
+}
