@@ -274,3 +274,59 @@ async fn check_readyz_and_metrics_name_each_host() {
     let landed = format!("dbward_upstream_connect_seconds_count{{database=\"ha_report\",host=\"127.0.0.1:{p}\"}} 1");
     assert!(metrics.contains(&landed), "{landed} missing from:\n{metrics}");
 }
+
+/// `load_balance_hosts = "random"` spreads sessions over the list (libpq 16): over 24 new
+/// connections both servers are reached (each is missed with probability 2^-24).
+#[tokio::test]
+async fn random_load_balancing_reaches_every_host() {
+    let (_s, _g, app) = shared_app("ha_random");
+    let pair = pair();
+    app.write_kv(HA_USER, ha_password());
+    let mut cfg = app.config("kv");
+    cfg.databases[0] = ha_entry(&app, "ha_random", pair, "any").line("load_balance_hosts = \"random\"");
+    let d = Dbward::start(&cfg);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..24 {
+        let c = connect(d.port(), "postgres", "app").await;
+        seen.insert(server_port(&c).await.unwrap());
+    }
+    let both: std::collections::BTreeSet<i32> = [pair.primary_port as i32, pair.replica_port as i32].into();
+    assert_eq!(seen, both);
+}
+
+/// A cancel request goes to the host the session is on: with the standby listed first, a
+/// read-write session's query on the primary is cancelled (57014), not left running.
+#[tokio::test]
+async fn cancel_reaches_the_host_the_session_is_on() {
+    let (_s, _g, app) = shared_app("ha_cancel");
+    let pair = pair();
+    app.write_kv(HA_USER, ha_password());
+    let mut cfg = app.config("kv");
+    cfg.databases[0] = ha_entry(&app, "ha_cancel", pair, "read-write");
+    let d = Dbward::start(&cfg);
+    let c = connect(d.port(), "postgres", "app").await;
+    assert_eq!(server_port(&c).await.unwrap(), pair.primary_port as i32);
+    let token = c.cancel_token();
+    let sleeping = tokio::spawn(async move { c.simple_query("select pg_sleep(60)").await.map(|_| ()) });
+    // Cancel once the query runs on the primary.
+    let primary = pair.primary_port;
+    wait_until_async(Duration::from_secs(10), "the query running on the primary", move || {
+        let n = pair.superuser_sql(
+            primary,
+            "select count(*) from pg_stat_activity where query = 'select pg_sleep(60)' and state = 'active'",
+        );
+        if n == "1" {
+            Ok(())
+        } else {
+            Err(n)
+        }
+    })
+    .await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), sleeping)
+        .await
+        .expect("the cancelled query still runs")
+        .unwrap()
+        .expect_err("the query was cancelled");
+    assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e:?}");
+}

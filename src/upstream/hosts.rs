@@ -171,15 +171,12 @@ pub(crate) async fn connect(
     }
     // One host and a plain failure: that failure as it is (the server's own error reaches the
     // client verbatim), as before lists existed.
-    if hosts.len() == 1 && failures.len() == 1 {
-        if let HostReason::Failed(_) = failures[0].reason {
-            let Some(HostFailure {
-                reason: HostReason::Failed(e),
-                ..
-            }) = failures.pop()
-            else {
-                unreachable!("checked above")
-            };
+    if hosts.len() == 1 && failures.len() == 1 && matches!(failures[0].reason, HostReason::Failed(_)) {
+        if let Some(HostFailure {
+            reason: HostReason::Failed(e),
+            ..
+        }) = failures.pop()
+        {
             return Err(e);
         }
     }

@@ -26,3 +26,29 @@ pub(super) fn apply(tcp: &TcpStream, k: &Keepalive) -> std::io::Result<()> {
 pub(crate) fn dead_after(k: &Keepalive) -> std::time::Duration {
     k.idle + k.interval * k.count
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_socket_gets_the_configured_timing() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let k = Keepalive {
+            idle: Duration::from_secs(3),
+            interval: Duration::from_secs(1),
+            count: 4,
+        };
+        apply(&tcp, &k).unwrap();
+        let sock = SockRef::from(&tcp);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.keepalive_time().unwrap(), Duration::from_secs(3));
+        assert_eq!(sock.keepalive_interval().unwrap(), Duration::from_secs(1));
+        assert_eq!(sock.keepalive_retries().unwrap(), 4);
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(Duration::from_secs(7)));
+    }
+}

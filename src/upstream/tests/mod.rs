@@ -301,4 +301,5 @@ fn password() -> SecretString {
 
 mod auth;
 mod connect;
+mod hosts;
 mod sslmode;
