@@ -403,17 +403,20 @@ if [ "${ALLOWLIST_ROUNDS:-0}" -gt 0 ]; then
     log "allowlist cost: $ALLOWLIST_ROUNDS rounds x 2 entries x ${DURATION}s of -C (order alternates)"
     for ((r = 1; r <= ALLOWLIST_ROUNDS; r++)); do
         if ((r % 2)); then pair=(dbward dbward_allow); else pair=(dbward_allow dbward); fi
-        for t in "${pair[@]}"; do run_one "$t" conn "a$r"; done
+        # Rounds 101.. keep these runs apart from the main measurement's.
+        for t in "${pair[@]}"; do run_one "$t" conn $((100 + r)); done
     done
-    declare -A AMED=()
+    declare -A AMED=() AUS=()
     for t in dbward dbward_allow; do
-        AMED[$t]=$(for ((r = 1; r <= ALLOWLIST_ROUNDS; r++)); do echo "${TPS[$t,conn,a$r]}"; done | sort -g |
+        AMED[$t]=$(for ((r = 101; r <= 100 + ALLOWLIST_ROUNDS; r++)); do echo "${TPS[$t,conn,$r]}"; done | sort -g |
             awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }')
+        AUS[$t]=$(for ((r = 101; r <= 100 + ALLOWLIST_ROUNDS; r++)); do echo "${CPU[$t,conn,$r]} ${TXNS[$t,conn,$r]}"; done |
+            awk '{ c += $1; n += $2 } END { if (n > 0) printf "%.0f", c * 1e6 / n; else print "-" }')
     done
     echo
-    echo "new connections (pgbench -S -C -c $CONN_CLIENTS), median of $ALLOWLIST_ROUNDS x ${DURATION}s:"
-    echo "  without allowlist  ${AMED[dbward]} tps"
-    echo "  allowed_users      ${AMED[dbward_allow]} tps"
+    echo "new connections (pgbench -S -C -c $CONN_CLIENTS), median of $ALLOWLIST_ROUNDS x ${DURATION}s; dbward CPU per connection:"
+    echo "  without allowlist  ${AMED[dbward]} tps  ${AUS[dbward]} us"
+    echo "  allowed_users      ${AMED[dbward_allow]} tps  ${AUS[dbward_allow]} us"
     echo "  ratio              $(awk -v a="${AMED[dbward_allow]}" -v b="${AMED[dbward]}" 'BEGIN { printf "%.3f", a / b }')"
     [ "${ALLOWLIST_ONLY:-0}" != 1 ] || exit 0
 fi

@@ -92,6 +92,7 @@ async fn tcp_loopback_caller_not_listed_is_refused_and_a_listed_uid_connects() {
     let out = psql_as(0, &conninfo, "select current_user");
     assert!(out.status.success(), "root is listed: {}", output_text(&out));
     assert!(String::from_utf8_lossy(&out.stdout).trim().starts_with("v-"));
+    assert!(!d.log_contents().contains("any local user can connect"));
 }
 
 #[tokio::test]
@@ -217,7 +218,12 @@ fn admin_server_drops_half_sent_headers_and_caps_its_connections() {
     use std::net::TcpStream;
     let (_, _g, app) = shared_app("sec_admin");
     let config = app.config("database").with_admin();
-    let _d = Dbward::start(&config);
+    let d = Dbward::start(&config);
+    // This entry has no allowlist: dbward says so at start.
+    d.wait_for_log(
+        "database entry has no allowed_users or allowed_groups: any local user can connect as the Vault-issued role",
+        Duration::from_secs(10),
+    );
     let addr = format!("127.0.0.1:{}", config.admin_port());
 
     // Every slot taken by a client that never finishes its header.

@@ -42,7 +42,7 @@ pub(crate) async fn check(allowed: Option<&Allowlist>, stream: &ClientStream) ->
     let Some(allowed) = allowed else {
         return Admission::Open;
     };
-    let uid = match caller_uid(stream) {
+    let uid = match caller_uid(stream).await {
         Ok(uid) => uid,
         Err(e) => return Admission::Refused(Refused::Unidentified(e)),
     };
@@ -62,13 +62,13 @@ pub(crate) async fn check(allowed: Option<&Allowlist>, stream: &ClientStream) ->
     })
 }
 
-fn caller_uid(stream: &ClientStream) -> Result<u32, PeerError> {
+async fn caller_uid(stream: &ClientStream) -> Result<u32, PeerError> {
     match stream {
         Either::Right(s) => unix::peer_uid(s),
         Either::Left(s) => {
             let local = s.local_addr().map_err(PeerError::Addresses)?;
             let peer = s.peer_addr().map_err(PeerError::Addresses)?;
-            tcp::peer_uid(local, peer)
+            tcp::peer_uid(local, peer).await
         }
     }
 }

@@ -19,7 +19,7 @@ use super::PeerError;
 
 /// The owner uid of the socket whose local address is `peer` and remote address is `local`:
 /// the client's end of the connection dbward accepted on `local`.
-pub(crate) fn peer_uid(local: SocketAddr, peer: SocketAddr) -> Result<u32, PeerError> {
+pub(crate) async fn peer_uid(local: SocketAddr, peer: SocketAddr) -> Result<u32, PeerError> {
     let (local, peer) = (canonical(local), canonical(peer));
     if !peer.ip().is_loopback() && !is_local_address(peer.ip()) {
         return Err(PeerError::NotLocal { peer });
@@ -29,9 +29,12 @@ pub(crate) fn peer_uid(local: SocketAddr, peer: SocketAddr) -> Result<u32, PeerE
         Ok(None) => "no such socket".to_string(),
         Err(e) => e.to_string(),
     };
-    let proc = match proc_net(local, peer) {
-        Ok(Some(uid)) => return Ok(uid),
-        Ok(None) => "no such socket".to_string(),
+    // The kernel prints every socket of the table: milliseconds on a busy host, so not on the
+    // runtime's threads.
+    let proc = match tokio::task::spawn_blocking(move || proc_net(local, peer)).await {
+        Ok(Ok(Some(uid))) => return Ok(uid),
+        Ok(Ok(None)) => "no such socket".to_string(),
+        Ok(Err(e)) => e.to_string(),
         Err(e) => e.to_string(),
     };
     Err(PeerError::NotFound {
@@ -160,7 +163,7 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
 
     /// A real loopback connection of this process: the owner of its client end is our uid.
-    fn check(bind: &str) {
+    async fn check(bind: &str) {
         let l = TcpListener::bind(bind).unwrap();
         let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (server, peer) = l.accept().unwrap();
@@ -168,7 +171,7 @@ mod tests {
         let me = nix::unistd::getuid().as_raw();
         assert_eq!(sock_diag(local, peer).unwrap(), Some(me), "sock_diag {bind}");
         assert_eq!(proc_net(local, peer).unwrap(), Some(me), "/proc/net {bind}");
-        assert_eq!(peer_uid(local, peer).unwrap(), me);
+        assert_eq!(peer_uid(local, peer).await.unwrap(), me);
         drop(client);
         drop(server);
         // The listener's own address as the "peer": no client socket has it.
@@ -176,23 +179,23 @@ mod tests {
         assert_eq!(sock_diag(local, gone).unwrap(), None);
     }
 
-    #[test]
-    fn finds_the_owner_of_a_loopback_connection_v4() {
-        check("127.0.0.1:0");
+    #[tokio::test]
+    async fn finds_the_owner_of_a_loopback_connection_v4() {
+        check("127.0.0.1:0").await;
     }
 
-    #[test]
-    fn finds_the_owner_of_a_loopback_connection_v6() {
+    #[tokio::test]
+    async fn finds_the_owner_of_a_loopback_connection_v6() {
         if TcpListener::bind("[::1]:0").is_ok() {
-            check("[::1]:0");
+            check("[::1]:0").await;
         }
     }
 
-    #[test]
-    fn a_remote_peer_is_not_looked_up() {
+    #[tokio::test]
+    async fn a_remote_peer_is_not_looked_up() {
         let local: SocketAddr = "127.0.0.1:6432".parse().unwrap();
         let far: SocketAddr = "192.0.2.7:40000".parse().unwrap();
-        assert!(matches!(peer_uid(local, far), Err(PeerError::NotLocal { .. })));
+        assert!(matches!(peer_uid(local, far).await, Err(PeerError::NotLocal { .. })));
     }
 
     #[test]
