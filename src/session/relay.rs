@@ -485,3 +485,32 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_grow_when_filled_and_shrink_after_a_short_read() {
+        let mut len = BUFFER_MIN;
+        let mut steps = 0;
+        while len < BUFFER_MAX {
+            len = next_size(len, len);
+            steps += 1;
+        }
+        assert_eq!(len, BUFFER_MAX);
+        assert_eq!(steps, 8, "1 KiB to 256 KiB in eight full reads");
+        assert_eq!(
+            next_size(BUFFER_MAX, BUFFER_MAX),
+            BUFFER_MAX,
+            "never beyond the maximum"
+        );
+        assert_eq!(
+            next_size(BUFFER_MAX, BUFFER_MAX / 2),
+            BUFFER_MAX,
+            "a large read keeps it"
+        );
+        assert_eq!(next_size(BUFFER_MAX, 100), BUFFER_MIN, "a short read shrinks it");
+        assert_eq!(next_size(BUFFER_MIN, 100), BUFFER_MIN);
+    }
+}
