@@ -345,7 +345,6 @@ impl Default for UpstreamHa {
     }
 }
 
-
 /// `[databases.pool]`, validated: at least one idle connection, a non-zero idle timeout and a
 /// reset query that fits in one simple Query message.
 #[derive(Debug, Clone, PartialEq)]

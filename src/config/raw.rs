@@ -298,7 +298,6 @@ fn default_keepalives_count() -> u32 {
     3
 }
 
-
 /// `[databases.pool]`: keep server connections of ended sessions for the next client.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]

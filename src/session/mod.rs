@@ -10,8 +10,8 @@
 
 mod caller;
 mod negotiate;
-mod recheck;
 mod pooled;
+mod recheck;
 mod refusal;
 mod relay;
 
@@ -161,11 +161,10 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
         password: credential.password.clone(),
         keys: credential.scram_keys().clone(),
     };
-    let (rechecks, _recheck_guard) =
-        match recheck::start(&db.upstream, &place.host, &place.role, &place.label, login) {
-            Some((rx, guard)) => (Some(rx), Some(guard)),
-            None => (None, None),
-        };
+    let (rechecks, _recheck_guard) = match recheck::start(&db.upstream, &place.host, &place.role, &place.label, login) {
+        Some((rx, guard)) => (Some(rx), Some(guard)),
+        None => (None, None),
+    };
     let (backend, tls) = (upstream.key.clone(), upstream.tls);
     let kept = relay::relay(
         ctx,
@@ -173,8 +172,10 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
         upstream.stream,
         pending,
         boundaries,
-        retirement,
-        rechecks,
+        relay::Endings {
+            retirement,
+            recheck: rechecks,
+        },
         origin.is_some(),
     )
     .await;

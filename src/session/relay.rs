@@ -64,6 +64,13 @@ enum PumpError {
     Write(io::Error),
 }
 
+/// What ends a session between transactions besides its two sides: the credential's hard end
+/// drawing near, and a recheck finding that the host no longer meets target_session_attrs.
+pub(super) struct Endings {
+    pub(super) retirement: Retirement,
+    pub(super) recheck: Option<tokio::sync::oneshot::Receiver<super::recheck::Reason>>,
+}
+
 /// Relays until either side ends. With `pooled`, returns the server connection when the client
 /// left at a point where it can be kept.
 pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
@@ -72,10 +79,13 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     upstream: UpstreamStream,
     pending: BytesMut,
     boundaries: Boundaries,
-    mut retirement: Retirement,
-    mut recheck: Option<tokio::sync::oneshot::Receiver<super::recheck::Reason>>,
+    endings: Endings,
     pooled: bool,
 ) -> Option<UpstreamStream> {
+    let Endings {
+        mut retirement,
+        mut recheck,
+    } = endings;
     let name = ctx.entry.name.as_str();
     let active = ctx.metrics.client_connections_active.with_label_values(&[name]);
     active.inc();

@@ -5,10 +5,10 @@
 pub mod auth;
 pub mod client;
 pub mod error;
-#[doc(hidden)]
-pub mod fuzzing;
 #[cfg(test)]
 mod failover_tests;
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod ha;
 pub mod jwt;
 pub mod limits;
