@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{connect, connect_eventually, servers, try_connect, whoami, Dbward};
+use common::{connect, connect_eventually, servers, try_connect, wait_until, whoami, Dbward};
 
 /// Postgres stopped (fast shutdown) and started again: the open session ends with an error at
 /// once (the server's 57P01, relayed), never hangs; new connections succeed within 1 s of
@@ -53,15 +53,44 @@ async fn vault_restarted_with_state_lost_fails_no_client_and_dbward_logs_in_agai
     let _g = s.exclusive();
     let app = s.new_app("fleet_vaultloss");
     app.create_dynamic_role(&app.dynamic_role, "20s", "1h");
-    let d = Dbward::start(&app.config("database"));
+    let mut cfg = app.config("database");
+    // The token check runs while the new Vault is still empty: its denial must not drop the
+    // cached credential (the new cluster_id tells it from a revocation).
+    cfg.auth.settings.push(("token_check_interval".into(), "1s".into()));
+    let d = Dbward::start(&cfg);
     let port = d.port();
     let first = whoami(&connect(port, &app.dbname, "x").await).await.unwrap();
+    // Long enough for the first check to learn the cluster_id.
+    wait_until(Duration::from_secs(10), "dbward's first token check", || {
+        let log = d.log_contents();
+        match log.contains("the token's Vault cluster") {
+            true => Ok(()),
+            false => Err(log),
+        }
+    });
 
     s.restart_vault_losing_state();
+    let mut failures = Vec::new();
+    let noticed_by = Instant::now() + Duration::from_secs(15);
+    while !d.log_contents().contains("initialised anew") {
+        assert!(
+            Instant::now() < noticed_by,
+            "the new cluster was not noticed within 15 s\n{}",
+            d.log_contents()
+        );
+        match try_connect(port, &app.dbname, "x").await {
+            Ok(c) => {
+                if let Err(e) = whoami(&c).await {
+                    failures.push(format!("query while Vault is empty: {e}"));
+                }
+            }
+            Err(e) => failures.push(format!("connect while Vault is empty: {e}")),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     app.configure_vault_again("20s", "1h");
 
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut failures = Vec::new();
     let mut replaced = None;
     while replaced.is_none() && Instant::now() < deadline {
         match try_connect(port, &app.dbname, "x").await {

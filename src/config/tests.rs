@@ -131,12 +131,18 @@ fn vault_address_is_one_url_or_a_list_of_nodes() {
     assert_eq!(one.vault.state_file, None);
     let list = GOOD.replacen(
         "address = \"http://127.0.0.1:8200\"",
-        "address = [\"http://vault-0:8200/\", \"http://vault-1:8200\"]\nstate_file = \"/run/dbward/state\"",
+        "address = [\"https://vault-0:8200/\", \"https://vault-1:8200\"]\nstate_file = \"/run/dbward/state\"",
         1,
     );
     let c = Config::parse(&list).unwrap();
-    assert_eq!(c.vault.addresses, ["http://vault-0:8200", "http://vault-1:8200"]);
-    assert_eq!(c.vault.address, "http://vault-0:8200");
+    assert_eq!(c.vault.addresses, ["https://vault-0:8200", "https://vault-1:8200"]);
+    assert_eq!(c.vault.address, "https://vault-0:8200");
+    let plain = list.replacen("https://vault-1:8200", "http://vault-1:8200", 1);
+    let e = Config::parse(&plain).unwrap_err().to_string();
+    assert!(
+        e.starts_with("vault.address[1]: \"http://vault-1:8200\" is http:// to a host that is not loopback"),
+        "{e}"
+    );
     assert_eq!(
         c.vault.state_file.as_deref(),
         Some(std::path::Path::new("/run/dbward/state"))

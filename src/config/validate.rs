@@ -48,9 +48,15 @@ pub(super) fn config(raw: raw::Config) -> Result<Config, ConfigError> {
 }
 
 fn vault(v: raw::VaultConfig) -> Result<VaultConfig, ConfigError> {
+    let one = matches!(v.address, raw::Addresses::One(_));
     let addresses = vault_addresses(v.address)?;
-    for address in &addresses {
-        insecure_http(address, v.allow_insecure_http)?;
+    for (i, address) in addresses.iter().enumerate() {
+        let key = if one {
+            "vault.address".to_string()
+        } else {
+            format!("vault.address[{i}]")
+        };
+        insecure_http(&key, address, v.allow_insecure_http)?;
     }
     if v.request_timeout.0.is_zero() {
         return Err(err("vault.request_timeout", "must be greater than zero"));
@@ -69,7 +75,7 @@ fn vault(v: raw::VaultConfig) -> Result<VaultConfig, ConfigError> {
 
 /// `http://` only to a loopback host unless asked for: over the network the login, the token
 /// and every credential would be readable and replaceable by anyone on the path.
-fn insecure_http(address: &str, allowed: bool) -> Result<(), ConfigError> {
+fn insecure_http(key: &str, address: &str, allowed: bool) -> Result<(), ConfigError> {
     let Some(rest) = address.strip_prefix("http://") else {
         return Ok(());
     };
@@ -88,7 +94,7 @@ fn insecure_http(address: &str, allowed: bool) -> Result<(), ConfigError> {
         return Ok(());
     }
     Err(err(
-        "vault.address",
+        key,
         format!(
             "{:?} is http:// to a host that is not loopback: the Vault token and every database password would cross the network in cleartext; use https://, or set vault.allow_insecure_http = true if that is intended",
             address

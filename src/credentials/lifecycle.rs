@@ -219,9 +219,14 @@ impl CredentialStore {
     /// Looks the token up (`auth/token/lookup-self`) every `token_check_interval`, so that a
     /// token revoked in Vault (an incident response: "so the service cannot cling to cached
     /// permissions") is noticed within the interval rather than at its next renewal. A 403
-    /// means revoked; Vault unreachable or failing means nothing (the cache keeps serving).
+    /// means revoked, unless another Vault cluster now answers at the address (see
+    /// [`crate::vault::cluster`]); Vault unreachable or failing means nothing (the cache keeps
+    /// serving).
     async fn check_token(self: Arc<Self>, stop: Shutdown) {
+        use crate::vault::cluster::{self, Denial};
         let every = self.auth.check_interval();
+        // Learnt after the first lookup that succeeds: one sys/health request.
+        let mut known_cluster: Option<String> = None;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
@@ -229,13 +234,50 @@ impl CredentialStore {
             }
             let Some(token) = self.auth.current() else { continue };
             match crate::vault::auth::lookup_self(self.auth.client(), &token.token).await {
-                Ok(_) => {}
+                Ok(_) => {
+                    if known_cluster.is_none() {
+                        known_cluster = cluster::cluster_id(self.auth.client()).await;
+                        tracing::debug!(cluster_id = ?known_cluster, "the token's Vault cluster");
+                    }
+                }
                 Err(e) if e.is_denied() => {
-                    self.vault.count_denied("", "lookup-self");
-                    self.token_revoked(&token, &e).await;
+                    let now = cluster::cluster_id(self.auth.client()).await;
+                    match cluster::denial(known_cluster.as_deref(), now.as_deref()) {
+                        Denial::Reinitialised { before, now } => {
+                            self.vault_reinitialised(&token, &before, &now).await;
+                            known_cluster = Some(now);
+                        }
+                        Denial::Revoked => {
+                            self.vault.count_denied("", "lookup-self");
+                            self.token_revoked(&token, &e).await;
+                        }
+                    }
                 }
                 Err(e) => tracing::debug!(error = %e, "token lookup failed; cached credentials keep serving"),
             }
+        }
+    }
+
+    /// Another Vault cluster answers: the old token and leases mean nothing to it, but the
+    /// cached credentials' Postgres roles still work. They keep serving; dbward logs in again,
+    /// and a login that succeeds makes every entry fetch anew (the cached credential serving
+    /// until the new one arrives). A login that fails changes nothing: the entries' own
+    /// schedule asks again, and their credentials serve while valid.
+    async fn vault_reinitialised(&self, token: &Arc<crate::vault::VaultToken>, before: &str, now: &str) {
+        tracing::warn!(
+            generation = token.generation,
+            cluster_before = before,
+            cluster_now = now,
+            "Vault answers with another cluster_id: it was initialised anew and knows neither dbward's token nor \
+             its leases. Cached credentials keep serving while their Postgres roles live; logging in again"
+        );
+        self.auth.forget(token);
+        match self.auth.token().await {
+            Ok(t) => self.saw_token_generation(t.generation),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "the login to the new Vault cluster failed; cached credentials keep serving while valid"
+            ),
         }
     }
 

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod client;
+pub(crate) mod cluster;
 pub mod error;
 #[cfg(test)]
 mod failover_tests;
