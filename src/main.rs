@@ -142,11 +142,15 @@ fn main() -> ExitCode {
                     }
                 };
                 // SIGHUP re-reads the config file; a bad one is logged and the old one kept.
+                // The handler is installed here, before anything is bound: installed inside the
+                // task it could come after the listeners, and a SIGHUP sent by a deploy script
+                // as soon as dbward listens would kill it (the default action).
+                let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
                 tokio::spawn({
                     let app = app.clone();
                     let path = config.clone();
                     async move {
-                        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+                        let Ok(mut hup) = hup else {
                             return;
                         };
                         while hup.recv().await.is_some() {
