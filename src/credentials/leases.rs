@@ -161,11 +161,13 @@ impl CredentialStore {
             if !lease.renewable || l.clock.at_max || !renew_in_use {
                 l.held.limit(l.clock.end(), EndBy::LeaseMaxTtl);
             }
+            // A credential newer than the cached one was fetched a moment ago and is on its way
+            // into the cache (its lease is held first): it is not a replaced one to revoke.
             let current = self
                 .cache
                 .get(&l.database)
                 .await
-                .is_some_and(|c| Arc::ptr_eq(&c, &l.held));
+                .is_some_and(|c| Arc::ptr_eq(&c, &l.held) || c.cred.generation < l.held.cred.generation);
             let role = if current {
                 LeaseRole::Current {
                     until: l.held.cache_until(),

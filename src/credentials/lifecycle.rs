@@ -416,6 +416,26 @@ mod tests {
         assert_eq!(store.leases.failures("database/creds/r/def"), 1);
     }
 
+    // The lease of a new credential is held just before the credential goes into the cache; a
+    // lease pass in between once revoked it as "replaced", and clients got 28P01.
+    #[tokio::test(start_paused = true)]
+    async fn a_credential_newer_than_the_cached_one_is_not_revoked_as_replaced() {
+        use crate::credentials::test_support::leased_as;
+        let store = store(creds("database", ""));
+        let when = schedule(&creds("database", ""), Some(Duration::from_secs(3600)), 1.0);
+        let cur = leased_as(when, "database/creds/r/old", 1);
+        let clock = LeaseClock::new(Instant::now(), Duration::from_secs(3600));
+        store.cache.insert("d".into(), cur.clone()).await;
+        store.leases.add("d", cur, clock);
+        store.leases.add("d", leased_as(when, "database/creds/r/new", 2), clock);
+        let stop = Shutdown::new();
+        tokio::spawn(store.clone().keep_leases(stop.clone()));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(store.leases.holds("database/creds/r/new"));
+        // A revocation would have been attempted (and failed here: no Vault token).
+        assert_eq!(store.leases.failures("database/creds/r/new"), 0);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_last_session_of_a_replaced_lease_ending_wakes_its_revocation() {
         let store = store(creds("database", ""));

@@ -36,6 +36,18 @@ pub(crate) fn leased(schedule: Schedule, id: &str) -> Arc<Held> {
     Arc::new(Held::new(credential(schedule, Some(lease)), 1, schedule))
 }
 
+/// A dynamic credential with lease `id` and the entry's credential number `generation`.
+pub(crate) fn leased_as(schedule: Schedule, id: &str, generation: u64) -> Arc<Held> {
+    let lease = Lease {
+        id: id.into(),
+        duration: schedule.cache_for.unwrap_or_default(),
+        renewable: true,
+    };
+    let mut cred = credential(schedule, Some(lease));
+    cred.generation = generation;
+    Arc::new(Held::new(cred, 1, schedule))
+}
+
 fn credential(schedule: Schedule, lease: Option<Lease>) -> Credential {
     Credential {
         username: "u".into(),
