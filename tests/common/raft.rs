@@ -97,6 +97,20 @@ impl RaftCluster {
             },
         );
         cluster.root_token = init["root_token"].as_str().expect("root_token").to_string();
+        // Autopilot promotes a joined node to voter once it has been healthy for the
+        // stabilization time (10 s by default, and 10-30 s in all here); 2 s is plenty on loopback.
+        wait_until(Duration::from_secs(30), "autopilot configuration", || {
+            let leader = cluster.leader().ok_or("no active node")?;
+            match cluster.request(
+                leader,
+                "POST",
+                "sys/storage/raft/autopilot/configuration",
+                Some(&json!({"server_stabilization_time": "2s"})),
+            ) {
+                Ok((200 | 204, _)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        });
         wait_until(Duration::from_secs(90), "three raft voters", || {
             let leader = cluster.leader().ok_or("no active node")?;
             match cluster.request(leader, "GET", "sys/storage/raft/configuration", None) {
