@@ -174,7 +174,9 @@ pub(crate) async fn accept_loop(
         let shutdown = services.shutdown.clone();
         services.shutdown.sessions().spawn(
             async move {
-                let admission = peer::check(db.cfg.allowed.as_ref(), &stream).await;
+                // Boxed: the lookup's future is large and would otherwise stay in the task for
+                // the session's whole life (see session::serve).
+                let admission = Box::pin(peer::check(db.cfg.allowed.as_ref(), &stream)).await;
                 if let peer::Admission::Admitted { uid } = &admission {
                     tracing::Span::current().record("uid", uid);
                 }
@@ -187,7 +189,8 @@ pub(crate) async fn accept_loop(
                     shutdown,
                     admission,
                 };
-                session::serve(&ctx, stream).await;
+                // Boxed, so the task's own allocation stays small (see session::serve).
+                Box::pin(session::serve(&ctx, stream)).await;
                 drop(permit);
             }
             .instrument(span),

@@ -75,17 +75,66 @@ fn shutting_down() -> PgError {
 
 /// Serves one client from its first byte to the end.
 pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContext, client: S) {
-    let Some((mut client, opening, pending)) = negotiate(ctx, client).await else {
+    // Boxed, and freed once the relay starts: a task's future is as large as its largest state,
+    // and negotiation, authentication and the upstream connect together take about 10 KiB of
+    // it, which every idle session would otherwise keep for its whole life (the relay itself
+    // needs about 1.5 KiB).
+    let Some(s) = Box::pin(establish(ctx, client)).await else {
         return;
     };
+    let kept = relay::relay(
+        ctx,
+        s.client,
+        s.upstream,
+        s.pending,
+        s.boundaries,
+        s.endings,
+        s.origin.is_some(),
+    )
+    .await;
+    match (kept, s.origin) {
+        (Some(stream), Some(origin)) => {
+            Box::pin(pooled::give_back(ctx, stream, s.backend, s.tls, origin, s.credential)).await
+        }
+        _ => drop(s.credential),
+    }
+    drop((s.cancel_guard, s.recheck_guard));
+}
+
+/// A session with both sides authenticated, ready for the relay.
+struct Established<S> {
+    client: ClientIo<S>,
+    upstream: upstream::UpstreamStream,
+    /// Client bytes that came with the startup packet.
+    pending: BytesMut,
+    boundaries: Boundaries,
+    endings: relay::Endings,
+    /// Where the server connection came from, when the entry pools it.
+    origin: Option<crate::pool::Origin>,
+    backend: Option<BackendKey>,
+    tls: bool,
+    /// Checked out for the whole session: its lease is renewed while used.
+    credential: InUse,
+    /// Our cancel key for the backend's; the mapping ends with the session.
+    cancel_guard: Option<crate::pg::cancel::CancelGuard<Arc<UpstreamSettings>>>,
+    recheck_guard: Option<recheck::Guard>,
+}
+
+/// Negotiation, the credential and the upstream connection, up to the greeting sent to the
+/// client. `None` when the session ended on the way (the client was told why).
+async fn establish<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContext, client: S) -> Option<Established<S>> {
+    let (mut client, opening, pending) = negotiate(ctx, client).await?;
     let msg = match opening {
         // A caller the allowlist refuses may not cancel the entry's queries either.
-        Opening::Cancel(_) if ctx.admission.is_refused() => return,
-        Opening::Cancel(key) => return route_cancel(ctx, key).await,
+        Opening::Cancel(_) if ctx.admission.is_refused() => return None,
+        Opening::Cancel(key) => {
+            route_cancel(ctx, key).await;
+            return None;
+        }
         Opening::Startup(m) => m,
     };
     if !admit(ctx, &msg, &mut client).await {
-        return;
+        return None;
     }
     let db = &ctx.entry;
     let started = Instant::now();
@@ -101,9 +150,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
             (r.connected, r.credential, Some(r.origin), place)
         }
         None => {
-            let Some((chosen, credential)) = open_upstream(ctx, &msg, &mut client).await else {
-                return;
-            };
+            let (chosen, credential) = open_upstream(ctx, &msg, &mut client).await?;
             let (upstream, place) = chosen.split();
             let origin = pooled::origin(pool_key, &upstream.greeting, &place);
             (upstream, credential, origin, place)
@@ -117,7 +164,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
     }
 
     // Our own cancel key stands in for the backend's; the mapping ends with the session.
-    let (key, _cancel_guard) = match &upstream.key {
+    let (key, cancel_guard) = match &upstream.key {
         Some(k) => {
             let target = CancelTarget {
                 database: db.name.clone(),
@@ -144,7 +191,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
     boundaries.advance(&upstream.greeting);
     hello.extend_from_slice(&upstream.greeting);
     if client.write_all(&hello).await.is_err() || client.flush().await.is_err() {
-        return;
+        return None;
     }
     tracing::debug!(
         ?connect_time,
@@ -161,28 +208,26 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
         password: credential.password.clone(),
         keys: credential.scram_keys().clone(),
     };
-    let (rechecks, _recheck_guard) = match recheck::start(&db.upstream, &place.host, &place.role, &place.label, login) {
+    let (rechecks, recheck_guard) = match recheck::start(&db.upstream, &place.host, &place.role, &place.label, login) {
         Some((rx, guard)) => (Some(rx), Some(guard)),
         None => (None, None),
     };
-    let (backend, tls) = (upstream.key.clone(), upstream.tls);
-    let kept = relay::relay(
-        ctx,
+    Some(Established {
         client,
-        upstream.stream,
+        backend: upstream.key.clone(),
+        tls: upstream.tls,
+        upstream: upstream.stream,
         pending,
         boundaries,
-        relay::Endings {
+        endings: relay::Endings {
             retirement,
             recheck: rechecks,
         },
-        origin.is_some(),
-    )
-    .await;
-    match (kept, origin) {
-        (Some(stream), Some(origin)) => pooled::give_back(ctx, stream, backend, tls, origin, credential).await,
-        _ => drop(credential),
-    }
+        origin,
+        credential,
+        cancel_guard,
+        recheck_guard,
+    })
 }
 
 /// Whether the StartupMessage may go on to a credential: refused (the client told why) when the
