@@ -25,7 +25,7 @@
 #      CLIENTS (8), CONN_CLIENTS (4), PGBENCH_JOBS (2), COPY_MB (400), IDLE_SESSIONS (1000),
 #      DBWARD_LOG (RUST_LOG for dbward; default
 #      "info", dbward's own default), CARGO_TARGET_DIR, KEEP_BENCH_DIR=1 (keep the temp dir).
-#      WORKER_THREADS, if set, becomes dbward's proxy.worker_threads (default 2).
+#      WORKER_THREADS, if set, becomes dbward's proxy.worker_threads (default 1).
 # Everything started here is stopped on exit, whatever the exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -291,7 +291,7 @@ address = "$VAULT_ADDR"
 revoke_on_shutdown = false
 
 [proxy]
-worker_threads = ${WORKER_THREADS:-2}
+${WORKER_THREADS:+worker_threads = $WORKER_THREADS}
 
 [vault.auth]
 method = "token"
@@ -343,7 +343,7 @@ client_tls = { cert_file = "$WORK/tls.crt", key_file = "$WORK/tls.key" }
 kind = "static"
 role = "bench"
 EOF
-log "dbward $DBWARD_BIN on 127.0.0.1:$DBW_PORT (RUST_LOG=$DBWARD_LOG, worker_threads=${WORKER_THREADS:-2})"
+log "dbward $DBWARD_BIN on 127.0.0.1:$DBW_PORT (RUST_LOG=$DBWARD_LOG, worker_threads=${WORKER_THREADS:-1 (default)})"
 RUST_LOG="$DBWARD_LOG" "$DBWARD_BIN" run --config "$WORK/dbward.toml" >"$WORK/dbward.log" 2>&1 &
 DBWARD_PID=$!
 deadline=$((SECONDS + 30))
@@ -512,7 +512,7 @@ PGB_CPU=$(cpu_seconds "$PGB_PID")
     echo
     echo "dbward pgbench comparison: $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, loopback, pgbench -s $SCALE,"
     echo "${DURATION}s per run, $ROUNDS interleaved rounds, median tps; load average before $LOAD_BEFORE, after $LOAD_AFTER;"
-    echo "PgBouncer $(pgbouncer --version | awk 'NR == 1 { print $2 }'), dbward $(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO_ROOT" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo '+changes'), worker_threads=${WORKER_THREADS:-2}"
+    echo "PgBouncer $(pgbouncer --version | awk 'NR == 1 { print $2 }'), dbward $(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO_ROOT" diff --quiet HEAD -- src Cargo.toml 2>/dev/null || echo '+changes'), worker_threads=${WORKER_THREADS:-1 (default)}"
     echo
     printf '| %-34s | %9s | %9s | %9s | %11s | %13s | %16s | %18s |\n' workload direct pgbouncer dbward dbward_pool dbward/direct dbward/pgbouncer dbward_pool/direct
     printf '| %-34s | %9s | %9s | %9s | %11s | %13s | %16s | %18s |\n' "---" "---:" "---:" "---:" "---:" "---:" "---:" "---:"

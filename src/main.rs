@@ -128,11 +128,7 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             init_logging(log_format);
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(cfg.proxy.worker_threads)
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
+            let rt = runtime(cfg.proxy.worker_threads).expect("tokio runtime");
             rt.block_on(async {
                 let app = match dbward::app::App::new(cfg) {
                     Ok(a) => a,
@@ -172,6 +168,22 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+/// The daemon's runtime. One thread (the default) is a `current_thread` runtime, an event loop
+/// like PgBouncer's: a session's socket events are handled on the thread that polls its task,
+/// with no work stealing and no futex wake-ups of a parked second worker, which cost 1-4 µs per
+/// relayed transaction (benches/README.md). More threads are a work-stealing runtime, for
+/// entries whose clients need more than one core.
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    b.enable_all().build()
 }
 
 /// `dbward check`: 0 when every check passes, 1 when one fails, 64 for a bad config.

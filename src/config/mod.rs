@@ -252,7 +252,8 @@ pub struct ProxyConfig {
     /// A Vault error is remembered this long, so a broken policy does not turn every client
     /// connection into a Vault request; short, so a fixed policy is picked up at once.
     pub vault_error_cache: Duration,
-    /// Runtime worker threads (1 to 256). Applies at start.
+    /// Runtime threads (1 to 256): one is a single event loop, more a work-stealing runtime.
+    /// Applies at start.
     pub worker_threads: usize,
 }
 

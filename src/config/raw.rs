@@ -160,14 +160,16 @@ pub(super) struct ProxyConfig {
     /// connection into a Vault request; short, so a fixed policy is picked up at once.
     #[serde(default = "default_error_cache")]
     pub(super) vault_error_cache: HumanDuration,
-    /// Runtime worker threads. A sidecar relaying small queries does best with few: each
-    /// extra worker adds cross-thread wake-ups (benches/README.md). Applies at start.
+    /// Runtime threads. One (the default) is a single event loop, as PgBouncer's; more are a
+    /// work-stealing runtime, which adds cross-thread wake-ups to every relayed transaction
+    /// (benches/README.md) and pays off only when the clients need more than one core. Applies
+    /// at start.
     #[serde(default = "default_worker_threads")]
     pub(super) worker_threads: usize,
 }
 
 fn default_worker_threads() -> usize {
-    2
+    1
 }
 
 fn default_startup_timeout() -> HumanDuration {
