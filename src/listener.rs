@@ -172,29 +172,31 @@ pub(crate) async fn accept_loop(
         let cancels = services.cancels.clone();
         let metrics = services.metrics.clone();
         let shutdown = services.shutdown.clone();
-        services.shutdown.sessions().spawn(
-            async move {
-                // Boxed: the lookup's future is large and would otherwise stay in the task for
-                // the session's whole life (see session::serve).
-                let admission = Box::pin(peer::check(db.cfg.allowed.as_ref(), &stream)).await;
-                if let peer::Admission::Admitted { uid } = &admission {
-                    tracing::Span::current().record("uid", uid);
-                }
-                let ctx = SessionContext {
-                    entry: db,
-                    startup_timeout,
-                    credentials,
-                    cancels,
-                    metrics,
-                    shutdown,
-                    admission,
-                };
-                // Boxed, so the task's own allocation stays small (see session::serve).
-                Box::pin(session::serve(&ctx, stream)).await;
-                drop(permit);
+        // The task itself is not instrumented: entering the span on every poll would cost each
+        // relayed transaction; the session enters it where it logs (see session::serve).
+        services.shutdown.sessions().spawn(async move {
+            // Boxed: the lookup's future is large and would otherwise stay in the task for the
+            // session's whole life (see session::serve).
+            let admission = Box::pin(peer::check(db.cfg.allowed.as_ref(), &stream))
+                .instrument(span.clone())
+                .await;
+            if let peer::Admission::Admitted { uid } = &admission {
+                span.record("uid", uid);
             }
-            .instrument(span),
-        );
+            let ctx = SessionContext {
+                entry: db,
+                startup_timeout,
+                credentials,
+                cancels,
+                metrics,
+                shutdown,
+                admission,
+                span,
+            };
+            // Boxed, so the task's own allocation stays small (see session::serve).
+            Box::pin(session::serve(&ctx, stream)).await;
+            drop(permit);
+        });
     }
 }
 

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::either::Either;
+use tracing::Instrument;
 
 use crate::credentials::{CredentialStore, InUse};
 use crate::entry::Database;
@@ -51,6 +52,9 @@ pub(crate) struct SessionContext {
     pub(crate) shutdown: Shutdown,
     /// The entry's allowlist applied to this connection's local caller, found at accept.
     pub(crate) admission: Admission,
+    /// The session's log context (entry, peer, uid, backend pid, credential). Entered only
+    /// where the session logs, not on every poll of its task.
+    pub(crate) span: tracing::Span,
 }
 
 /// The client's connection: as accepted (Left), or inside TLS (Right).
@@ -79,7 +83,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
     // and negotiation, authentication and the upstream connect together take about 10 KiB of
     // it, which every idle session would otherwise keep for its whole life (the relay itself
     // needs about 1.5 KiB).
-    let Some(s) = Box::pin(establish(ctx, client)).await else {
+    let Some(s) = Box::pin(establish(ctx, client)).instrument(ctx.span.clone()).await else {
         return;
     };
     let kept = relay::relay(
@@ -94,7 +98,9 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(ctx: &SessionContex
     .await;
     match (kept, s.origin) {
         (Some(stream), Some(origin)) => {
-            Box::pin(pooled::give_back(ctx, stream, s.backend, s.tls, origin, s.credential)).await
+            Box::pin(pooled::give_back(ctx, stream, s.backend, s.tls, origin, s.credential))
+                .instrument(ctx.span.clone())
+                .await
         }
         _ => drop(s.credential),
     }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
 
 use super::{shutting_down, ClientIo, SessionContext};
 use crate::credentials::{HardEnd, Retirement};
@@ -83,7 +84,7 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     pooled: bool,
 ) -> Option<UpstreamStream> {
     let Endings {
-        mut retirement,
+        retirement,
         mut recheck,
     } = endings;
     let name = ctx.entry.name.as_str();
@@ -109,7 +110,8 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
         progress: &progress,
     };
     let mut keep = pooled.then(ClientMessages::default);
-    let mut terminating = termination_signal(&ctx.shutdown);
+    let (mut terminating, retiring) = watch_endings(&ctx.shutdown, retirement);
+    let mut retiring = Some(retiring);
 
     let end = {
         let upward = async {
@@ -135,7 +137,7 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
             &mut client_wr,
             &mut down,
             &to_client,
-            &mut retirement,
+            &mut retiring,
             &mut recheck,
         );
         tokio::pin!(upward, downward);
@@ -164,7 +166,7 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
 
-    let how = end.describe();
+    let how = ctx.span.in_scope(|| end.describe());
     if let End::Shutdown = end {
         end_at_shutdown(&mut up_rd, &mut up_wr, &mut client_wr, &mut down, &to_client).await;
     } else if let End::Retired(hard) = end {
@@ -180,6 +182,7 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
     active.dec();
     let (up, down) = (to_upstream.get(), to_client.get());
     tracing::info!(
+        parent: &ctx.span,
         duration = ?started.elapsed(),
         bytes_to_upstream = up,
         bytes_to_client = down,
@@ -233,7 +236,7 @@ where
         .inc();
     let when = std::time::SystemTime::now() + hard.at.saturating_duration_since(tokio::time::Instant::now());
     let when = humantime::format_rfc3339_seconds(when);
-    tracing::info!(hard_end = %when, by = hard.by.text(), "retiring the session between transactions before its credential's hard end");
+    tracing::info!(parent: &ctx.span, hard_end = %when, by = hard.by.text(), "retiring the session between transactions before its credential's hard end");
     let msg = crate::pg::error::PgError::fatal(
         crate::pg::error::sqlstate::ADMIN_SHUTDOWN,
         format!(
@@ -299,23 +302,50 @@ async fn end_at_shutdown<UR, UW, CW>(
     let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, up_wr.shutdown()).await;
 }
 
-/// Resolves (with `Ok`) when shutdown ends sessions. The shared shutdown signal takes a lock
-/// whenever it is polled, and a relay's select polls it on every wake-up, that is for every
-/// chunk moved; so a helper task waits on it once and passes it on through a channel of this
-/// session's own, which polls without locks. The helper ends with the session.
-fn termination_signal(shutdown: &Shutdown) -> tokio::sync::oneshot::Receiver<()> {
-    let (mut tx, rx) = tokio::sync::oneshot::channel();
+/// Two signals for the relay: shutdown ending sessions (the first receiver resolves with `Ok`)
+/// and the credential's retirement coming due (the second, with the hard end). Both waits
+/// take a lock whenever they are polled (the shared shutdown signal, the credential's watch
+/// channel), and a relay polls them on every wake-up, that is for every transaction; so one
+/// helper task per session waits on them and passes them on through channels of the session's
+/// own, which poll without locks. The helper ends with the session.
+fn watch_endings(
+    shutdown: &Shutdown,
+    mut retirement: Retirement,
+) -> (oneshot::Receiver<()>, oneshot::Receiver<HardEnd>) {
+    let (mut term_tx, term_rx) = oneshot::channel();
+    let (retire_tx, retire_rx) = oneshot::channel();
     let shutdown = shutdown.clone();
     tokio::spawn(async move {
-        let terminated = tokio::select! {
-            _ = shutdown.terminating() => true,
-            _ = tx.closed() => false,
-        };
-        if terminated {
-            let _ = tx.send(());
+        let due = retirement.wait();
+        tokio::pin!(due);
+        let mut retire_tx = Some(retire_tx);
+        loop {
+            tokio::select! {
+                _ = shutdown.terminating() => {
+                    let _ = term_tx.send(());
+                    return;
+                }
+                _ = term_tx.closed() => return,
+                end = &mut due, if retire_tx.is_some() => {
+                    if let Some(tx) = retire_tx.take() {
+                        let _ = tx.send(end);
+                    }
+                }
+            }
         }
     });
-    rx
+    (term_rx, retire_rx)
+}
+
+/// Resolves with the hard end once retirement is due; pending forever once the helper is gone.
+async fn retirement_due(rx: &mut Option<oneshot::Receiver<HardEnd>>) -> HardEnd {
+    if let Some(r) = rx.as_mut() {
+        if let Ok(end) = r.await {
+            return end;
+        }
+    }
+    *rx = None;
+    std::future::pending().await
 }
 
 /// Bytes moved one way: the session's total (for its end-of-session log line) and the metric.
@@ -460,18 +490,13 @@ async fn pump_down<R, W>(
     w: &mut W,
     st: &mut DownState<'_>,
     count: &ByteCount,
-    retire: &mut Retirement,
-    recheck: &mut Option<tokio::sync::oneshot::Receiver<super::recheck::Reason>>,
+    retire: &mut Option<oneshot::Receiver<HardEnd>>,
+    recheck: &mut Option<oneshot::Receiver<super::recheck::Reason>>,
 ) -> Result<Down, PumpError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    // One wait for the whole session, polled only while idle: made anew for every read it would
-    // register with the credential's watch (a lock shared by every session of the credential)
-    // and arm a timer once per transaction.
-    let retirement = retire.wait();
-    tokio::pin!(retirement);
     loop {
         while st.start < st.end {
             let n = w.write(&st.buf[st.start..st.end]).await.map_err(PumpError::Write)?;
@@ -495,7 +520,7 @@ where
         // wait without losing server bytes. Biased: one already due wins over waiting bytes.
         let n = tokio::select! {
             biased;
-            end = &mut retirement, if idle => return Ok(Down::Retire(end)),
+            end = retirement_due(retire), if idle => return Ok(Down::Retire(end)),
             why = role_change(recheck), if idle => return Ok(Down::RoleChanged(why)),
             n = r.read(&mut st.buf) => n.map_err(PumpError::Read)?,
         };
