@@ -144,6 +144,10 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
         let mut client_done = false;
         loop {
             tokio::select! {
+                // In order: the branches are futures that run for the whole session, so the order
+                // matters only at its end, and an unbiased select would draw a random number on
+                // every wake-up, that is for every transaction.
+                biased;
                 // The server side ending ends the session, whatever the client does: a client
                 // that never reads or closes must not hold the upstream connection and its
                 // credential.
