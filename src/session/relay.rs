@@ -69,7 +69,7 @@ enum PumpError {
 /// drawing near, and a recheck finding that the host no longer meets target_session_attrs.
 pub(super) struct Endings {
     pub(super) retirement: Retirement,
-    pub(super) recheck: Option<tokio::sync::oneshot::Receiver<super::recheck::Reason>>,
+    pub(super) recheck: Option<oneshot::Receiver<super::recheck::Reason>>,
 }
 
 /// Relays until either side ends. With `pooled`, returns the server connection when the client
@@ -213,14 +213,12 @@ where
     let _ = tokio::time::timeout(SHUTDOWN_MESSAGE_WAIT, up_wr.shutdown()).await;
 }
 
-/// Resolves with the reason once the recheck says the host no longer fits; pending forever
-/// when there is no recheck or it ended without one.
-async fn role_change(
-    rx: &mut Option<tokio::sync::oneshot::Receiver<super::recheck::Reason>>,
-) -> super::recheck::Reason {
+/// Resolves with what a helper task sent (the recheck's reason, the retirement's hard end);
+/// pending forever when there is no helper or it ended without sending.
+async fn signalled<T>(rx: &mut Option<oneshot::Receiver<T>>) -> T {
     if let Some(r) = rx.as_mut() {
-        if let Ok(why) = r.await {
-            return why;
+        if let Ok(v) = r.await {
+            return v;
         }
     }
     *rx = None;
@@ -339,17 +337,6 @@ fn watch_endings(
         }
     });
     (term_rx, retire_rx)
-}
-
-/// Resolves with the hard end once retirement is due; pending forever once the helper is gone.
-async fn retirement_due(rx: &mut Option<oneshot::Receiver<HardEnd>>) -> HardEnd {
-    if let Some(r) = rx.as_mut() {
-        if let Ok(end) = r.await {
-            return end;
-        }
-    }
-    *rx = None;
-    std::future::pending().await
 }
 
 /// Bytes moved one way: the session's total (for its end-of-session log line) and the metric.
@@ -524,8 +511,8 @@ where
         // wait without losing server bytes. Biased: one already due wins over waiting bytes.
         let n = tokio::select! {
             biased;
-            end = retirement_due(retire), if idle => return Ok(Down::Retire(end)),
-            why = role_change(recheck), if idle => return Ok(Down::RoleChanged(why)),
+            end = signalled(retire), if idle => return Ok(Down::Retire(end)),
+            why = signalled(recheck), if idle => return Ok(Down::RoleChanged(why)),
             n = r.read(&mut st.buf) => n.map_err(PumpError::Read)?,
         };
         if n == 0 {
