@@ -12,12 +12,82 @@ pub(crate) fn authentication_ok(buf: &mut bytes::BytesMut) {
     buf.put_i32(0);
 }
 
-/// Follows a stream of typed messages (type byte, 4-byte length that counts itself, body).
+/// The framing of a stream of typed messages (type byte, 4-byte length that counts itself,
+/// body), followed across reads of any size. The server-to-client tracker ([`Boundaries`]) and
+/// the pool's client-to-server one (`pool::client`) each add what they look for in the headers.
 #[derive(Debug, Default, Clone)]
-pub struct Boundaries {
+pub(crate) struct Framer {
     header: [u8; 5],
     header_len: usize,
     body_left: usize,
+}
+
+/// A message header that [`Framer::take_header`] completed.
+pub(crate) struct Header {
+    pub(crate) tag: u8,
+    pub(crate) body_len: usize,
+}
+
+impl Framer {
+    /// Bytes of the current message's body still to come (0 while in a header or between
+    /// messages).
+    #[inline]
+    pub(crate) fn body_left(&self) -> usize {
+        self.body_left
+    }
+
+    /// True between two messages.
+    #[inline]
+    pub(crate) fn at_boundary(&self) -> bool {
+        self.header_len == 0 && self.body_left == 0
+    }
+
+    /// Passes over up to `available` bytes of the current body; returns how many.
+    #[inline]
+    pub(crate) fn skip_body(&mut self, available: usize) -> usize {
+        let n = self.body_left.min(available);
+        self.body_left -= n;
+        n
+    }
+
+    /// Takes header bytes from the start of `data` (outside a body): returns how many it took,
+    /// and the header once its fifth byte has passed.
+    #[inline]
+    pub(crate) fn take_header(&mut self, data: &[u8]) -> (usize, Option<Header>) {
+        let n = (5 - self.header_len).min(data.len());
+        self.header[self.header_len..self.header_len + n].copy_from_slice(&data[..n]);
+        self.header_len += n;
+        if self.header_len < 5 {
+            return (n, None);
+        }
+        self.header_len = 0;
+        let len = u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]);
+        // A length below 4 is a broken stream; counting it as an empty body keeps the tracker
+        // moving instead of wedging it.
+        self.body_left = (len as usize).saturating_sub(4);
+        let header = Header {
+            tag: self.header[0],
+            body_len: self.body_left,
+        };
+        (n, Some(header))
+    }
+
+    /// How many more bytes belong to the current message as far as is known yet (the rest of
+    /// its header, then the rest of its body); 0 at a boundary.
+    pub(crate) fn to_boundary(&self) -> usize {
+        if self.header_len > 0 {
+            5 - self.header_len
+        } else {
+            self.body_left
+        }
+    }
+}
+
+/// Follows the server-to-client stream: where each message ends, and whether the last one was
+/// an idle ReadyForQuery.
+#[derive(Debug, Default, Clone)]
+pub struct Boundaries {
+    frame: Framer,
     /// The last whole message was ReadyForQuery with status `I` (idle, no transaction open),
     /// and nothing has followed it yet.
     idle: bool,
@@ -31,38 +101,30 @@ pub struct Boundaries {
 impl Boundaries {
     /// Accounts for bytes that passed.
     pub fn advance(&mut self, mut data: &[u8]) {
-        while !data.is_empty() {
-            if self.body_left > 0 {
-                let n = self.body_left.min(data.len());
+        while let Some(&first) = data.first() {
+            let n = if self.frame.body_left() > 0 {
                 if self.in_ready {
                     // ReadyForQuery's body is its one status byte.
-                    self.idle = data[0] == b'I';
+                    self.idle = first == b'I';
                     self.in_ready = false;
                     self.ready += 1;
                 }
-                self.body_left -= n;
-                data = &data[n..];
-                continue;
-            }
-            self.idle = false;
-            let n = (5 - self.header_len).min(data.len());
-            self.header[self.header_len..self.header_len + n].copy_from_slice(&data[..n]);
-            self.header_len += n;
+                self.frame.skip_body(data.len())
+            } else {
+                self.idle = false;
+                let (n, header) = self.frame.take_header(data);
+                if let Some(h) = header {
+                    self.in_ready = h.tag == b'Z' && h.body_len > 0;
+                }
+                n
+            };
             data = &data[n..];
-            if self.header_len == 5 {
-                let len = u32::from_be_bytes(self.header[1..5].try_into().expect("4 bytes"));
-                // A length below 4 is a broken stream; counting it as an empty body keeps
-                // the tracker moving instead of wedging it.
-                self.body_left = (len as usize).saturating_sub(4);
-                self.header_len = 0;
-                self.in_ready = self.header[0] == b'Z' && self.body_left > 0;
-            }
         }
     }
 
     /// True between two messages.
     pub fn at_boundary(&self) -> bool {
-        self.header_len == 0 && self.body_left == 0
+        self.frame.at_boundary()
     }
 
     /// True right after a ReadyForQuery with status `I` reached the client, before anything
@@ -80,24 +142,22 @@ impl Boundaries {
     /// How many more bytes belong to the current message as far as is known yet (the rest of
     /// its header, then the rest of its body); 0 at a boundary.
     pub fn to_boundary(&self) -> usize {
-        if self.header_len > 0 {
-            5 - self.header_len
-        } else {
-            self.body_left
-        }
+        self.frame.to_boundary()
     }
+}
+
+/// A whole typed message, for tests that build streams.
+#[cfg(test)]
+pub(crate) fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    v.extend_from_slice(body);
+    v
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        v.extend_from_slice(body);
-        v
-    }
 
     #[test]
     fn boundaries_in_any_chunking() {

@@ -3,12 +3,12 @@
 //! connection unusable), how many answers it is owed (each Query, Sync and FunctionCall gets
 //! one ReadyForQuery), and whether extended-protocol messages are waiting for a Sync.
 
+use crate::pg::frame::Framer;
+
 /// Follows the client-to-server stream of typed messages.
 #[derive(Debug, Default)]
 pub(crate) struct ClientMessages {
-    header: [u8; 5],
-    header_len: usize,
-    body_left: usize,
+    frame: Framer,
     /// Messages that the server answers with ReadyForQuery.
     syncs: u64,
     /// Parse, Bind, Execute, Describe, Close or Flush since the last Sync.
@@ -29,32 +29,24 @@ impl ClientMessages {
     pub(crate) fn advance(&mut self, data: &[u8]) -> Seen {
         let mut at = 0;
         while at < data.len() {
-            if self.body_left > 0 {
-                let n = self.body_left.min(data.len() - at);
-                self.body_left -= n;
-                at += n;
+            let rest = &data[at..];
+            if self.frame.body_left() > 0 {
+                at += self.frame.skip_body(rest.len());
                 continue;
             }
-            if self.header_len == 0 && data[at] == b'X' {
+            if self.frame.at_boundary() && rest[0] == b'X' {
                 return Seen::Terminate(at);
             }
-            let n = (5 - self.header_len).min(data.len() - at);
-            self.header[self.header_len..self.header_len + n].copy_from_slice(&data[at..at + n]);
-            self.header_len += n;
+            let (n, header) = self.frame.take_header(rest);
             at += n;
-            if self.header_len == 5 {
-                let len = u32::from_be_bytes(self.header[1..5].try_into().expect("4 bytes"));
-                self.body_left = (len as usize).saturating_sub(4);
-                self.header_len = 0;
-                match self.header[0] {
-                    b'Q' | b'F' => self.syncs += 1,
-                    b'S' => {
-                        self.syncs += 1;
-                        self.unsynced = false;
-                    }
-                    b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => self.unsynced = true,
-                    _ => {}
+            match header.map(|h| h.tag) {
+                Some(b'Q' | b'F') => self.syncs += 1,
+                Some(b'S') => {
+                    self.syncs += 1;
+                    self.unsynced = false;
                 }
+                Some(b'P' | b'B' | b'E' | b'D' | b'C' | b'H') => self.unsynced = true,
+                _ => {}
             }
         }
         Seen::More
@@ -62,7 +54,7 @@ impl ClientMessages {
 
     /// Between two messages, with no extended-protocol messages waiting for a Sync.
     pub(crate) fn settled(&self) -> bool {
-        self.header_len == 0 && self.body_left == 0 && !self.unsynced
+        self.frame.at_boundary() && !self.unsynced
     }
 
     /// Messages sent so far that the server answers with ReadyForQuery.
@@ -74,13 +66,7 @@ impl ClientMessages {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        v.extend_from_slice(body);
-        v
-    }
+    use crate::pg::frame::msg;
 
     #[test]
     fn terminate_is_found_at_a_message_start_in_any_chunking() {

@@ -160,13 +160,7 @@ pub(crate) async fn close(mut stream: UpstreamStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        v.extend_from_slice(body);
-        v
-    }
+    use crate::pg::frame::msg;
 
     #[test]
     fn greeting_is_kept_only_when_it_ends_with_an_idle_ready_for_query() {
