@@ -26,6 +26,9 @@
 #      DBWARD_LOG (RUST_LOG for dbward; default
 #      "info", dbward's own default), CARGO_TARGET_DIR, KEEP_BENCH_DIR=1 (keep the temp dir).
 #      WORKER_THREADS, if set, becomes dbward's proxy.worker_threads (default 1).
+#      HOLD=1: set everything up, write the ports, PIDs and the direct/PgBouncer password to
+#      $WORK/targets.env (mode 600), then wait until interrupted instead of measuring; for
+#      measuring by hand (perf, strace, a single workload) against the same servers.
 # Everything started here is stopped on exit, whatever the exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,7 +45,7 @@ while [ $# -gt 0 ]; do
             [[ $CHECK =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--check wants a number like 0.8, not '$CHECK'"
             shift 2
             ;;
-        -h | --help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) usage ;;
     esac
 done
@@ -368,6 +371,28 @@ for t in "${TARGETS[@]}"; do
     [ "$who" = "$BENCH_ROLE $SCALE" ] || die "through $t: expected '$BENCH_ROLE $SCALE', got '$who'"
 done
 log "all targets log in as $BENCH_ROLE (PgBouncer and direct with the password from Vault, dbward without one)"
+
+if [ "${HOLD:-}" = 1 ]; then
+    (
+        umask 077
+        cat >"$WORK/targets.env" <<EOV
+PG_PORT=$PG_PORT
+PGB_PORT=$PGB_PORT
+PGB_PID=$PGB_PID
+DBW_PORT=$DBW_PORT
+DBW_POOL_PORT=$DBW_POOL_PORT
+DBWARD_PID=$DBWARD_PID
+BENCH_DB=$BENCH_DB
+BENCH_ROLE=$BENCH_ROLE
+BENCH_PASSWORD=$BENCH_PASSWORD
+EOV
+    )
+    log "HOLD=1: targets in $WORK/targets.env (source it); Ctrl-C or SIGTERM stops everything"
+    # Interrupting the hold is its normal end. Short sleeps: bash runs the trap only once the
+    # foreground command has ended.
+    trap 'exit 0' INT TERM
+    while true; do sleep 1; done
+fi
 
 WORKLOADS=(tput conn lat)
 declare -A WL_ARGS=([tput]="-c $CLIENTS -j $PGBENCH_JOBS" [conn]="-C -c $CONN_CLIENTS -j $PGBENCH_JOBS" [lat]="-c 1 -j 1")
