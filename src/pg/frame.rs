@@ -22,12 +22,6 @@ pub(crate) struct Framer {
     body_left: usize,
 }
 
-/// A message header that [`Framer::take_header`] completed.
-pub(crate) struct Header {
-    pub(crate) tag: u8,
-    pub(crate) body_len: usize,
-}
-
 impl Framer {
     /// Bytes of the current message's body still to come (0 while in a header or between
     /// messages).
@@ -51,9 +45,10 @@ impl Framer {
     }
 
     /// Takes header bytes from the start of `data` (outside a body): returns how many it took,
-    /// and the header once its fifth byte has passed.
+    /// and the message's type byte once the header's fifth byte has passed (its body length is
+    /// then [`Framer::body_left`]).
     #[inline]
-    pub(crate) fn take_header(&mut self, data: &[u8]) -> (usize, Option<Header>) {
+    pub(crate) fn take_header(&mut self, data: &[u8]) -> (usize, Option<u8>) {
         let n = (5 - self.header_len).min(data.len());
         self.header[self.header_len..self.header_len + n].copy_from_slice(&data[..n]);
         self.header_len += n;
@@ -65,11 +60,7 @@ impl Framer {
         // A length below 4 is a broken stream; counting it as an empty body keeps the tracker
         // moving instead of wedging it.
         self.body_left = (len as usize).saturating_sub(4);
-        let header = Header {
-            tag: self.header[0],
-            body_len: self.body_left,
-        };
-        (n, Some(header))
+        (n, Some(self.header[0]))
     }
 
     /// How many more bytes belong to the current message as far as is known yet (the rest of
@@ -112,9 +103,9 @@ impl Boundaries {
                 self.frame.skip_body(data.len())
             } else {
                 self.idle = false;
-                let (n, header) = self.frame.take_header(data);
-                if let Some(h) = header {
-                    self.in_ready = h.tag == b'Z' && h.body_len > 0;
+                let (n, tag) = self.frame.take_header(data);
+                if let Some(tag) = tag {
+                    self.in_ready = tag == b'Z' && self.frame.body_left() > 0;
                 }
                 n
             };

@@ -37,9 +37,9 @@ impl ClientMessages {
             if self.frame.at_boundary() && rest[0] == b'X' {
                 return Seen::Terminate(at);
             }
-            let (n, header) = self.frame.take_header(rest);
+            let (n, tag) = self.frame.take_header(rest);
             at += n;
-            match header.map(|h| h.tag) {
+            match tag {
                 Some(b'Q' | b'F') => self.syncs += 1,
                 Some(b'S') => {
                     self.syncs += 1;
