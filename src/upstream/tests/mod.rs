@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use super::*;
+use crate::pg::frame::msg;
 use crate::pg::startup::{self as pgstartup, StartupPacket};
 
 const PASSWORD: &str = "v-token-payments-Xy8kPq2";
@@ -143,13 +144,6 @@ async fn accept(listener: &TcpListener, tls: Option<&Pki>) -> FakeConn {
             }
         }
     }
-}
-
-fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut m = vec![tag];
-    m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-    m.extend_from_slice(body);
-    m
 }
 
 fn auth_msg(code: i32, data: &[u8]) -> Vec<u8> {
