@@ -46,6 +46,8 @@ fuzz_target!(|data: &[u8]| {
     }
     assert_eq!(whole.at_boundary(), bytewise.at_boundary());
     assert_eq!(whole.to_boundary(), bytewise.to_boundary());
+    assert_eq!(whole.idle_between_transactions(), bytewise.idle_between_transactions());
+    assert_eq!(whole.ready_count(), bytewise.ready_count());
 });
 
 fn check_packet(p: &StartupPacket) {

@@ -92,7 +92,9 @@ pub struct Boundaries {
 impl Boundaries {
     /// Accounts for bytes that passed.
     pub fn advance(&mut self, mut data: &[u8]) {
-        while let Some(&first) = data.first() {
+        loop {
+            data = self.skip_whole(data);
+            let Some(&first) = data.first() else { return };
             let n = if self.frame.body_left() > 0 {
                 if self.in_ready {
                     // ReadyForQuery's body is its one status byte.
@@ -111,6 +113,31 @@ impl Boundaries {
             };
             data = &data[n..];
         }
+    }
+
+    /// Passes over the whole messages at the start of `data` when it starts at a boundary,
+    /// reading each header where it lies; returns the rest. While COPY or a large result
+    /// streams, almost every message is whole within a read, so this is all the relay does per
+    /// message: two loads and a jump. A partial message is left to the byte-exact path.
+    #[inline]
+    fn skip_whole<'d>(&mut self, mut data: &'d [u8]) -> &'d [u8] {
+        if !self.frame.at_boundary() || self.in_ready {
+            return data;
+        }
+        while let [tag, a, b, c, d, rest @ ..] = data {
+            let body = (u32::from_be_bytes([*a, *b, *c, *d]) as usize).saturating_sub(4);
+            if body > rest.len() {
+                // The message goes on past this read: the byte-exact path records where.
+                break;
+            }
+            // As the byte-exact path judges it: a ReadyForQuery is idle by its first body byte.
+            self.idle = *tag == b'Z' && body > 0 && rest[0] == b'I';
+            if *tag == b'Z' && body > 0 {
+                self.ready += 1;
+            }
+            data = &rest[body..];
+        }
+        data
     }
 
     /// True between two messages.
@@ -223,6 +250,48 @@ mod tests {
                 "a NoticeResponse header started after it"
             );
         }
+    }
+
+    /// Everything the tracker reports after `data` passed in reads of `chunk` bytes.
+    fn state_after(data: &[u8], chunk: usize) -> (bool, bool, u64, usize) {
+        let mut b = Boundaries::default();
+        for part in data.chunks(chunk) {
+            b.advance(part);
+        }
+        (
+            b.at_boundary(),
+            b.idle_between_transactions(),
+            b.ready_count(),
+            b.to_boundary(),
+        )
+    }
+
+    #[test]
+    fn whole_messages_in_a_read_count_as_read_byte_by_byte() {
+        // Reads that hold many whole messages take the fast path; reads that split them take
+        // the byte-exact one. Both must agree at every cut, broken ReadyForQuery lengths too.
+        let stream = [
+            msg(b'H', &[0, 0, 2, 0, 0, 0, 0]),
+            msg(b'd', &[b'x'; 200]),
+            msg(b'd', &[b'y'; 3]),
+            msg(b'c', b""),
+            msg(b'C', b"COPY 2\0"),
+            msg(b'Z', b"I"),
+            msg(b'Z', b""),
+            msg(b'Z', b"IT"),
+            msg(b'D', &[9; 70]),
+            msg(b'Z', b"T"),
+            msg(b'Z', b"I"),
+        ]
+        .concat();
+        for cut in 0..=stream.len() {
+            let want = state_after(&stream[..cut], 1);
+            for chunk in [2, 5, 6, 7, 64, 300, stream.len()] {
+                assert_eq!(state_after(&stream[..cut], chunk), want, "cut {cut}, chunk {chunk}");
+            }
+        }
+        // Four ReadyForQuery with a status byte; the empty one is not counted.
+        assert_eq!(state_after(&stream, stream.len()), (true, true, 4, 0));
     }
 
     #[test]
