@@ -105,6 +105,7 @@ impl App {
                 cancels: Arc::new(CancelMap::default()),
                 metrics,
                 shutdown: Shutdown::new(),
+                streaming: crate::session::streaming::Streaming::for_current_runtime(),
             },
             listeners: tokio::sync::Mutex::new(HashMap::new()),
         }))

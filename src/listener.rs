@@ -33,6 +33,7 @@ pub(crate) struct Services {
     pub(crate) cancels: Arc<CancelMap<Arc<UpstreamSettings>>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: Shutdown,
+    pub(crate) streaming: Arc<crate::session::streaming::Streaming>,
 }
 
 pub(crate) enum Listener {
@@ -172,6 +173,7 @@ pub(crate) async fn accept_loop(
         let cancels = services.cancels.clone();
         let metrics = services.metrics.clone();
         let shutdown = services.shutdown.clone();
+        let streaming = services.streaming.clone();
         // The task itself is not instrumented: entering the span on every poll would cost each
         // relayed transaction; the session enters it where it logs (see session::serve).
         services.shutdown.sessions().spawn(async move {
@@ -190,6 +192,7 @@ pub(crate) async fn accept_loop(
                 cancels,
                 metrics,
                 shutdown,
+                streaming,
                 admission,
                 span,
             };

@@ -284,3 +284,57 @@ fn bad_config_exits_64_naming_key_and_value() {
         "{out}"
     );
 }
+
+/// The policy the kernel reports for dbward's runtime thread (its main thread: the default
+/// current-thread runtime runs there).
+fn sched_policy(pid: i32) -> libc::c_int {
+    // SAFETY: takes a pid, returns the policy or -1.
+    unsafe { libc::sched_getscheduler(pid) }
+}
+
+#[tokio::test]
+async fn a_copy_streams_with_the_relay_thread_batch_and_normal_again_after_it() {
+    use futures_util::StreamExt;
+    let (_, _g, app) = shared_app("e2e_stream");
+    let d = Dbward::start(&app.config("database"));
+    let client = connect(d.port(), &app.dbname, "whoever").await;
+    assert_eq!(sched_policy(d.pid()), libc::SCHED_OTHER, "normal before any stream");
+
+    // ~40 MB. The client reads in spurts, so bytes pile up in dbward's upstream socket
+    // between them and its reads fill the buffer: a stream, as a COPY into a slower
+    // consumer is.
+    let rows = client
+        .copy_out("COPY (SELECT g, repeat('x', 200) FROM generate_series(1, 200000) g) TO STDOUT")
+        .await
+        .unwrap();
+    let mut rows = std::pin::pin!(rows);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut total, mut since_pause, mut saw_batch) = (0usize, 0usize, false);
+    while let Some(row) = rows.next().await {
+        let n = row.unwrap().len();
+        total += n;
+        since_pause += n;
+        if !saw_batch && since_pause >= 256 * 1024 {
+            since_pause = 0;
+            saw_batch = sched_policy(d.pid()) == libc::SCHED_BATCH;
+            assert!(Instant::now() < deadline, "no SCHED_BATCH after {total} bytes");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    assert!(
+        saw_batch,
+        "the relay thread never ran as SCHED_BATCH during {total} bytes of COPY"
+    );
+    assert_eq!(
+        total,
+        (1..=200_000).map(|g: usize| g.to_string().len() + 202).sum::<usize>()
+    );
+
+    // The COPY ended with the server idle: the thread is back on the normal policy.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sched_policy(d.pid()) != libc::SCHED_OTHER {
+        assert!(Instant::now() < deadline, "still SCHED_BATCH after the COPY ended");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!whoami(&client).await.unwrap().is_empty(), "the session goes on");
+}

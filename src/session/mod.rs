@@ -14,6 +14,7 @@ mod pooled;
 mod recheck;
 mod refusal;
 mod relay;
+pub(crate) mod streaming;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,6 +51,8 @@ pub(crate) struct SessionContext {
     pub(crate) cancels: Arc<CancelMap<Arc<UpstreamSettings>>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: Shutdown,
+    /// The runtime thread's scheduling while sessions stream in bulk.
+    pub(crate) streaming: Arc<streaming::Streaming>,
     /// The entry's allowlist applied to this connection's local caller, found at accept.
     pub(crate) admission: Admission,
     /// The session's log context (entry, peer, uid, backend pid, credential). Entered only

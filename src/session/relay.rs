@@ -17,6 +17,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
+use super::streaming::Stream;
 use super::{shutting_down, ClientIo, SessionContext};
 use crate::credentials::{HardEnd, Retirement};
 use crate::pg::frame::Boundaries;
@@ -108,6 +109,7 @@ pub(super) async fn relay<S: AsyncRead + AsyncWrite + Unpin>(
         end: 0,
         boundaries,
         progress: &progress,
+        stream: Stream::new(ctx.streaming.clone()),
     };
     let mut keep = pooled.then(ClientMessages::default);
     let (mut terminating, retiring) = watch_endings(&ctx.shutdown, retirement);
@@ -471,6 +473,7 @@ struct DownState<'p> {
     end: usize,
     boundaries: Boundaries,
     progress: &'p Progress,
+    stream: Stream,
 }
 
 /// Copies server bytes to the client until the server's EOF, or until the session is between
@@ -507,6 +510,7 @@ where
             st.buf.resize(size, 0);
             st.buf.shrink_to_fit();
         }
+        st.stream.update(size, BUFFER_MAX, BUFFER_MIN, idle);
         // Reads are cancel-safe: a retirement that comes due while the session is idle ends the
         // wait without losing server bytes. Biased: one already due wins over waiting bytes.
         let n = tokio::select! {
