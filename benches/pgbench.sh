@@ -225,6 +225,7 @@ chmod 600 "$PGDATA/server.key" "$WORK/tls.key"
 # fsync off: a throwaway cluster; it only speeds up pgbench -i (the runs are read-only).
 as_postgres "$PG_BIN/pg_ctl" -D "$PGDATA" -l "$PGDATA/postgres.log" -w \
     -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $PGDATA -c max_connections=$((IDLE_SESSIONS + 100)) -c ssl=on -c fsync=off" start >/dev/null
+PG_PID=$(head -n 1 "$PGDATA/postmaster.pid")
 
 SUPER="host=127.0.0.1 port=$PG_PORT user=postgres password=$SUPER_PASSWORD"
 psql_as "$SUPER dbname=postgres" "CREATE DATABASE $BENCH_DB" >/dev/null
@@ -399,18 +400,41 @@ fi
 WORKLOADS=(tput conn lat)
 declare -A WL_ARGS=([tput]="-c $CLIENTS -j $PGBENCH_JOBS" [conn]="-C -c $CONN_CLIENTS -j $PGBENCH_JOBS" [lat]="-c 1 -j 1")
 declare -A WL_NAME=([tput]="select-only, -c $CLIENTS -j $PGBENCH_JOBS" [conn]="select-only, -C -c $CONN_CLIENTS -j $PGBENCH_JOBS" [lat]="select-only, -c 1 -j 1")
-declare -A TPS=() CPU=() TXNS=() LAT=() COPY_S=() COPY_CPU=()
+declare -A TPS=() CPU=() TXNS=() LAT=() COPY_S=() COPY_CPU=() COPY_PG=() COPY_MACH=() MBUSY=() MIDLE=()
+
+# machine_ticks: the whole machine's busy and idle clock ticks so far (/proc/stat, all CPUs).
+# Busy is user, nice, system, irq, softirq and steal; idle is idle and iowait.
+machine_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6; exit }' /proc/stat; }
+# postgres_ticks: CPU clock ticks of Postgres's processes so far: the live ones (a pooled
+# backend lives on) and the ended ones, which the postmaster has reaped into its cutime/cstime.
+postgres_ticks() {
+    local total stat rest pid
+    stat=$(cat "/proc/$PG_PID/stat" 2>/dev/null) || { echo 0; return; }
+    rest=${stat##*) }
+    total=$(awk '{ print $12 + $13 + $14 + $15 }' <<<"$rest")
+    for pid in $(pgrep -P "$PG_PID"); do
+        stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+        rest=${stat##*) }
+        total=$((total + $(awk '{ print $12 + $13 }' <<<"$rest")))
+    done
+    echo "$total"
+}
 
 # run_one TARGET WORKLOAD ROUND: one pgbench run; records tps, and the proxy's CPU seconds.
 run_one() {
     local t=$1 w=$2 r=$3 out before=0 after=0 tps txns
     local pid=${PROXY_PID[$t]:-}
     [ -z "$pid" ] || before=$(cpu_seconds "$pid")
+    local busy0 idle0 busy1 idle1
+    read -r busy0 idle0 < <(machine_ticks)
     # shellcheck disable=SC2086 # WL_ARGS holds several arguments
     out=$(PGPASSWORD="${PASS[$t]}" PGPASSFILE=/nonexistent pgbench -n -S ${WL_ARGS[$w]} -T "$DURATION" \
         -h 127.0.0.1 -p "${PORT[$t]}" -U "$BENCH_ROLE" "$BENCH_DB" 2>&1) ||
         die "pgbench against $t ($w) failed: $out"
+    read -r busy1 idle1 < <(machine_ticks)
     [ -z "$pid" ] || after=$(cpu_seconds "$pid")
+    MBUSY[$t,$w,$r]=$((busy1 - busy0))
+    MIDLE[$t,$w,$r]=$((idle1 - idle0))
     tps=$(awk '/^tps = / { print $3; exit }' <<<"$out")
     LAT[$t,$w,$r]=$(awk '/^latency average = / { print $4 * 1000; exit }' <<<"$out")
     txns=$(awk -F': ' '/number of transactions actually processed/ { split($2, a, "/"); print a[1]; exit }' <<<"$out")
@@ -455,18 +479,31 @@ LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 # copy_one TARGET RUN: wall seconds of psql's COPY bulk TO STDOUT into /dev/null, and the
 # proxy's CPU seconds for it.
 copy_one() {
-    local t=$1 r=$2 start end before=0 after=0
+    local t=$1 r=$2 start end before=0 after=0 pg0 pg1 busy0 busy1 idle0 idle1
     local pid=${PROXY_PID[$t]:-}
     [ -z "$pid" ] || before=$(cpu_seconds "$pid")
+    pg0=$(postgres_ticks)
+    local kids0 deadline
+    kids0=$(pgrep -c -P "$PG_PID")
+    read -r busy0 idle0 < <(machine_ticks)
     start=$(date +%s.%N)
     PGPASSWORD="${PASS[$t]}" PGPASSFILE=/nonexistent psql -X -w -q -v ON_ERROR_STOP=1 \
         "host=127.0.0.1 port=${PORT[$t]} dbname=$BENCH_DB user=$BENCH_ROLE" -c 'COPY bulk TO STDOUT' >/dev/null ||
         die "COPY through $t failed"
     end=$(date +%s.%N)
+    read -r busy1 idle1 < <(machine_ticks)
+    # A backend of its own ends just after psql does; its CPU is counted once the postmaster
+    # has reaped it.
+    deadline=$((SECONDS + 10))
+    while [ "$(pgrep -c -P "$PG_PID")" -gt "$kids0" ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.05; done
+    pg1=$(postgres_ticks)
     [ -z "$pid" ] || after=$(cpu_seconds "$pid")
     COPY_S[$t,$r]=$(awk -v a="$end" -v b="$start" 'BEGIN { printf "%.3f", a - b }')
+    COPY_PG[$t,$r]=$(awk -v a="$pg1" -v b="$pg0" -v tck="$CLK_TCK" 'BEGIN { printf "%.2f", (a - b) / tck }')
+    COPY_MACH[$t,$r]=$(awk -v a="$busy1" -v b="$busy0" -v tck="$CLK_TCK" 'BEGIN { printf "%.2f", (a - b) / tck }')
     COPY_CPU[$t,$r]=$(awk -v a="$after" -v b="$before" 'BEGIN { printf "%.2f", a - b }')
-    printf '    run %2d  %-11s copy  %8s s  proxy CPU %s s\n' "$r" "$t" "${COPY_S[$t,$r]}" "${COPY_CPU[$t,$r]}" >&2
+    printf '    run %2d  %-11s copy  %8s s  CPU: proxy %s s, Postgres %s s, machine %s s\n' "$r" "$t" "${COPY_S[$t,$r]}" \
+        "${COPY_CPU[$t,$r]}" "${COPY_PG[$t,$r]}" "${COPY_MACH[$t,$r]}" >&2
 }
 
 log "measuring: $ROUNDS rounds x $NT targets x ${#WORKLOADS[@]} workloads x ${DURATION}s, and COPY (order rotates each round)"
@@ -516,21 +553,27 @@ read -r TLS_BEFORE TLS_WITH <<<"$IDLE_RESULT"
 # --- the table ---------------------------------------------------------------------------------
 
 median() { tr ' ' '\n' | grep . | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-declare -A MED=() US_PER_TXN=() MEDLAT=() MEDCOPY=() MEDCOPY_CPU=()
+declare -A MED=() US_PER_TXN=() MEDLAT=() MEDCOPY=() MEDCOPY_CPU=() MEDCOPY_PG=() MEDCOPY_MACH=() MACH_US=() MACH_BUSY=()
 for t in "${TARGETS[@]}"; do
-    vals='' cpus=''
+    vals='' cpus='' pgs='' machs=''
     for ((r = 1; r <= ROUNDS * COPY_RUNS; r++)); do
         vals+="${COPY_S[$t,$r]} "
         cpus+="${COPY_CPU[$t,$r]} "
+        pgs+="${COPY_PG[$t,$r]} "
+        machs+="${COPY_MACH[$t,$r]} "
     done
     MEDCOPY[$t]=$(median <<<"$vals")
     MEDCOPY_CPU[$t]=$(median <<<"$cpus")
+    MEDCOPY_PG[$t]=$(median <<<"$pgs")
+    MEDCOPY_MACH[$t]=$(median <<<"$machs")
 done
 for w in "${WORKLOADS[@]}"; do
     for t in "${TARGETS[@]}"; do
-        vals='' cpu=0 txns=0
+        vals='' cpu=0 txns=0 busy=0 idle=0
         for ((r = 1; r <= ROUNDS; r++)); do
             vals+="${TPS[$t,$w,$r]} "
+            busy=$((busy + MBUSY[$t,$w,$r]))
+            idle=$((idle + MIDLE[$t,$w,$r]))
             cpu=$(awk -v a="$cpu" -v b="${CPU[$t,$w,$r]}" 'BEGIN { print a + b }')
             txns=$((txns + TXNS[$t,$w,$r]))
         done
@@ -539,6 +582,8 @@ for w in "${WORKLOADS[@]}"; do
         for ((r = 1; r <= ROUNDS; r++)); do lats+="${LAT[$t,$w,$r]:-0} "; done
         MEDLAT[$t,$w]=$(median <<<"$lats")
         US_PER_TXN[$t,$w]=$(awk -v c="$cpu" -v n="$txns" 'BEGIN { if (n > 0) printf "%.0f", c * 1e6 / n; else print "-" }')
+        MACH_US[$t,$w]=$(awk -v b="$busy" -v n="$txns" -v tck="$CLK_TCK" 'BEGIN { if (n > 0) printf "%.0f", b / tck * 1e6 / n; else print "-" }')
+        MACH_BUSY[$t,$w]=$(awk -v b="$busy" -v i="$idle" 'BEGIN { if (b + i > 0) printf "%.0f", 100 * b / (b + i); else print "-" }')
     done
 done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
@@ -589,6 +634,21 @@ PGB_CPU=$(cpu_seconds "$PGB_PID")
     echo "proxy CPU per transaction (user+sys of the proxy process over all rounds / transactions):"
     for w in "${WORKLOADS[@]}"; do
         printf '  %-30s pgbouncer %6s us   dbward %6s us   dbward_pool %6s us\n' "${WL_NAME[$w]}" "${US_PER_TXN[pgbouncer,$w]}" "${US_PER_TXN[dbward,$w]}" "${US_PER_TXN[dbward_pool,$w]}"
+    done
+    # What bounds throughput here: with every CPU busy, a target's tps is the machine's CPU
+    # seconds divided by the CPU every process (pgbench, backends, proxy, kernel) spends on a
+    # transaction, so a proxy gains throughput only by what it takes off that total.
+    echo "whole machine during each workload (/proc/stat, all rounds): CPU busy, and CPU per transaction of all processes:"
+    for w in "${WORKLOADS[@]}"; do
+        printf '  %-30s' "${WL_NAME[$w]}"
+        for t in "${TARGETS[@]}"; do printf '  %s %3s%% %5s us' "$t" "${MACH_BUSY[$t,$w]}" "${MACH_US[$t,$w]}"; done
+        echo
+    done
+    # The backend producing the rows is the COPY's critical path: its CPU over the wall time says
+    # how much of the COPY it spent on a CPU.
+    echo "COPY, median per COPY: wall, Postgres CPU (the backend and the rest), machine CPU (of $(nproc) x wall):"
+    for t in "${TARGETS[@]}"; do
+        printf '  %-11s wall %6s s   Postgres %5s s   machine %5s s\n' "$t" "${MEDCOPY[$t]}" "${MEDCOPY_PG[$t]}" "${MEDCOPY_MACH[$t]}"
     done
     printf 'dbward process: peak RSS (VmHWM) %s MiB, RSS now %s MiB, %s threads, CPU time %ss user + %ss sys (PgBouncer: %ss)\n' \
         "$(awk -v k="$HWM_KB" 'BEGIN { printf "%.1f", k / 1024 }')" "$(awk -v k="$RSS_KB" 'BEGIN { printf "%.1f", k / 1024 }')" \
