@@ -124,13 +124,16 @@ print(v if isinstance(v, str) else json.dumps(v))' "$1"
 }
 
 # CPU seconds (user+system) a process has used so far, from /proc/PID/stat.
-cpu_seconds() {
-    # Fields after the ")" that ends the command name: utime is the 12th, stime the 13th.
+# stat_ticks PID [children]: the CPU clock ticks of a process so far (0 once it is gone). Of the
+# fields after the ")" that ends the command name, utime is the 12th and stime the 13th; with
+# "children" also cutime and cstime, the ticks of the children it has reaped.
+stat_ticks() {
     local stat rest
     stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
     rest=${stat##*) }
-    awk -v tck="$CLK_TCK" '{ printf "%.2f", ($12 + $13) / tck }' <<<"$rest"
+    awk -v c="${2:-}" '{ print $12 + $13 + (c == "children" ? $14 + $15 : 0) }' <<<"$rest"
 }
+cpu_seconds() { awk -v t="$(stat_ticks "$1")" -v tck="$CLK_TCK" 'BEGIN { printf "%.2f", t / tck }'; }
 proc_status() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status" 2>/dev/null || true; }
 
 psql_as() { # psql_as CONNINFO SQL
@@ -408,17 +411,14 @@ machine_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6; exi
 # postgres_ticks: CPU clock ticks of Postgres's processes so far: the live ones (a pooled
 # backend lives on) and the ended ones, which the postmaster has reaped into its cutime/cstime.
 postgres_ticks() {
-    local total stat rest pid
-    stat=$(cat "/proc/$PG_PID/stat" 2>/dev/null) || { echo 0; return; }
-    rest=${stat##*) }
-    total=$(awk '{ print $12 + $13 + $14 + $15 }' <<<"$rest")
-    for pid in $(pgrep -P "$PG_PID"); do
-        stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
-        rest=${stat##*) }
-        total=$((total + $(awk '{ print $12 + $13 }' <<<"$rest")))
-    done
+    local total pid
+    total=$(stat_ticks "$PG_PID" children)
+    for pid in $(postgres_children); do total=$((total + $(stat_ticks "$pid"))); done
     echo "$total"
 }
+# postgres_children: the postmaster's live children (it is single-threaded, so its one task's
+# list is all of them). Read from /proc: minimal images have no pgrep.
+postgres_children() { cat "/proc/$PG_PID/task/$PG_PID/children" 2>/dev/null || true; }
 
 # run_one TARGET WORKLOAD ROUND: one pgbench run; records tps, and the proxy's CPU seconds.
 run_one() {
@@ -484,7 +484,7 @@ copy_one() {
     [ -z "$pid" ] || before=$(cpu_seconds "$pid")
     pg0=$(postgres_ticks)
     local kids0 deadline
-    kids0=$(pgrep -c -P "$PG_PID")
+    kids0=$(postgres_children | wc -w)
     read -r busy0 idle0 < <(machine_ticks)
     start=$(date +%s.%N)
     PGPASSWORD="${PASS[$t]}" PGPASSFILE=/nonexistent psql -X -w -q -v ON_ERROR_STOP=1 \
@@ -495,7 +495,7 @@ copy_one() {
     # A backend of its own ends just after psql does; its CPU is counted once the postmaster
     # has reaped it.
     deadline=$((SECONDS + 10))
-    while [ "$(pgrep -c -P "$PG_PID")" -gt "$kids0" ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.05; done
+    while [ "$(postgres_children | wc -w)" -gt "$kids0" ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.05; done
     pg1=$(postgres_ticks)
     [ -z "$pid" ] || after=$(cpu_seconds "$pid")
     COPY_S[$t,$r]=$(awk -v a="$end" -v b="$start" 'BEGIN { printf "%.3f", a - b }')
