@@ -554,18 +554,18 @@ read -r TLS_BEFORE TLS_WITH <<<"$IDLE_RESULT"
 
 median() { tr ' ' '\n' | grep . | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 declare -A MED=() US_PER_TXN=() MEDLAT=() MEDCOPY=() MEDCOPY_CPU=() MEDCOPY_PG=() MEDCOPY_MACH=() MACH_US=() MACH_BUSY=()
+# copy_median ARRAY TARGET: the median of ARRAY[TARGET,run] over every COPY run of TARGET.
+copy_median() {
+    local -n per_run=$1
+    local r vals=''
+    for ((r = 1; r <= ROUNDS * COPY_RUNS; r++)); do vals+="${per_run[$2,$r]} "; done
+    median <<<"$vals"
+}
 for t in "${TARGETS[@]}"; do
-    vals='' cpus='' pgs='' machs=''
-    for ((r = 1; r <= ROUNDS * COPY_RUNS; r++)); do
-        vals+="${COPY_S[$t,$r]} "
-        cpus+="${COPY_CPU[$t,$r]} "
-        pgs+="${COPY_PG[$t,$r]} "
-        machs+="${COPY_MACH[$t,$r]} "
-    done
-    MEDCOPY[$t]=$(median <<<"$vals")
-    MEDCOPY_CPU[$t]=$(median <<<"$cpus")
-    MEDCOPY_PG[$t]=$(median <<<"$pgs")
-    MEDCOPY_MACH[$t]=$(median <<<"$machs")
+    MEDCOPY[$t]=$(copy_median COPY_S "$t")
+    MEDCOPY_CPU[$t]=$(copy_median COPY_CPU "$t")
+    MEDCOPY_PG[$t]=$(copy_median COPY_PG "$t")
+    MEDCOPY_MACH[$t]=$(copy_median COPY_MACH "$t")
 done
 for w in "${WORKLOADS[@]}"; do
     for t in "${TARGETS[@]}"; do
